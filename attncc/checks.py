@@ -1,0 +1,132 @@
+"""Argument checks shared by the kernels and the reference.
+
+Every user mistake is reported here, before any kernel launch, as a
+``TypeError`` (wrong type/dtype, missing or unexpected argument) or a
+``ValueError`` (wrong rank, shape or device), naming the argument and the
+expected shape (NATTEN keeps its checks in one module the same way).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+import torch
+
+from . import ir as I
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+_KIND_DTYPES = {
+    "float": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "int": (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8),
+    "bool": (torch.bool,),
+}
+MAX_HEAD_DIM = 256
+
+
+def split_kwargs(spec, pattern, kwargs: dict) -> tuple[dict, dict]:
+    """Split ``**kwargs`` of :func:`attncc.reference` into (params, tensors) by the spec's declarations."""
+    from .dsl import load
+
+    pat = load(spec, pattern)
+    pnames = {p.name for p in pat.params}
+    params = {k: v for k, v in kwargs.items() if k in pnames}
+    tensors = {k: v for k, v in kwargs.items() if k not in pnames}
+    return params, tensors
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(int(x)) for x in shape) + ")"
+
+
+def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> dict:
+    """Check q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, Dv)``.
+
+    Returns:
+        The sizes ``{"B", "H", "Hkv", "Lq", "Lk", "D", "Dv"}`` (``H`` = query heads).
+
+    Raises:
+        TypeError: a non-tensor, a dtype outside ``dtypes``, or q/k/v dtypes differ.
+        ValueError: wrong ranks, mismatched sizes, ``Hq % Hkv != 0``, head dims
+            outside 1..256, empty tensors, or tensors on different devices.
+    """
+    for name, t, shape in (("q", q, "(B, Hq, Lq, D)"), ("k", k, "(B, Hkv, Lk, D)"), ("v", v, "(B, Hkv, Lk, Dv)")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims {shape}, got shape {tuple(t.shape)}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch size mismatch: q has B={B}, k has {k.shape[0]}, v has {v.shape[0]}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if k.shape[3] != D:
+        raise ValueError(f"k must have shape (B, Hkv, Lk, D) with D={D} (q's head_dim), got {tuple(k.shape)}")
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(f"v must have shape (B, Hkv, Lk, Dv) = ({B}, {Hkv}, {Lk}, Dv) like k, got {tuple(v.shape)}")
+    Dv = v.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv}) "
+                         f"for GQA/MQA")
+    for name, n in (("D (q/k head_dim)", D), ("Dv (v head_dim)", Dv)):
+        if not 1 <= n <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} = {n} is outside the supported range 1..{MAX_HEAD_DIM}")
+    if B == 0 or Hq == 0 or Lq == 0 or Lk == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)} (every size must be >= 1)")
+    return {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+
+
+def expected_shape(t: I.TensorSpec, sizes: dict) -> tuple[int, ...]:
+    """Concrete shape of a spec tensor for the given sizes."""
+    subs = {I.SIZES[n]: v for n, v in sizes.items()}
+    return tuple(int(sp.sympify(d).subs(subs)) for d in t.shape)
+
+
+def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None) -> dict:
+    """Check the spec tensors passed by keyword (``only``: names to require; default all).
+
+    Returns:
+        name -> tensor for every declared tensor (contiguous).
+
+    Raises:
+        TypeError: a missing or unexpected tensor, a non-tensor, a dtype of the
+            wrong kind (float / integer / bool) for its declaration.
+        ValueError: a wrong shape (the message gives the declared dims and their
+            values) or device.
+    """
+    declared = {t.name: t for t in ir.tensors}
+    for name in tensors:
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise TypeError(f"pattern {ir.name!r} has no tensor or param {name!r} (its tensors: {known})")
+    out = {}
+    for t in ir.tensors:
+        if only is not None and t.name not in only and t.name not in tensors:
+            continue
+        decl = f"{t.dtype}[{', '.join(str(d) for d in t.shape)}]"
+        if t.name not in tensors:
+            raise TypeError(f"missing tensor {t.name!r}: pattern {ir.name!r} needs {t.name}: {decl}, passed by keyword")
+        x = tensors[t.name]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"tensor {t.name!r} must be a torch.Tensor ({decl}), got {type(x).__name__}")
+        want = expected_shape(t, sizes)
+        if tuple(x.shape) != want:
+            raise ValueError(f"tensor {t.name!r} must have shape {decl} = {_shape_str(want)}, got {_shape_str(x.shape)}")
+        if x.dtype not in _KIND_DTYPES[t.kind]:
+            raise TypeError(f"tensor {t.name!r} is declared {t.dtype} ({t.kind}) but has dtype "
+                            f"{str(x.dtype).replace('torch.', '')}")
+        if x.device != device:
+            raise ValueError(f"tensor {t.name!r} is on {x.device} but q is on {device}")
+        out[t.name] = x.contiguous()
+    return out
+
+
+def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES) -> tuple[dict, dict]:
+    """:func:`check_qkv` then :func:`check_tensors`; returns ``(sizes, tensors)``."""
+    sizes = check_qkv(q, k, v, dtypes)
+    return sizes, check_tensors(ir, tensors, sizes, q.device)

@@ -1,0 +1,283 @@
+"""Code generation: sympy -> Triton expressions, and Jinja rendering of kernel templates.
+
+:class:`TritonPrinter` prints IR expressions as Triton code (Python floor
+semantics for ``//`` and ``%`` through small helpers, masked loads for tensor
+reads, common reads loaded once). :func:`render_forward` fills
+``templates/attention_fwd.py.j2`` with the printed mask, score and key ranges of a
+:class:`~attncc.passes.KernelPlan`; the result is a readable, deterministic
+Python module holding the ``@triton.jit`` kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import sympy as sp
+
+from . import ir as I
+from .passes import KernelPlan, q_hi, q_lo
+
+#: names of IR symbols inside the generated kernels
+KERNEL_NAMES = {
+    I.q: "q_idx", I.kv: "kv_idx", I.h: "off_h", I.b: "off_b", I.s: "s",
+    I.B: "B", I.H: "Hq", I.Hkv: "Hkv", I.Lq: "Lq", I.Lk: "Lk", I.D: "D", I.Dv: "Dv",
+    q_lo: "q_lo", q_hi: "q_hi",
+}
+
+
+class TritonPrinter:
+    """Print sympy IR expressions as Triton source.
+
+    Tensor reads (``sympy.Indexed``) become masked ``tl.load``s emitted once into
+    :attr:`lines` (so two uses of ``doc[kv]`` load once) and referred to by name.
+
+    Args:
+        names: symbol -> code name.
+        tensors: tensor name -> :class:`attncc.ir.TensorSpec`.
+        prefix: prefix of the temporaries holding loads.
+    """
+
+    def __init__(self, names: dict, tensors: dict, prefix: str = "r"):
+        self.names = names
+        self.tensors = tensors
+        self.prefix = prefix
+        self.loads: dict = {}
+        self.lines: list[str] = []
+
+    # -- entry
+    def __call__(self, e) -> str:
+        return self.p(sp.sympify(e))
+
+    def p(self, e) -> str:  # noqa: C901 - one dispatch over node kinds
+        if e in self.names:
+            return self.names[e]
+        if e is sp.true or e == sp.true:
+            return "True"
+        if e is sp.false or e == sp.false:
+            return "False"
+        if e is sp.oo:
+            return 'float("inf")'
+        if e is sp.S.NegativeInfinity:
+            return '(-float("inf"))'
+        if e.is_Integer:
+            return str(int(e)) if e >= 0 else f"({int(e)})"
+        if e.is_Rational or e.is_Float:
+            v = float(e)
+            return repr(v) if v >= 0 else f"({v!r})"
+        if e is sp.E:
+            return repr(float(sp.E))
+        if isinstance(e, sp.Symbol):
+            raise KeyError(f"no kernel name for symbol {e}")
+        if isinstance(e, sp.Indexed):
+            return self._load(e)
+        if isinstance(e, sp.Add):
+            terms = sorted(e.args, key=lambda a: (bool(a.as_coeff_Mul()[0].is_number and a.as_coeff_Mul()[0] < 0),
+                                                  sp.default_sort_key(a)))
+            out = self.p(terms[0])
+            for t in terms[1:]:
+                c, rest = t.as_coeff_Mul()
+                if c.is_number and c < 0:
+                    out += f" - {self.p(-t)}"
+                else:
+                    out += f" + {self.p(t)}"
+            return f"({out})"
+        if isinstance(e, sp.Mul):
+            num, den = [], []
+            for a in e.args:
+                if isinstance(a, sp.Pow) and a.exp.is_Integer and a.exp < 0:
+                    den.append(a.base ** (-a.exp))
+                else:
+                    num.append(a)
+            c = sp.Mul(*[a for a in num if a.is_number])
+            rest = [a for a in num if not a.is_number]
+            parts = [self.p(a) for a in rest]
+            if c != 1 or not parts:
+                parts.insert(0, self.p(c))
+            out = " * ".join(parts)
+            if den:
+                out = f"{out} / {self.p(sp.Mul(*den))}"
+            return f"({out})"
+        if isinstance(e, sp.Pow):
+            base, ex = e.args
+            if base == 2:
+                return f"tl.exp2({self._flt(ex)})"
+            if ex.is_Integer and 0 < ex <= 4:
+                return "(" + " * ".join([self.p(base)] * int(ex)) + ")"
+            if ex.is_Integer and ex < 0:
+                return f"(1.0 / {self.p(base ** (-ex))})"
+            if ex == sp.Rational(1, 2):
+                return f"tl.sqrt({self._flt(base)})"
+            return f"tl.exp2({self._flt(ex)} * tl.log2({self._flt(base)}))"
+        if isinstance(e, sp.floor):
+            return self._intdiv(e.args[0], "_floordiv", "tl.floor")
+        if isinstance(e, sp.ceiling):
+            return self._intdiv(e.args[0], "_cdiv", "tl.ceil")
+        if isinstance(e, sp.Mod):
+            a, m = e.args
+            if a.is_integer and m.is_integer:
+                return f"_mod({self.p(a)}, {self.p(m)})"
+            return f"_fmod({self._flt(a)}, {self._flt(m)})"
+        if isinstance(e, sp.Abs):
+            return f"tl.abs({self.p(e.args[0])})"
+        if isinstance(e, (sp.Min, sp.Max)):
+            fn = "tl.minimum" if isinstance(e, sp.Min) else "tl.maximum"
+            args = sorted(e.args, key=sp.default_sort_key)
+            out = self.p(args[-1])
+            for a in reversed(args[:-1]):
+                out = f"{fn}({self.p(a)}, {out})"
+            return out
+        if isinstance(e, sp.exp):
+            return f"tl.exp({self._flt(e.args[0])})"
+        if isinstance(e, sp.log):
+            return f"tl.log({self._flt(e.args[0])})"
+        if isinstance(e, sp.tanh):
+            return f"_tanh({self._flt(e.args[0])})"
+        if isinstance(e, I.sigmoid):
+            return f"tl.sigmoid({self._flt(e.args[0])})"
+        if isinstance(e, sp.Piecewise):
+            *cases, (last, cond) = e.args
+            out = self.p(last) if cond == sp.true else f"tl.where({self.p(cond)}, {self.p(last)}, 0)"
+            for val, c in reversed(cases):
+                out = f"tl.where({self.p(c)}, {self.p(val)}, {out})"
+            return out
+        if isinstance(e, sp.core.relational.Relational):
+            op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[e.rel_op]
+            return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
+        if isinstance(e, sp.And):
+            return "(" + " & ".join(self.p(a) for a in sorted(e.args, key=sp.default_sort_key)) + ")"
+        if isinstance(e, sp.Or):
+            return "(" + " | ".join(self.p(a) for a in sorted(e.args, key=sp.default_sort_key)) + ")"
+        if isinstance(e, sp.Not):
+            return f"({self.p(e.args[0])} == 0)"
+        if isinstance(e, sp.Equivalent):
+            a, c = e.args
+            return f"({self.p(a)} == {self.p(c)})"
+        raise NotImplementedError(f"cannot print {type(e).__name__} ({e}) as Triton")
+
+    # -- helpers
+    def _flt(self, e) -> str:
+        out = self.p(e)
+        if e.is_integer:
+            return f"({out}).to(tl.float32)" if e.free_symbols else f"{float(e)!r}"
+        return out
+
+    def _intdiv(self, x, helper, float_fn) -> str:
+        num, den = sp.fraction(sp.together(x))
+        if den == 1 and num.is_integer:
+            return self.p(num)
+        if num.is_integer and den.is_Integer and den > 0:
+            return f"{helper}({self.p(sp.expand(num))}, {int(den)})"
+        return f"{float_fn}({self._flt(x)})"
+
+    def _load(self, e: sp.Indexed) -> str:
+        if e in self.loads:
+            return self.loads[e]
+        t = self.tensors[str(e.base.label)]
+        offs, conds = [], []
+        for i, ix in enumerate(e.indices):
+            code = self.p(ix)
+            if ix.is_Integer:
+                offs.append(f"{int(ix)} * t_{t.name}_s{i}")
+                conds.append(f"({int(ix)} < t_{t.name}_n{i})")
+                continue
+            offs.append(f"({code}).to(tl.int64) * t_{t.name}_s{i}")
+            if not ix.is_nonnegative:
+                conds.append(f"({code} >= 0)")
+            conds.append(f"({code} < t_{t.name}_n{i})")
+        var = f"{self.prefix}{len(self.loads)}_{t.name}"
+        mask = f", mask={' & '.join(conds)}, other=0" if conds else ""
+        conv = ".to(tl.float32)" if t.kind == "float" else ""
+        self.lines.append(f"{var} = tl.load(t_{t.name} + {' + '.join(offs)}{mask}){conv}")
+        self.loads[e] = var
+        return var
+
+
+@functools.lru_cache(maxsize=None)
+def template_text(name: str) -> str:
+    """Return the text of ``templates/<name>`` (installed package data or the source tree)."""
+    try:
+        return resources.files("attncc.templates").joinpath(name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError, TypeError):
+        return (Path(__file__).resolve().parent.parent / "templates" / name).read_text()
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+def _block(printer: TritonPrinter, exprs: dict) -> tuple[list[str], dict]:
+    """Print several expressions with one shared set of loads."""
+    out = {k: printer(v) for k, v in exprs.items()}
+    return list(printer.lines), out
+
+
+def tensor_arg_names(ir) -> list[str]:
+    """Kernel argument names carrying the spec tensors: pointer, strides, sizes per tensor."""
+    out = []
+    for t in ir.tensors:
+        out.append(f"t_{t.name}")
+        out += [f"t_{t.name}_s{i}" for i in range(t.ndim)]
+        out += [f"t_{t.name}_n{i}" for i in range(t.ndim)]
+    return out
+
+
+def _pieces(i: int) -> list[tuple[str, str]]:
+    """Tile ranges of interval ``i`` minus the tile ranges of intervals ``0..i-1``
+    (so that a tile in several intervals is visited once)."""
+    pieces = [(f"t_lo{i}", f"t_hi{i}")]
+    for j in range(i):
+        nxt = []
+        for a, b in pieces:
+            nxt.append((a, f"tl.minimum({b}, t_lo{j})"))
+            nxt.append((f"tl.maximum({a}, t_hi{j})", b))
+        pieces = nxt
+    return pieces
+
+
+def render_forward(plan: KernelPlan, version: str = "") -> str:
+    """Render the forward kernel module for ``plan``.
+
+    Returns:
+        Python source defining ``attn_fwd`` (the FlashAttention-style forward
+        kernel) and ``count_tiles`` (the same tile iteration, counting only), both
+        ``@triton.jit``.
+    """
+    ir = plan.ir
+    tensors = {t.name: t for t in ir.tensors}
+    names = dict(KERNEL_NAMES)
+    # score and mask inside the kv loop (2-D blocks)
+    pm = TritonPrinter(names, tensors, prefix="m")
+    mask_lines, m = _block(pm, {"mask": ir.mask})
+    ps = TritonPrinter(names, tensors, prefix="sc")
+    score_lines, sc = _block(ps, {"score": ir.score})
+    intervals = []
+    if plan.path == "closed":
+        pr = TritonPrinter(names, tensors, prefix="rg")
+        for i, iv in enumerate(plan.intervals):
+            zero = sp.Integer(0)
+            _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi,
+                               "lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, I.Lk),
+                               "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)})
+            d["idx"] = i
+            d["pieces"] = _pieces(i)
+            intervals.append(d)
+    ctx = dict(
+        version=version,
+        ir=ir,
+        plan=plan,
+        ir_lines=ir.pretty().splitlines(),
+        plan_lines=plan.describe().splitlines(),
+        tensors=list(ir.tensors),
+        mask_lines=mask_lines,
+        mask_code=m["mask"],
+        mask_is_true=(ir.mask == sp.true),
+        score_lines=score_lines,
+        score_code=sc["score"],
+        intervals=intervals,
+        targs="".join(a + ", " for a in tensor_arg_names(ir)),
+    )
+    return _env().from_string(template_text("attention_fwd.py.j2")).render(**ctx)

@@ -1,0 +1,236 @@
+"""The dense reference: the definition of what a pattern means.
+
+:func:`reference` materialises the full score matrix in float64, applies the
+mask and the softmax, and is what every kernel is tested against.
+:func:`eval_expr` evaluates IR expressions on broadcast index grids with torch
+(also used to build block tables for data-dependent masks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+import torch
+
+from . import ir as I
+from .checks import check_inputs, split_kwargs
+
+
+class _OutOfRange(Exception):
+    pass
+
+
+def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torch.Tensor:
+    """Evaluate an IR expression with torch, broadcasting index grids.
+
+    Args:
+        expr: a sympy expression/boolean of the IR.
+        env: symbol -> tensor (or number) for every free symbol (``b, h, q, kv, s``
+            and the sizes), broadcastable against each other.
+        tensors: spec tensor name -> tensor.
+        reads: if given, for every tensor read a pair ``(name, in_range)`` is
+            appended, ``in_range`` a boolean tensor broadcast like the read's indices.
+            Out-of-range reads evaluate to 0 (as the kernels' masked loads do).
+
+    Returns:
+        A tensor (bool for booleans, float64 or int64 otherwise).
+    """
+    memo: dict = {}
+
+    def ev(e):
+        if e in memo:
+            return memo[e]
+        out = _ev(e)
+        memo[e] = out
+        return out
+
+    def num(x):
+        return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+    def _ev(e):  # noqa: C901
+        if e in env:
+            return num(env[e])
+        if e is sp.true or e == sp.true:
+            return torch.tensor(True)
+        if e is sp.false or e == sp.false:
+            return torch.tensor(False)
+        if e is sp.oo:
+            return torch.tensor(math.inf, dtype=torch.float64)
+        if e is sp.S.NegativeInfinity:
+            return torch.tensor(-math.inf, dtype=torch.float64)
+        if e.is_Integer:
+            return torch.tensor(int(e), dtype=torch.int64)
+        if e.is_number:
+            return torch.tensor(float(e), dtype=torch.float64)
+        if isinstance(e, sp.Indexed):
+            t = tensors[str(e.base.label)]
+            idx = [ev(i) for i in e.indices]
+            idx = torch.broadcast_tensors(*[i.to(torch.int64) if not i.dtype.is_floating_point else i.floor().to(torch.int64)
+                                            for i in idx])
+            ok = torch.ones_like(idx[0], dtype=torch.bool)
+            clamped = []
+            for d, i in enumerate(idx):
+                ok = ok & (i >= 0) & (i < t.shape[d])
+                clamped.append(i.clamp(0, t.shape[d] - 1).to(t.device))
+            val = t[tuple(clamped)]
+            if reads is not None:
+                reads.append((str(e.base.label), ok))
+            zero = torch.zeros((), dtype=val.dtype, device=val.device)
+            val = torch.where(ok.to(val.device), val, zero)
+            return val.to(torch.float64) if val.dtype.is_floating_point else val.to(torch.int64)
+        if isinstance(e, sp.Add):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out + ev(a)
+            return out
+        if isinstance(e, sp.Mul):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out * ev(a)
+            return out
+        if isinstance(e, sp.Pow):
+            base, ex = e.args
+            if ex.is_Integer and ex < 0:
+                return 1.0 / ev(base ** (-ex)).to(torch.float64)
+            if ex.is_Integer:
+                return ev(base) ** int(ex)
+            return torch.pow(ev(base).to(torch.float64), ev(ex).to(torch.float64))
+        if isinstance(e, sp.floor):
+            x = ev(e.args[0])
+            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.floor)
+        if isinstance(e, sp.ceiling):
+            x = ev(e.args[0])
+            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.ceil)
+        if isinstance(e, sp.Mod):
+            return torch.remainder(ev(e.args[0]), ev(e.args[1]))
+        if isinstance(e, sp.Abs):
+            return torch.abs(ev(e.args[0]))
+        if isinstance(e, (sp.Min, sp.Max)):
+            f = torch.minimum if isinstance(e, sp.Min) else torch.maximum
+            vals = [ev(a) for a in e.args]
+            if any(v.dtype.is_floating_point for v in vals):
+                vals = [v.to(torch.float64) for v in vals]
+            out = vals[0]
+            for v in vals[1:]:
+                out = f(out, v)
+            return out
+        fns = {sp.exp: torch.exp, sp.log: torch.log, sp.tanh: torch.tanh, I.sigmoid: torch.sigmoid}
+        for cls, f in fns.items():
+            if isinstance(e, cls):
+                return f(ev(e.args[0]).to(torch.float64))
+        if isinstance(e, sp.Piecewise):
+            *cases, (last, cond) = e.args
+            out = ev(last) if cond == sp.true else torch.where(ev(cond), ev(last), torch.tensor(0))
+            for val, c in reversed(cases):
+                a = ev(val)
+                out = torch.where(ev(c), a, out)
+            return out
+        if isinstance(e, sp.core.relational.Relational):
+            a, c = ev(e.lhs), ev(e.rhs)
+            return {"==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge}[e.rel_op](a, c)
+        if isinstance(e, sp.And):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out & ev(a)
+            return out
+        if isinstance(e, sp.Or):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out | ev(a)
+            return out
+        if isinstance(e, sp.Not):
+            return ~ev(e.args[0])
+        if isinstance(e, sp.Equivalent):
+            return ev(e.args[0]) == ev(e.args[1])
+        raise NotImplementedError(f"cannot evaluate {type(e).__name__} ({e})")
+
+    return ev(sp.sympify(expr))
+
+
+def _exact_floor(x, ev, fn):
+    """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
+    num_, den = sp.fraction(sp.together(x))
+    if num_.is_integer and den.is_Integer and den > 0:
+        n = ev(sp.expand(num_))
+        if not n.dtype.is_floating_point:
+            d = int(den)
+            return torch.div(n, d, rounding_mode="floor") if fn is torch.floor else -torch.div(-n, d, rounding_mode="floor")
+    return fn(ev(x).to(torch.float64))
+
+
+def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, device, q_rows=None) -> dict:
+    """Broadcast index grids ``b [B,1,1,1], h [1,H,1,1], q [1,1,Lq,1], kv [1,1,1,Lk]`` and sizes."""
+    def ar(n):
+        return torch.arange(n, device=device, dtype=torch.int64)
+    qv = ar(Lq) if q_rows is None else q_rows.to(device)
+    return {I.b: ar(B).view(-1, 1, 1, 1), I.h: ar(H).view(1, -1, 1, 1), I.q: qv.view(1, 1, -1, 1),
+            I.kv: ar(Lk).view(1, 1, 1, -1), I.B: B, I.H: H, I.Hkv: Hkv, I.Lq: Lq, I.Lk: Lk, I.D: D, I.Dv: Dv}
+
+
+def _check_reads(reads, allowed, what):
+    for name, ok in reads:
+        bad = ~ok
+        if allowed is not None:
+            bad = bad & allowed
+        if bool(bad.any()):
+            raise ValueError(f"the {what} reads tensor {name!r} out of its bounds "
+                             f"(at {int(bad.sum())} query/key pairs): check the index expression and the tensor's shape")
+
+
+def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
+              return_lse: bool = False, **params_and_tensors):
+    """Dense materialised attention: the definition of a pattern's meaning.
+
+    Args:
+        spec: ``.attn`` text, a path, or a parsed pattern (see :func:`attncc.compile`).
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; float
+            tensors on one device, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h`` reads
+            key/value head ``h // (Hq // Hkv)``).
+        pattern: block name when the spec holds several.
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the natural-log logsumexp per row.
+        **params_and_tensors: param values (compile-time in the kernels) and the
+            spec's tensors, by name.
+
+    Returns:
+        ``out`` ``(B, Hq, Lq, Dv)`` in ``q.dtype`` (computed in float64), and with
+        ``return_lse`` also ``lse`` ``(B, Hq, Lq)`` float32. A row with no allowed
+        key gives 0 output and LSE ``-inf``.
+
+    Raises:
+        SpecError, TypeError, ValueError: as :func:`attncc.compile` and the kernel
+            call; ValueError also when an allowed pair reads a tensor out of bounds.
+    """
+    from .ir import lower
+
+    params, tensors = split_kwargs(spec, pattern, params_and_tensors)
+    ir = lower(spec, pattern, **params)
+    sizes, tensors = check_inputs(ir, q, k, v, tensors)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qd, kd, vd = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    group = Hq // Hkv
+    if group > 1:
+        kd = kd.repeat_interleave(group, dim=1)
+        vd = vd.repeat_interleave(group, dim=1)
+    sc = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device)
+    env[I.s] = sc
+    reads_m: list = []
+    mask = eval_expr(ir.mask, env, tensors, reads_m).to(q.device)
+    mask = torch.broadcast_to(mask, (B, Hq, Lq, Lk))
+    _check_reads(reads_m, None, "mask")
+    reads_s: list = []
+    score = torch.broadcast_to(eval_expr(ir.score, env, tensors, reads_s).to(torch.float64), (B, Hq, Lq, Lk))
+    _check_reads(reads_s, mask, "score")
+    neg = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
+    score = torch.where(mask, score, neg)
+    lse = torch.logsumexp(score, dim=-1)
+    p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    p = torch.where(mask, p, torch.zeros_like(p))
+    out = torch.matmul(p, vd).to(q.dtype)
+    if return_lse:
+        return out, lse.to(torch.float32)
+    return out

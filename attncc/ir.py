@@ -1,0 +1,440 @@
+"""The attention IR: a pattern lowered to sympy expressions, with params specialised.
+
+``lower(spec, **params)`` turns a :class:`attncc.dsl.PatternSpec` into an
+:class:`AttentionIR` whose ``mask`` is a sympy boolean and whose ``score`` is a
+sympy expression of ``s`` (the scaled dot product ``q . k * scale``), the index
+symbols ``b, h, q, kv``, the size symbols ``B, H, Hkv, Lq, Lk, D, Dv`` and
+tensor reads (``sympy.Indexed``). Type errors (a non-boolean mask, ``s`` in a
+mask, a wrong number of indices, unknown functions...) are raised here as
+:class:`SpecError` pointing at the offending text.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .dsl import INDEX_NAMES, SIZE_NAMES, PatternSpec, SpecExpr, check_param_value, load
+from .errors import SpecError
+
+# ----------------------------------------------------------------------------- symbols
+b, h, q, kv = (sp.Symbol(n, integer=True, nonnegative=True) for n in INDEX_NAMES)
+s = sp.Symbol("s", real=True)
+SIZES = {n: sp.Symbol(n, integer=True, positive=True) for n in SIZE_NAMES}
+INDEX = {"b": b, "h": h, "q": q, "kv": kv}
+B, H, Hkv, Lq, Lk, D, Dv = (SIZES[n] for n in SIZE_NAMES)
+
+#: torch dtype name -> value kind in expressions
+DTYPE_KIND = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "float",
+              "int32": "int", "int64": "int", "int16": "int", "int8": "int", "uint8": "int", "bool": "bool"}
+
+
+class sigmoid(sp.Function):
+    """Logistic sigmoid ``1 / (1 + exp(-x))`` as a sympy function (differentiable)."""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return 1 / (1 + sp.exp(-x))
+        return None
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
+
+# ----------------------------------------------------------------------------- IR
+@dataclass(frozen=True)
+class TensorSpec:
+    """A run-time tensor input of a pattern.
+
+    Attributes:
+        name: keyword name at call time.
+        dtype: dtype name (``"float32"``, ``"int32"``, ``"bool"``...).
+        shape: one sympy expression per dim (in size symbols, params substituted).
+        base: the ``sympy.IndexedBase`` used for reads in ``mask``/``score``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    base: sp.IndexedBase = field(compare=False)
+
+    @property
+    def kind(self) -> str:
+        return DTYPE_KIND[self.dtype]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class AttentionIR:
+    """A pattern with params specialised: what every later stage consumes.
+
+    Attributes:
+        name / doc: the pattern's name and docstring.
+        params: ``((name, value), ...)`` the specialised param values.
+        tensors: the :class:`TensorSpec` of each run-time tensor, in declaration order.
+        mask: sympy boolean in ``b, h, q, kv``, sizes, tensor reads (``true`` = all pairs).
+        score: sympy expression in ``s`` and the same names (``s`` = unmodified score).
+        file: the spec's file name.
+    """
+
+    name: str
+    doc: str
+    params: tuple
+    tensors: tuple
+    mask: sp.Basic
+    score: sp.Expr
+    file: str = "<string>"
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def tensors_in(self, expr) -> list[TensorSpec]:
+        """The tensors read by ``expr`` (in declaration order)."""
+        names = {str(i.base.label) for i in expr.atoms(sp.Indexed)}
+        return [t for t in self.tensors if t.name in names]
+
+    @property
+    def mask_is_static(self) -> bool:
+        """True when the mask depends on indices, sizes and params only (no tensor)."""
+        return not self.mask.atoms(sp.Indexed)
+
+    def key(self) -> str:
+        """A deterministic text identity of this IR (used for cache keys)."""
+        parts = [self.name, repr(self.params),
+                 repr([(t.name, t.dtype, [sp.srepr(d) for d in t.shape]) for t in self.tensors]),
+                 sp.srepr(self.mask), sp.srepr(self.score)]
+        return "\n".join(parts)
+
+    def pretty(self) -> str:
+        """A human-readable print of the IR."""
+        lines = [f"pattern {self.name}"]
+        if self.doc:
+            lines.append(f"  doc:    {self.doc.splitlines()[0]}")
+        for n, v in self.params:
+            lines.append(f"  param  {n} = {v!r}")
+        for t in self.tensors:
+            lines.append(f"  tensor {t.name}: {t.dtype}[{', '.join(str(d) for d in t.shape)}]")
+        lines.append(f"  mask:   {self.mask}")
+        lines.append(f"  score:  {self.score}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- lowering
+def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
+    """Lower a spec to an :class:`AttentionIR`, specialising ``params``.
+
+    Args:
+        spec: ``.attn`` text, a path, or a :class:`PatternSpec`.
+        pattern: which block to pick when the spec holds several.
+        **params: values overriding the ``param`` defaults.
+
+    Raises:
+        SpecError: any name/type error in the spec (with ``file:line:col``).
+        TypeError: an unknown param name, a param without default and no value.
+    """
+    pat = load(spec, pattern)
+    values = {}
+    declared = {p.name: p for p in pat.params}
+    for name in params:
+        if name not in declared:
+            known = ", ".join(declared) or "none"
+            raise TypeError(f"pattern {pat.name!r} has no param {name!r} (declared params: {known})")
+    for p in pat.params:
+        if p.name in params:
+            values[p.name] = check_param_value(p.name, p.type, params[p.name])
+        elif p.default is not None:
+            values[p.name] = p.default
+        else:
+            raise TypeError(f"param {p.name!r} of pattern {pat.name!r} has no default: pass {p.name}=VALUE")
+    lw = _Lowerer(pat, values)
+    tensors = tuple(lw.tensor_spec(t) for t in pat.tensors)
+    lw.tensors = {t.name: t for t in tensors}
+    mask = sp.true
+    if "mask" in pat.clauses:
+        mask = lw.lower_clause(pat.clauses["mask"], "mask", want="bool", allow_s=False)
+    score = s
+    if "score" in pat.clauses:
+        score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
+    return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file)
+
+
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
+_CMPOPS = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
+
+
+def _float(x):
+    return x
+
+
+# name -> (min arity, max arity, builder(args, kinds) -> (expr, kind))
+def _num_fn(f):
+    return lambda a, k: (f(*a), "float")
+
+
+FUNCTIONS = {
+    "abs": (1, 1, lambda a, k: (sp.Abs(a[0]), k[0])),
+    "min": (2, None, lambda a, k: (sp.Min(*a), "float" if "float" in k else "int")),
+    "max": (2, None, lambda a, k: (sp.Max(*a), "float" if "float" in k else "int")),
+    "clamp": (3, 3, lambda a, k: (sp.Min(sp.Max(a[0], a[1]), a[2]), "float" if "float" in k else "int")),
+    "where": (3, 3, None),  # special-cased (first arg bool)
+    "exp": (1, 1, _num_fn(sp.exp)),
+    "exp2": (1, 1, _num_fn(lambda x: sp.Integer(2) ** x)),
+    "log": (1, 1, _num_fn(sp.log)),
+    "log2": (1, 1, _num_fn(lambda x: sp.log(x) / sp.log(2))),
+    "sqrt": (1, 1, _num_fn(sp.sqrt)),
+    "tanh": (1, 1, _num_fn(sp.tanh)),
+    "sigmoid": (1, 1, _num_fn(sigmoid)),
+    "floor": (1, 1, lambda a, k: (sp.floor(a[0]), "int")),
+    "ceil": (1, 1, lambda a, k: (sp.ceiling(a[0]), "int")),
+}
+
+
+class _Lowerer:
+    def __init__(self, pat: PatternSpec, values: dict):
+        self.pat = pat
+        self.values = values
+        self.ptypes = {p.name: p.type for p in pat.params}
+        self.tensors: dict[str, TensorSpec] = {}
+        self.tensor_decls = {t.name: t for t in pat.tensors}
+
+    # -- names available
+    def _expected_names(self, allow_s: bool) -> str:
+        names = list(INDEX_NAMES) + (["s"] if allow_s else []) + list(SIZE_NAMES) + list(self.values) + list(self.tensor_decls)
+        return ", ".join(names)
+
+    def tensor_spec(self, decl) -> TensorSpec:
+        dims = []
+        for d in decl.dims:
+            self.expr = d
+            self.allow_s = False
+            self.dims_mode = True
+            e, kind = self.visit(d.node)
+            if kind != "int":
+                raise SpecError(f"a tensor dimension must be an integer expression of sizes and params, got {kind}",
+                                d.span_of())
+            dims.append(sp.sympify(e))
+        self.dims_mode = False
+        kinds = {"float": dict(real=True), "int": dict(integer=True), "bool": dict(integer=True)}
+        base = sp.IndexedBase(decl.name, **kinds[DTYPE_KIND[decl.dtype]])
+        return TensorSpec(decl.name, decl.dtype, tuple(dims), base)
+
+    def lower_clause(self, expr: SpecExpr, clause: str, want: str, allow_s: bool):
+        self.expr = expr
+        self.allow_s = allow_s
+        self.dims_mode = False
+        self.clause = clause
+        e, kind = self.visit(expr.node)
+        if want == "bool" and kind != "bool":
+            raise SpecError(f"the {clause} must be a boolean expression (a comparison, and/or/not), "
+                            f"but this is {'an integer' if kind == 'int' else 'a float'} expression", expr.span_of())
+        if want == "num" and kind == "bool":
+            raise SpecError(f"the {clause} must be a number, but this is a boolean expression "
+                            f"(use where(cond, a, b) to select values)", expr.span_of())
+        return e
+
+    def err(self, node, msg):
+        raise SpecError(msg, self.expr.span_of(node))
+
+    # -- visitor
+    def visit(self, node):
+        meth = getattr(self, "visit_" + type(node).__name__, None)
+        if meth is None:
+            self.err(node, f"unsupported syntax {type(node).__name__} "
+                           f"(expressions use numbers, names, operators, comparisons, and/or/not, [] and calls)")
+        return meth(node)
+
+    def visit_Constant(self, node):
+        v = node.value
+        if isinstance(v, bool):
+            return (sp.true if v else sp.false), "bool"
+        if isinstance(v, int):
+            return sp.Integer(v), "int"
+        if isinstance(v, float):
+            return sp.Float(v), "float"
+        self.err(node, f"unsupported constant {v!r} (expected a number or True/False)")
+
+    def visit_Name(self, node):
+        n = node.id
+        if n in INDEX and not self.dims_mode:
+            return INDEX[n], "int"
+        if n == "s" and not self.dims_mode:
+            if not self.allow_s:
+                self.err(node, "'s' (the score) cannot be used in a mask: masks depend on b, h, q, kv, sizes, "
+                               "params and tensors only; put score changes in a 'score:' clause")
+            return s, "float"
+        if n in SIZES:
+            return SIZES[n], "int"
+        if n == "inf":
+            return sp.oo, "float"
+        if n in self.values:
+            v, t = self.values[n], self.ptypes[n]
+            if t == "bool":
+                return (sp.true if v else sp.false), "bool"
+            return (sp.Integer(v), "int") if t == "int" else (sp.Float(v), "float")
+        if n in self.tensor_decls:
+            if self.dims_mode:
+                self.err(node, "a tensor dimension cannot read a tensor")
+            nd = len(self.tensor_decls[n].dims)
+            self.err(node, f"tensor {n!r} must be indexed with {nd} index{'es' if nd != 1 else ''}, e.g. {n}[...]")
+        if n in FUNCTIONS:
+            self.err(node, f"{n!r} is a function: call it, e.g. {n}(...)")
+        if self.dims_mode:
+            self.err(node, f"unknown name {n!r} in a tensor dimension (expected an integer, a size name "
+                           f"{', '.join(SIZE_NAMES)} or an int param)")
+        self.err(node, f"unknown name {n!r} (expected one of: {self._expected_names(self.allow_s)})")
+
+    def _num(self, node, e, kind, what):
+        if kind == "bool":
+            self.err(node, f"{what} needs a number, got a boolean expression")
+        return e
+
+    def visit_BinOp(self, node):
+        op = _BINOPS.get(type(node.op))
+        if op is None:
+            self.err(node, "unsupported operator (expected + - * / // % **)")
+        a, ka = self.visit(node.left)
+        c, kc = self.visit(node.right)
+        self._num(node.left, a, ka, f"'{op}'")
+        self._num(node.right, c, kc, f"'{op}'")
+        kind = "float" if "float" in (ka, kc) else "int"
+        if op == "+":
+            return a + c, kind
+        if op == "-":
+            return a - c, kind
+        if op == "*":
+            return a * c, kind
+        if op == "/":
+            if c == 0:
+                self.err(node.right, "division by zero")
+            return a / c, "float"
+        if op == "//":
+            if c == 0:
+                self.err(node.right, "division by zero")
+            return sp.floor(a / c), kind
+        if op == "%":
+            if c == 0:
+                self.err(node.right, "modulo by zero")
+            return sp.Mod(a, c), kind
+        return a ** c, ("float" if kind == "float" or (c.is_number and c < 0) else "int")
+
+    def visit_UnaryOp(self, node):
+        e, k = self.visit(node.operand)
+        if isinstance(node.op, ast.Not):
+            if k != "bool":
+                self.err(node.operand, "'not' needs a boolean expression")
+            return sp.Not(e), "bool"
+        self._num(node.operand, e, k, "unary '-'")
+        if isinstance(node.op, ast.USub):
+            return -e, k
+        if isinstance(node.op, ast.UAdd):
+            return e, k
+        self.err(node, "unsupported unary operator '~' (use 'not')")
+
+    def visit_BoolOp(self, node):
+        parts = []
+        for v in node.values:
+            e, k = self.visit(v)
+            if k != "bool":
+                word = "and" if isinstance(node.op, ast.And) else "or"
+                self.err(v, f"'{word}' needs boolean operands (comparisons), got {'an integer' if k == 'int' else 'a float'} expression")
+            parts.append(e)
+        return (sp.And(*parts) if isinstance(node.op, ast.And) else sp.Or(*parts)), "bool"
+
+    def visit_Compare(self, node):
+        terms = []
+        left, kl = self.visit(node.left)
+        lnode = node.left
+        for op, rnode in zip(node.ops, node.comparators):
+            right, kr = self.visit(rnode)
+            f = _CMPOPS.get(type(op))
+            if f is None:
+                self.err(node, "unsupported comparison (expected < <= > >= == !=)")
+            if f in (sp.Eq, sp.Ne) and kl == "bool" and kr == "bool":
+                eq = sp.Equivalent(left, right)
+                terms.append(eq if f is sp.Eq else sp.Not(eq))
+            else:
+                self._num(lnode, left, kl, "a comparison")
+                self._num(rnode, right, kr, "a comparison")
+                terms.append(f(left, right))
+            left, kl, lnode = right, kr, rnode
+        return sp.And(*terms), "bool"
+
+    def visit_IfExp(self, node):
+        return self._where(node, node.test, node.body, node.orelse)
+
+    def _where(self, node, cnode, anode, bnode):
+        c, kc = self.visit(cnode)
+        if kc != "bool":
+            self.err(cnode, "the condition of where(cond, a, b) must be boolean")
+        a, ka = self.visit(anode)
+        e, ke = self.visit(bnode)
+        if ka == "bool" and ke == "bool":
+            return sp.Or(sp.And(c, a), sp.And(sp.Not(c), e)), "bool"
+        self._num(anode, a, ka, "where()")
+        self._num(bnode, e, ke, "where()")
+        return sp.Piecewise((a, c), (e, True)), ("float" if "float" in (ka, ke) else "int")
+
+    def visit_Subscript(self, node):
+        if not isinstance(node.value, ast.Name) or node.value.id not in self.tensor_decls:
+            what = node.value.id if isinstance(node.value, ast.Name) else "this expression"
+            self.err(node.value, f"only tensors can be indexed; {what!r} is not a declared tensor "
+                                 f"(declared: {', '.join(self.tensor_decls) or 'none'})")
+        name = node.value.id
+        if self.dims_mode:
+            self.err(node, "a tensor dimension cannot read a tensor")
+        t = self.tensors[name]
+        idx_nodes = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if len(idx_nodes) != t.ndim:
+            self.err(node, f"tensor {name!r} has {t.ndim} dimension{'s' if t.ndim != 1 else ''} "
+                           f"({t.dtype}[{', '.join(str(d) for d in t.shape)}]) but is indexed with {len(idx_nodes)} "
+                           f"index{'es' if len(idx_nodes) != 1 else ''}")
+        idx = []
+        for i in idx_nodes:
+            if isinstance(i, ast.Slice):
+                self.err(i, "slices are not supported in tensor indices")
+            e, k = self.visit(i)
+            if k != "int":
+                self.err(i, f"a tensor index must be an integer expression, got {'a float' if k == 'float' else 'a boolean'}")
+            idx.append(e)
+        read = t.base[tuple(idx)]
+        if t.kind == "bool":
+            return sp.Ne(read, 0), "bool"
+        return read, t.kind
+
+    def visit_Call(self, node):
+        if not isinstance(node.func, ast.Name):
+            self.err(node.func, "only named functions can be called")
+        name = node.func.id
+        if name not in FUNCTIONS:
+            self.err(node.func, f"unknown function {name!r} (expected one of: {', '.join(FUNCTIONS)})")
+        if node.keywords:
+            self.err(node.keywords[0].value, f"{name}() takes no keyword arguments")
+        lo, hi, build = FUNCTIONS[name]
+        n = len(node.args)
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            self.err(node, f"{name}() takes {want} argument{'s' if (hi or lo) != 1 else ''}, got {n}")
+        if name == "where":
+            return self._where(node, *node.args)
+        args, kinds = [], []
+        for a in node.args:
+            e, k = self.visit(a)
+            self._num(a, e, k, f"{name}()")
+            args.append(e)
+            kinds.append(k)
+        return build(args, kinds)
+
+    def visit_Attribute(self, node):
+        self.err(node, "attribute access (like q.y) is not supported in 1-D patterns")

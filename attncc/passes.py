@@ -1,0 +1,409 @@
+"""Analyses of the IR: which key tiles each query tile visits, and which are full.
+
+The main entry is :func:`plan`, which returns a :class:`KernelPlan`:
+
+* ``path="closed"`` — the mask is static (indices, sizes, params only) and built
+  from bounds on ``kv`` that are affine in ``kv`` (or in ``kv // c``) with a
+  monotone dependence on ``q`` (causal, windows, prefix, bands, block-diagonal,
+  sinks...). For a query tile whose valid rows are ``q_lo..q_hi`` the set of
+  keys any of its rows may see is a union of intervals ``[lo, hi)`` and the keys
+  *every* row sees is ``[flo, fhi)``; all four are sympy expressions of
+  ``q_lo, q_hi`` (and ``h``, ``b``, sizes) printed into the kernel, which derives
+  tile ranges from its program id. No table, no mask materialisation.
+* ``path="table"`` — the mask reads a tensor (document ids, labels) or has
+  atoms the closed form cannot bound; the runtime evaluates the mask once per
+  (shape, params, tensor values) in a vectorised way and caches a block table
+  (like FlexAttention's ``BlockMask``).
+
+Rewrites are a declarative list of (match, replace) rules applied bottom-up by
+one matcher (:func:`rewrite`), in the style of tinygrad's pattern matcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .ir import AttentionIR, Lk, h, kv, q, s
+
+#: symbols of the first and last valid query row of a query tile
+q_lo = sp.Symbol("q_lo", integer=True, nonnegative=True)
+q_hi = sp.Symbol("q_hi", integer=True, nonnegative=True)
+
+MAX_INTERVALS = 3
+
+
+# ----------------------------------------------------------------------------- rewrites
+def _is_int(e) -> bool:
+    return bool(e.is_integer)
+
+
+def _rel_parts(e):
+    """Return (lhs, rhs, op) for a relational with op in {<=, <, >=, >, ==, !=}."""
+    return e.lhs, e.rhs, e.rel_op
+
+
+def _abs_rule(e):
+    """|x| <= y  ->  -y <= x <= y ;  |x| >= y  ->  x >= y or x <= -y (and mirrored)."""
+    if not isinstance(e, sp.core.relational.Relational) or e.rel_op in ("==", "!="):
+        return None
+    lhs, rhs, op = _rel_parts(e)
+    if isinstance(rhs, sp.Abs) and not isinstance(lhs, sp.Abs):
+        lhs, rhs, op = rhs, lhs, {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
+    if not isinstance(lhs, sp.Abs):
+        return None
+    x = lhs.args[0]
+    R = {"<=": sp.Le, "<": sp.Lt, ">=": sp.Ge, ">": sp.Gt}
+    if op in ("<=", "<"):
+        return sp.And(R[op](x, rhs), R[op](-x, rhs))
+    return sp.Or(R[op](x, rhs), R[op](-x, rhs))
+
+
+def _minmax_rule(e):
+    """max(a, b) <= y -> a <= y and b <= y; min(a, b) <= y -> a <= y or b <= y (and mirrored)."""
+    if not isinstance(e, sp.core.relational.Relational) or e.rel_op in ("==", "!="):
+        return None
+    lhs, rhs, op = _rel_parts(e)
+    flip = {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}
+    if isinstance(rhs, (sp.Min, sp.Max)) and not isinstance(lhs, (sp.Min, sp.Max)):
+        lhs, rhs, op = rhs, lhs, flip[op]
+    if not isinstance(lhs, (sp.Min, sp.Max)):
+        return None
+    R = {"<=": sp.Le, "<": sp.Lt, ">=": sp.Ge, ">": sp.Gt}
+    parts = [R[op](a, rhs) for a in lhs.args]
+    upper = op in ("<=", "<")
+    conj = (isinstance(lhs, sp.Max) and upper) or (isinstance(lhs, sp.Min) and not upper)
+    return sp.And(*parts) if conj else sp.Or(*parts)
+
+
+def _eq_rule(e):
+    """integer x == y -> x <= y and x >= y (unless it is a residue test x % c == r)."""
+    if not isinstance(e, sp.Eq) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
+        return None
+    if not (_is_int(e.lhs) and _is_int(e.rhs)):
+        return None
+    return sp.And(sp.Le(e.lhs, e.rhs), sp.Ge(e.lhs, e.rhs))
+
+
+def _ne_rule(e):
+    """integer x != y -> x < y or x > y."""
+    if not isinstance(e, sp.Ne) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
+        return None
+    if not (_is_int(e.lhs) and _is_int(e.rhs)):
+        return None
+    return sp.Or(sp.Lt(e.lhs, e.rhs), sp.Gt(e.lhs, e.rhs))
+
+
+#: the normalising rewrites applied to every mask before range analysis
+MASK_RULES = (_abs_rule, _minmax_rule, _eq_rule, _ne_rule)
+
+
+def rewrite(expr, rules=MASK_RULES):
+    """Apply ``rules`` bottom-up until no rule matches (a fixpoint)."""
+    for _ in range(20):
+        new = _rewrite_once(expr, rules)
+        if new == expr:
+            return new
+        expr = new
+    return expr
+
+
+def _rewrite_once(expr, rules):
+    if isinstance(expr, (sp.And, sp.Or, sp.Not)):
+        return expr.func(*[_rewrite_once(a, rules) for a in expr.args])
+    for rule in rules:
+        out = rule(expr)
+        if out is not None:
+            return out
+    return expr
+
+
+# ----------------------------------------------------------------------------- intervals
+@dataclass(frozen=True)
+class Interval:
+    """Key index interval of one query tile (element units, half-open).
+
+    ``[lo, hi)``: keys some row of the tile may attend to; ``[flo, fhi)``: keys
+    every row of the tile attends to. Expressions of ``q_lo``, ``q_hi``, ``h``,
+    ``b``, sizes.
+    """
+
+    lo: sp.Expr
+    hi: sp.Expr
+    flo: sp.Expr
+    fhi: sp.Expr
+
+    def __and__(self, o: "Interval") -> "Interval":
+        return Interval(_max(self.lo, o.lo), _min(self.hi, o.hi), _max(self.flo, o.flo), _min(self.fhi, o.fhi))
+
+
+def _max(a, b):
+    return sp.Max(a, b)
+
+
+def _min(a, b):
+    return sp.Min(a, b)
+
+
+ALL = Interval(sp.Integer(0), Lk, sp.Integer(0), Lk)
+ALL_PARTIAL = Interval(sp.Integer(0), Lk, sp.Integer(0), sp.Integer(0))
+
+
+def monotone(expr, var) -> int | None:
+    """Direction of ``expr`` in integer ``var``: +1 non-decreasing, -1 non-increasing,
+    0 constant, None unknown. Understands sums, constant multiples, floor/ceil,
+    min/max."""
+    if var not in expr.free_symbols:
+        return 0
+    if expr == var:
+        return 1
+    if isinstance(expr, sp.Add):
+        dirs = {monotone(a, var) for a in expr.args} - {0}
+        if None in dirs or len(dirs) > 1:
+            return None
+        return dirs.pop() if dirs else 0
+    if isinstance(expr, sp.Mul):
+        const = [a for a in expr.args if var not in a.free_symbols]
+        rest = [a for a in expr.args if var in a.free_symbols]
+        if len(rest) != 1:
+            return None
+        c = sp.Mul(*const)
+        d = monotone(rest[0], var)
+        if d is None or d == 0:
+            return d
+        if c.is_positive:
+            return d
+        if c.is_negative:
+            return -d
+        return None
+    if isinstance(expr, (sp.floor, sp.ceiling)):
+        return monotone(expr.args[0], var)
+    if isinstance(expr, (sp.Min, sp.Max)):
+        dirs = {monotone(a, var) for a in expr.args} - {0}
+        if None in dirs or len(dirs) > 1:
+            return None
+        return dirs.pop() if dirs else 0
+    return None
+
+
+def _at(expr, qv):
+    return expr.subs(q, qv)
+
+
+def _extremes(expr):
+    """(min over the tile rows, max over the tile rows) of an expression monotone in q."""
+    d = monotone(expr, q)
+    if d is None:
+        return None
+    a, b_ = _at(expr, q_lo), _at(expr, q_hi)
+    if d >= 0:
+        return a, b_
+    return b_, a
+
+
+def _kv_term(e):
+    """Split integer ``e`` as ``a * g(kv) + r`` with g(kv) = kv or floor((kv + k0) / c).
+
+    Returns (a, kind, k0, c, r) or None.
+    """
+    e = sp.expand(e)
+    terms = sp.Add.make_args(e)
+    kv_terms = [t for t in terms if kv in t.free_symbols]
+    r = sp.Add(*[t for t in terms if kv not in t.free_symbols])
+    if len(kv_terms) == 1:
+        t = kv_terms[0]
+        coeff, g = t.as_coeff_Mul()
+        if g == kv and coeff != 0:
+            return coeff, "id", 0, 1, r
+        if isinstance(g, sp.floor) and coeff.is_number:
+            inner = sp.expand(g.args[0])
+            c_inv = inner.coeff(kv)
+            rest = sp.expand(inner - c_inv * kv)
+            if c_inv.is_Rational and c_inv > 0 and kv not in rest.free_symbols:
+                c = 1 / c_inv
+                k0 = sp.expand(rest * c)
+                if c.is_Integer and k0.is_integer is not False and q not in k0.free_symbols and not k0.free_symbols:
+                    return coeff, "floor", k0, c, r
+    elif len(kv_terms) > 1:
+        coeff = sp.expand(sum(t for t in kv_terms)).coeff(kv)
+        if coeff.is_number and sp.expand(sum(kv_terms) - coeff * kv) == 0 and coeff != 0:
+            return coeff, "id", 0, 1, r
+    return None
+
+
+def _bound_atom(rel):
+    """KvSet of one relational atom: list[Interval] and whether it is exact."""
+    if not isinstance(rel, sp.core.relational.Relational):
+        return None
+    op = rel.rel_op
+    if op in ("==", "!="):
+        return None
+    if not (_is_int(rel.lhs) and _is_int(rel.rhs)):
+        return None
+    e = rel.lhs - rel.rhs
+    # normalise to e <= 0
+    if op == "<":
+        e = e + 1
+    elif op == ">=":
+        e = -e
+    elif op == ">":
+        e = -e + 1
+    split = _kv_term(e)
+    if split is None:
+        return None
+    a, kind, k0, c, r = split
+    if not (a.is_number and a != 0):
+        return None
+    if monotone(r, q) is None:
+        return None
+    # a*g + r <= 0
+    if a > 0:
+        G = sp.floor(-r / a)  # g <= G
+        hi = (G + 1) if kind == "id" else (c * G + c - k0)
+        ext = _extremes(hi)
+        if ext is None:
+            return None
+        return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0])
+    G = sp.ceiling(-r / a)  # g >= G
+    lo = G if kind == "id" else (c * G - k0)
+    ext = _extremes(lo)
+    if ext is None:
+        return None
+    return Interval(ext[0], Lk, ext[1], Lk)
+
+
+def _cond_atom(cond):
+    """A condition not involving kv: all keys if some/every row satisfies it."""
+    if kv in cond.free_symbols:
+        return None
+    if q not in cond.free_symbols:
+        some = every = cond
+    else:
+        if not isinstance(cond, sp.core.relational.Relational):
+            return None
+        if monotone(cond.lhs - cond.rhs, q) is None:
+            return None
+        a, b_ = cond.subs(q, q_lo), cond.subs(q, q_hi)
+        some, every = sp.Or(a, b_), sp.And(a, b_)
+    return Interval(sp.Integer(0), sp.Piecewise((Lk, some), (0, True)),
+                    sp.Integer(0), sp.Piecewise((Lk, every), (0, True)))
+
+
+@dataclass
+class _Analysis:
+    exact: bool = True
+    notes: list = field(default_factory=list)
+
+
+def kv_sets(mask, an: _Analysis) -> list[Interval] | None:
+    """Union of intervals bounding the keys of a query tile; None if the number of
+    intervals exceeds :data:`MAX_INTERVALS`."""
+    if mask is sp.true:
+        return [ALL]
+    if mask is sp.false:
+        return []
+    if isinstance(mask, sp.And):
+        acc = [ALL]
+        for a in mask.args:
+            sub = kv_sets(a, an)
+            if sub is None:
+                return None
+            acc = [x & y for x in acc for y in sub]
+            if len(acc) > MAX_INTERVALS:
+                return None
+        return acc
+    if isinstance(mask, sp.Or):
+        acc = []
+        for a in mask.args:
+            sub = kv_sets(a, an)
+            if sub is None:
+                return None
+            acc += sub
+        return acc if len(acc) <= MAX_INTERVALS else None
+    iv = _bound_atom(mask)
+    if iv is not None:
+        return [iv]
+    iv = _cond_atom(mask)
+    if iv is not None:
+        return [iv]
+    an.exact = False
+    an.notes.append(f"atom {mask} bounds no key range: its tiles are visited as partial (masked)")
+    return [ALL_PARTIAL]
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class KernelPlan:
+    """What codegen needs beyond the IR.
+
+    Attributes:
+        ir: the analysed :class:`AttentionIR`.
+        path: ``"closed"`` (key ranges computed in the kernel from the program id)
+            or ``"table"`` (block table built at run time from the mask and cached).
+        intervals: for ``closed``: the :class:`Interval` list (their union is visited).
+        exact: ``closed`` only: every mask atom bounded a key range, so visited tiles
+            are exactly the tiles the analysis proves non-empty at element level.
+        mask_tensors / score_tensors: names of tensors read by the mask / score.
+        score_is_identity: the score is plain ``s`` (scale folded into exp2).
+        mask_uses_b / mask_uses_h: the mask depends on the batch / head index.
+        notes: lines for ``attncc explain``.
+    """
+
+    ir: AttentionIR
+    path: str
+    intervals: tuple = ()
+    exact: bool = True
+    mask_tensors: tuple = ()
+    score_tensors: tuple = ()
+    score_is_identity: bool = True
+    mask_uses_b: bool = False
+    mask_uses_h: bool = False
+    notes: tuple = ()
+
+    def describe(self) -> str:
+        """Multi-line description of the analysis (used by ``attncc explain``)."""
+        out = []
+        if self.path == "closed":
+            out.append("path: closed form -- each query tile computes its key-tile range from its program id "
+                       "(no block table, no mask materialisation)")
+            out.append(f"  exact: {'yes' if self.exact else 'no (conservative: some tiles visited as partial may be empty)'}")
+            for i, iv in enumerate(self.intervals):
+                out.append(f"  interval {i}: keys [{iv.lo}, {iv.hi})  full for all rows: [{iv.flo}, {iv.fhi})")
+            out.append("  (q_lo, q_hi = first and last valid query row of the tile)")
+        else:
+            why = "the mask reads tensors " + ", ".join(self.mask_tensors) if self.mask_tensors else \
+                "the mask has atoms with no closed-form key range"
+            out.append(f"path: block table -- {why}; the table is built once per (shape, params, tensor "
+                       "values) by a vectorised mask evaluation and cached")
+        out.append(f"score: {'identity (scale folded into exp2)' if self.score_is_identity else self.ir.score}")
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+def plan(ir: AttentionIR) -> KernelPlan:
+    """Analyse ``ir`` and choose how the kernel finds its key tiles.
+
+    Returns:
+        The :class:`KernelPlan`.
+    """
+    mask_tensors = tuple(t.name for t in ir.tensors_in(ir.mask))
+    score_tensors = tuple(t.name for t in ir.tensors_in(ir.score))
+    common = dict(mask_tensors=mask_tensors, score_tensors=score_tensors,
+                  score_is_identity=(ir.score == s),
+                  mask_uses_b=sp.Symbol("b", integer=True, nonnegative=True) in ir.mask.free_symbols,
+                  mask_uses_h=h in ir.mask.free_symbols)
+    if mask_tensors:
+        return KernelPlan(ir, "table", **common)
+    an = _Analysis()
+    norm = rewrite(ir.mask)
+    ivs = kv_sets(norm, an)
+    if ivs is None:
+        return KernelPlan(ir, "table", exact=True,
+                          notes=(f"the mask splits into more than {MAX_INTERVALS} key intervals",), **common)
+    if not an.exact and (not all("Mod(" in n for n in an.notes) or ALL_PARTIAL in ivs):
+        # an atom that is neither a key bound nor a residue test: the closed form would
+        # visit tiles it cannot prove non-empty, the table is exact.
+        return KernelPlan(ir, "table", notes=tuple(an.notes), **common)
+    ivs = [Interval(*(sp.simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
+    return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, notes=tuple(an.notes), **common)

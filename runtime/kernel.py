@@ -1,0 +1,263 @@
+"""Compiled attention kernels: loading, launching, autotuning and the torch custom op.
+
+(No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads
+the real annotations of the op functions.)
+"""
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from attncc.checks import KERNEL_DTYPES, check_qkv, check_tensors
+from attncc.passes import KernelPlan
+
+from . import cache
+from .tiles import BlockTable, block_table
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: tile sizes (tokens), warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+#: the one config used under the Triton interpreter (CPU)
+CPU_CONFIG = Config(32, 32, 1, 1)
+#: candidates timed on CUDA (H100-class defaults first)
+CUDA_CONFIGS = (
+    Config(128, 64, 4, 3),
+    Config(128, 128, 8, 3),
+    Config(128, 64, 8, 3),
+    Config(64, 64, 4, 3),
+    Config(128, 32, 4, 4),
+    Config(64, 128, 4, 3),
+)
+
+_OPS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+class CompiledAttention:
+    """An attention pattern compiled to a fused Triton kernel (see :func:`attncc.compile`).
+
+    Call it like ``scaled_dot_product_attention``::
+
+        out = kern(q, k, v, scale=None, **tensors)          # (B, Hq, Lq, Dv), q.dtype
+        out, lse = kern(q, k, v, return_lse=True)           # lse (B, Hq, Lq) float32, natural log
+
+    Attributes:
+        ir: the :class:`~attncc.ir.AttentionIR` (params specialised).
+        plan: the :class:`~attncc.passes.KernelPlan` (closed form or block table).
+        source: the generated Triton source (a Python module).
+        key: the cache key (hash of IR, template and library versions).
+        config: a fixed :class:`Config` if one was given (else CPU default / autotuned).
+    """
+
+    def __init__(self, plan: KernelPlan, source: str, path, key: str, config: Optional[Config] = None):
+        self.plan = plan
+        self.ir = plan.ir
+        self.source = source
+        self.path = path
+        self.key = key
+        self.config = config
+        self._module = None
+        self._tuned = {}
+        self.op = _make_op(self)
+
+    def __repr__(self) -> str:
+        return f"CompiledAttention({self.ir.name!r}, path={self.plan.path!r}, key={self.key[:12]})"
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                 return_lse: bool = False, **tensors):
+        """Run the kernel.
+
+        Args:
+            q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``;
+                float32/float16/bfloat16 on one device (CPU runs the Triton
+                interpreter), ``Hq % Hkv == 0``, head dims 1..256. Any strides.
+            scale: score scale (default ``1/sqrt(D)``).
+            return_lse: also return the logsumexp of each row (natural log).
+            **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
+
+        Returns:
+            ``out`` ``(B, Hq, Lq, Dv)`` in ``q.dtype``; with ``return_lse`` also
+            ``lse`` ``(B, Hq, Lq)`` float32. Rows with no allowed key: 0 and ``-inf``.
+
+        Raises:
+            TypeError / ValueError: bad ranks, shapes, dtypes, devices, missing or
+                misshapen tensors (raised before any launch, naming the argument).
+        """
+        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
+        tens = check_tensors(self.ir, tensors, sizes, q.device)
+        if scale is None:
+            scale = 1.0 / math.sqrt(sizes["D"])
+        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale))
+        return (out, lse) if return_lse else out
+
+    # ------------------------------------------------------------------ internals
+    def module(self, device: torch.device):
+        """The loaded generated module, checked to be able to run on ``device``.
+
+        Raises:
+            RuntimeError: CPU tensors while Triton is not in interpreter mode.
+        """
+        if device.type == "cpu" and not cache.interpreting():
+            raise RuntimeError("attncc kernels run on CPU tensors only under the Triton interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported (attncc does so itself when it is "
+                               "imported first on a machine without a GPU)")
+        if self._module is None:
+            self._module = cache.load_module(self.path, self.key[:24])
+        return self._module
+
+    def _table(self, sizes, tensors, cfg: Config, device) -> BlockTable:
+        named = {t.name: x for t, x in zip(self.ir.tensors, tensors)}
+        return block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
+
+    def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None):
+        """Launch the forward kernel (no argument checks: :meth:`__call__` does them).
+
+        Returns:
+            ``(out, lse)``.
+        """
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        sizes = {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        if cfg is None:
+            cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._autotune(q, k, v, tensors, scale, sizes))
+        out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        if self.plan.path == "table":
+            tbl = self._table(sizes, tensors, cfg, q.device)
+            tables = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx)
+            tstrides = tbl.strides()
+        else:
+            d = _dummy(q.device)
+            tables, tstrides = (d, d, d, d), (0, 0, 0, 0)
+        targs = []
+        for t in tensors:
+            targs += [t, *t.stride(), *t.shape]
+        block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+        grid = (-(-Lq // cfg.block_m), B * Hq)
+        kernel = self.module(q.device).attn_fwd
+        kernel[grid](
+            q, k, v, out, lse, *targs, *tables,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
+            B, Hq, Hkv, Lq, Lk, D, Dv, scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out, lse
+
+    def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
+        """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
+        the choice is remembered on disk (``autotune.json`` in the cache dir)."""
+        dev = torch.cuda.get_device_name(q.device)
+        bucket = (f"{dev}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
+                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}")
+        if bucket in self._tuned:
+            return self._tuned[bucket]
+        with _LOCK:
+            saved = cache.read_json("autotune.json")
+            if bucket in saved:
+                cfg = Config(**saved[bucket])
+            else:
+                import triton.testing
+
+                best, best_t = None, float("inf")
+                for cfg in CUDA_CONFIGS:
+                    try:
+                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg),
+                                                    warmup=5, rep=20, return_mode="median")
+                    except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
+                        continue
+                    if t < best_t:
+                        best, best_t = cfg, t
+                cfg = best or CUDA_CONFIGS[0]
+                saved = cache.read_json("autotune.json")
+                saved[bucket] = cfg.__dict__
+                cache.write_json("autotune.json", saved)
+            self._tuned[bucket] = cfg
+            return cfg
+
+    # ------------------------------------------------------------------ analysis
+    def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
+                   D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None, **tensors) -> dict:
+        """Count the (query tile, key tile) pairs the kernel visits for a shape.
+
+        Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
+        tile iteration without the math, so the counts are what the kernel does.
+
+        Args:
+            Lq, Lk: query / key lengths; B, H, Hkv, D, Dv: other sizes (only needed
+                when the mask or the tensors depend on them).
+            config: tile sizes (default: the CPU config, or this kernel's fixed config).
+            **tensors: the tensors the mask reads (block-table patterns), on any device.
+
+        Returns:
+            ``{"total", "visited", "full", "partial", "block_m", "block_n"}``: counts
+            summed over all (batch, head) pairs; ``partial = visited - full``.
+        """
+        cfg = config or self.config or CPU_CONFIG
+        Hkv = Hkv or H
+        Dv = Dv or D
+        sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors)
+        n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
+        if self.plan.path == "table":
+            tbl = block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
+            tables, tstrides = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx), tbl.strides()
+        else:
+            d = _dummy(device)
+            tables, tstrides = (d, d, d, d), (0, 0, 0, 0)
+        counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
+        fn = self.module(device).count_tiles
+        fn[(n_m, B * H)](counts, *tables, *tstrides, B, H, Hkv, Lq, Lk, D, Dv, n_m,
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        visited = int(counts[..., 0].sum())
+        full = int(counts[..., 1].sum())
+        return {"total": B * H * n_m * n_n, "visited": visited, "full": full, "partial": visited - full,
+                "block_m": cfg.block_m, "block_n": cfg.block_n}
+
+
+def _make_op(kern: CompiledAttention):
+    """Register ``attncc::<pattern>_<hash>`` as a torch custom op with a fake (meta)
+    implementation, so ``torch.compile(fullgraph=True)`` traces through it."""
+    name = f"attncc::{kern.ir.name}_{kern.key[:16]}"
+    with _LOCK:
+        if name in _OPS:
+            _OPS[name][1].append(kern)
+            return _OPS[name][0]
+        kerns = [kern]
+
+        def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+            return kerns[0].launch(q, k, v, tensors, scale)
+
+        op = torch.library.custom_op(name, mutates_args=())(impl)
+
+        def fake(q, k, v, tensors, scale):
+            B, Hq, Lq, _ = q.shape
+            return (q.new_empty((B, Hq, Lq, v.shape[-1])),
+                    q.new_empty((B, Hq, Lq), dtype=torch.float32))
+
+        op.register_fake(fake)
+        _OPS[name] = (op, kerns)
+        return op

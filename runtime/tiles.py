@@ -1,0 +1,99 @@
+"""Block tables for masks the closed form cannot bound (data-dependent masks).
+
+The mask is evaluated with torch on broadcast index grids, one chunk of query
+tiles at a time (never the whole ``Lq x Lk`` matrix at once), and reduced per
+(query tile, key tile) to non-empty / full. The result lists, per query tile,
+its partial key tiles and its full key tiles (like FlexAttention's BlockMask),
+and is cached per (pattern, shape, block sizes, device, mask tensor contents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from attncc import ir as I
+from attncc.dense import eval_expr, index_env
+
+_CACHE: "OrderedDict[tuple, BlockTable]" = OrderedDict()
+_CACHE_SIZE = 64
+#: query rows evaluated at once (bounded memory)
+CHUNK_ELEMS = 1 << 24
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Per query tile: partial key tiles and full key tiles.
+
+    Attributes:
+        kv_num: int32 ``(TB, TH, n_m)``: number of partial key tiles.
+        kv_idx: int32 ``(TB, TH, n_m, n_n)``: their indices (ascending, padded).
+        full_num / full_idx: the same for full tiles (mask true on the whole tile).
+        TB / TH: 1 when the mask does not depend on the batch / head index.
+    """
+
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+
+    def strides(self) -> tuple[int, int, int, int]:
+        """(stride_tb, stride_th, stride_tm, stride_tn) as the kernel reads them."""
+        TB, TH, n_m, n_n = self.kv_idx.shape
+        return (TH * n_m if TB > 1 else 0, n_m if TH > 1 else 0, 1, n_n)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """Content hash of a tensor (shape, dtype and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, device, key: str) -> BlockTable:
+    """The (cached) :class:`BlockTable` of ``plan.ir.mask`` for these sizes and tensor values."""
+    ir = plan.ir
+    TB = sizes["B"] if plan.mask_uses_b else 1
+    TH = sizes["H"] if plan.mask_uses_h else 1
+    ck = (key, tuple(sorted(sizes.items())), block_m, block_n, str(device), TB, TH,
+          tuple(tensor_digest(tensors[n]) for n in plan.mask_tensors))
+    if ck in _CACHE:
+        _CACHE.move_to_end(ck)
+        return _CACHE[ck]
+    Lq, Lk = sizes["Lq"], sizes["Lk"]
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    nonempty = torch.zeros(TB, TH, n_m, n_n, dtype=torch.bool, device=device)
+    full = torch.zeros_like(nonempty)
+    tiles_per_chunk = max(1, CHUNK_ELEMS // max(1, TB * TH * block_m * n_n * block_n))
+    for m0 in range(0, n_m, tiles_per_chunk):
+        m1 = min(n_m, m0 + tiles_per_chunk)
+        rows = torch.arange(m0 * block_m, m1 * block_m, device=device)
+        env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows)
+        env[I.B], env[I.H] = sizes["B"], sizes["H"]
+        m = eval_expr(ir.mask, env, tensors).to(device)
+        m = torch.broadcast_to(m, (TB, TH, rows.numel(), Lk))
+        valid_q = (rows < Lq).view(1, 1, -1, 1)
+        pad = n_n * block_n - Lk
+        any_m = torch.nn.functional.pad(m & valid_q, (0, pad), value=False)
+        all_m = torch.nn.functional.pad(m | ~valid_q, (0, pad), value=False)
+        shp = (TB, TH, m1 - m0, block_m, n_n, block_n)
+        nonempty[:, :, m0:m1] = any_m.view(shp).any(dim=5).any(dim=3)
+        full[:, :, m0:m1] = all_m.view(shp).all(dim=5).all(dim=3)
+    partial = nonempty & ~full
+
+    def lists(sel):
+        num = sel.sum(-1, dtype=torch.int32)
+        idx = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+        return num.contiguous(), idx.contiguous()
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    tbl = BlockTable(kv_num, kv_idx, full_num, full_idx)
+    _CACHE[ck] = tbl
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return tbl

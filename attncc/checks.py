@@ -130,3 +130,31 @@ def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTY
     """:func:`check_qkv` then :func:`check_tensors`; returns ``(sizes, tensors)``."""
     sizes = check_qkv(q, k, v, dtypes)
     return sizes, check_tensors(ir, tensors, sizes, q.device)
+
+
+def compile_read_checks(checks: tuple) -> list:
+    """Turn :func:`attncc.passes.read_checks` tuples into plain Python callables of the sizes
+    (cheap at call time, and traceable by torch.compile)."""
+    syms = [I.SIZES[n] for n in I.SIZES]
+    out = []
+    for name, axis, text, lo, hi in checks:
+        f_lo = sp.lambdify(syms, lo, modules="math")
+        f_hi = sp.lambdify(syms, hi, modules="math")
+        out.append((name, axis, text, f_lo, f_hi))
+    return out
+
+
+def check_reads(compiled: list, sizes: dict, tensors: dict) -> None:
+    """Raise ``ValueError`` if a mask tensor read can go out of bounds for these sizes.
+
+    A mask is evaluated for every (query, key) pair, so a read such as ``doc[q]``
+    with ``doc`` of length ``Lk`` is out of bounds whenever ``Lq > Lk``.
+    """
+    args = [sizes[n] for n in I.SIZES]
+    for name, axis, text, f_lo, f_hi in compiled:
+        lo, hi = int(f_lo(*args)), int(f_hi(*args))
+        n = tensors[name].shape[axis]
+        if lo < 0 or hi >= n:
+            raise ValueError(f"the mask reads {text} with index {axis} ranging over [{lo}, {hi}] for these sizes, "
+                             f"but tensor {name!r} has {n} entries on that axis "
+                             f"(sizes: {', '.join(f'{k}={v}' for k, v in sizes.items())})")

@@ -18,7 +18,7 @@ import jinja2
 import sympy as sp
 
 from . import ir as I
-from .passes import KernelPlan, q_hi, q_lo
+from .passes import KernelPlan, q_hi, q_lo, read_in_bounds
 
 #: names of IR symbols inside the generated kernels
 KERNEL_NAMES = {
@@ -146,10 +146,19 @@ class TritonPrinter:
         if isinstance(e, sp.core.relational.Relational):
             op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[e.rel_op]
             return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
-        if isinstance(e, sp.And):
-            return "(" + " & ".join(self.p(a) for a in sorted(e.args, key=sp.default_sort_key)) + ")"
-        if isinstance(e, sp.Or):
-            return "(" + " | ".join(self.p(a) for a in sorted(e.args, key=sp.default_sort_key)) + ")"
+        if isinstance(e, (sp.And, sp.Or)):
+            args = sorted(e.args, key=sp.default_sort_key)
+            op = " & " if isinstance(e, sp.And) else " | "
+            scal = [a for a in args if _is_scalar(a)]
+            block = [a for a in args if not _is_scalar(a)]
+            if not scal or not block:
+                return "(" + op.join(self.p(a) for a in args) + ")"
+            # scalar with block operands: select with where (scalar & block is mistyped by the interpreter)
+            s_code = "(" + op.join(self.p(a) for a in scal) + ")"
+            b_code = "(" + op.join(self.p(a) for a in block) + ")"
+            if isinstance(e, sp.And):
+                return f"tl.where({s_code}, {b_code}, False)"
+            return f"tl.where({s_code}, True, {b_code})"
         if isinstance(e, sp.Not):
             return f"({self.p(e.args[0])} == 0)"
         if isinstance(e, sp.Equivalent):
@@ -173,26 +182,49 @@ class TritonPrinter:
         return f"{float_fn}({self._flt(x)})"
 
     def _load(self, e: sp.Indexed) -> str:
+        """A masked load of a tensor read. Query/key indices are clamped to the valid
+        range (ragged tile lanes are discarded anyway), so reads provably in bounds
+        for valid indices need no mask."""
         if e in self.loads:
             return self.loads[e]
         t = self.tensors[str(e.base.label)]
-        offs, conds = [], []
-        for i, ix in enumerate(e.indices):
-            code = self.p(ix)
-            if ix.is_Integer:
-                offs.append(f"{int(ix)} * t_{t.name}_s{i}")
-                conds.append(f"({int(ix)} < t_{t.name}_n{i})")
-                continue
-            offs.append(f"({code}).to(tl.int64) * t_{t.name}_s{i}")
-            if not ix.is_nonnegative:
-                conds.append(f"({code} >= 0)")
-            conds.append(f"({code} < t_{t.name}_n{i})")
+        offs, block_conds, scalar_conds = [], [], []
+        clamp = {I.q: sp.Symbol("q_idx_c"), I.kv: sp.Symbol("kv_idx_c")}
+        saved = dict(self.names)
+        self.names.update({clamp[I.q]: "q_idx_c", clamp[I.kv]: "kv_idx_c"})
+        try:
+            for i, ix in enumerate(e.indices):
+                code = self.p(ix.subs(clamp))
+                if ix.is_Integer:
+                    offs.append(f"{int(ix)} * t_{t.name}_s{i}")
+                else:
+                    offs.append(f"({code}).to(tl.int64) * t_{t.name}_s{i}")
+                if read_in_bounds(ix, t.shape[i]):
+                    continue
+                conds = scalar_conds if _is_scalar(ix) else block_conds
+                if not ix.is_nonnegative:
+                    conds.append(f"({code} >= 0)")
+                conds.append(f"({code} < t_{t.name}_n{i})")
+        finally:
+            self.names = saved
         var = f"{self.prefix}{len(self.loads)}_{t.name}"
-        mask = f", mask={' & '.join(conds)}, other=0" if conds else ""
+        mask = ""
+        if block_conds:
+            mask = " & ".join(block_conds)
+            if scalar_conds:  # scalar & block masks: combine with where (the interpreter mistypes scalar & block)
+                mask = f"tl.where({' & '.join(scalar_conds)}, {mask}, False)"
+        elif scalar_conds:
+            mask = " & ".join(scalar_conds)
+        mask = f", mask={mask}, other=0" if mask else ""
         conv = ".to(tl.float32)" if t.kind == "float" else ""
         self.lines.append(f"{var} = tl.load(t_{t.name} + {' + '.join(offs)}{mask}){conv}")
         self.loads[e] = var
         return var
+
+
+def _is_scalar(e) -> bool:
+    """True when ``e`` does not vary over the tile (no q, kv or s, also inside reads)."""
+    return not (e.free_symbols & {I.q, I.kv, I.s})
 
 
 @functools.lru_cache(maxsize=None)

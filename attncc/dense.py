@@ -178,6 +178,27 @@ def _check_reads(reads, allowed, what):
                              f"(at {int(bad.sum())} query/key pairs): check the index expression and the tensor's shape")
 
 
+def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.Tensor:
+    """The mask of ``ir`` materialised: bool ``(B, H, Lq, Lk)`` (True = pair allowed).
+
+    Raises:
+        ValueError: the mask reads a tensor out of its bounds.
+    """
+    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"], sizes["Hkv"], sizes["D"], sizes["Dv"], device)
+    reads: list = []
+    mask = eval_expr(ir.mask, env, tensors, reads).to(device)
+    _check_reads(reads, None, "mask")
+    return torch.broadcast_to(mask, (sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]))
+
+
+def nonempty_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> int:
+    """Number of (query tile, key tile) pairs of a ``(B, H, Lq, Lk)`` bool mask with an allowed pair."""
+    B, H, Lq, Lk = mask.shape
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    m = torch.nn.functional.pad(mask, (0, n_n * block_n - Lk, 0, n_m * block_m - Lq), value=False)
+    return int(m.view(B, H, n_m, block_m, n_n, block_n).any(dim=5).any(dim=3).sum())
+
+
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
               return_lse: bool = False, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
@@ -216,12 +237,9 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         kd = kd.repeat_interleave(group, dim=1)
         vd = vd.repeat_interleave(group, dim=1)
     sc = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    mask = dense_mask(ir, sizes, tensors, q.device)
     env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device)
     env[I.s] = sc
-    reads_m: list = []
-    mask = eval_expr(ir.mask, env, tensors, reads_m).to(q.device)
-    mask = torch.broadcast_to(mask, (B, Hq, Lq, Lk))
-    _check_reads(reads_m, None, "mask")
     reads_s: list = []
     score = torch.broadcast_to(eval_expr(ir.score, env, tensors, reads_s).to(torch.float64), (B, Hq, Lq, Lk))
     _check_reads(reads_s, mask, "score")

@@ -332,6 +332,52 @@ def kv_sets(mask, an: _Analysis) -> list[Interval] | None:
     return [ALL_PARTIAL]
 
 
+# ----------------------------------------------------------------------------- index ranges
+#: ranges of the index variables: b in [0, B-1], h in [0, H-1], q in [0, Lq-1], kv in [0, Lk-1]
+def _var_box():
+    from .ir import B, H, Lq, b
+    return {b: (0, B - 1), h: (0, H - 1), q: (0, Lq - 1), kv: (0, Lk - 1)}
+
+
+def index_range(expr):
+    """(min, max) of an integer index expression over all valid ``b, h, q, kv``, as sympy
+    expressions of the sizes; None when the expression is not monotone in each index."""
+    box = _var_box()
+    lo_subs, hi_subs = {}, {}
+    for var, (a, z) in box.items():
+        if var not in expr.free_symbols:
+            continue
+        d = monotone(expr, var)
+        if d is None:
+            return None
+        lo_subs[var], hi_subs[var] = (a, z) if d >= 0 else (z, a)
+    return sp.simplify(expr.subs(lo_subs)), sp.simplify(expr.subs(hi_subs))
+
+
+def read_in_bounds(ix, dim) -> bool:
+    """True when index ``ix`` provably lies in ``[0, dim)`` for all valid indices."""
+    r = index_range(ix)
+    if r is None:
+        return False
+    lo, hi = r
+    return bool(sp.simplify(lo).is_nonnegative) and bool(sp.simplify(dim - 1 - hi).is_nonnegative)
+
+
+def read_checks(ir: AttentionIR, expr) -> tuple:
+    """Call-time bounds checks of the tensor reads of ``expr``: tuples
+    ``(tensor, axis, index text, min expr, max expr)`` for reads not provably in bounds."""
+    out = []
+    for read in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
+        t = ir.tensor(str(read.base.label))
+        for axis, ix in enumerate(read.indices):
+            if read_in_bounds(ix, t.shape[axis]):
+                continue
+            r = index_range(ix)
+            if r is not None:
+                out.append((t.name, axis, str(read), r[0], r[1]))
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class KernelPlan:
@@ -348,6 +394,7 @@ class KernelPlan:
         score_is_identity: the score is plain ``s`` (scale folded into exp2).
         mask_uses_b / mask_uses_h: the mask depends on the batch / head index.
         notes: lines for ``attncc explain``.
+        mask_read_checks: see :func:`read_checks` (checked before each launch).
     """
 
     ir: AttentionIR
@@ -360,6 +407,7 @@ class KernelPlan:
     mask_uses_b: bool = False
     mask_uses_h: bool = False
     notes: tuple = ()
+    mask_read_checks: tuple = ()
 
     def describe(self) -> str:
         """Multi-line description of the analysis (used by ``attncc explain``)."""
@@ -392,7 +440,8 @@ def plan(ir: AttentionIR) -> KernelPlan:
     common = dict(mask_tensors=mask_tensors, score_tensors=score_tensors,
                   score_is_identity=(ir.score == s),
                   mask_uses_b=sp.Symbol("b", integer=True, nonnegative=True) in ir.mask.free_symbols,
-                  mask_uses_h=h in ir.mask.free_symbols)
+                  mask_uses_h=h in ir.mask.free_symbols,
+                  mask_read_checks=read_checks(ir, ir.mask))
     if mask_tensors:
         return KernelPlan(ir, "table", **common)
     an = _Analysis()

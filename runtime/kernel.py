@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from attncc.checks import KERNEL_DTYPES, check_qkv, check_tensors
+from attncc.checks import KERNEL_DTYPES, check_qkv, check_reads, check_tensors, compile_read_checks
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -76,6 +76,7 @@ class CompiledAttention:
         self.key = key
         self.config = config
         self._module = None
+        self._read_checks = compile_read_checks(plan.mask_read_checks)
         self._tuned = {}
         self.op = _make_op(self)
 
@@ -105,6 +106,7 @@ class CompiledAttention:
         """
         sizes = check_qkv(q, k, v, KERNEL_DTYPES)
         tens = check_tensors(self.ir, tensors, sizes, q.device)
+        check_reads(self._read_checks, sizes, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
         out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale))
@@ -220,6 +222,7 @@ class CompiledAttention:
         sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
         device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
         named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors)
+        check_reads(self._read_checks, sizes, named)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         if self.plan.path == "table":
             tbl = block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)

@@ -163,6 +163,7 @@ class CompiledAttention:
             B, Hq, Hkv, Lq, Lk, D, Dv, scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
+            UPCAST=(q.dtype == torch.bfloat16 and cache.interpreting()),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out, lse

@@ -1,0 +1,25 @@
+"""Shared fixtures: a private kernel cache per test session, tolerances, library access."""
+
+import os
+import tempfile
+
+import pytest
+
+# a fresh on-disk cache for the whole run (the cache tests check rebuilds in it)
+os.environ.setdefault("ATTNCC_CACHE_DIR", tempfile.mkdtemp(prefix="attncc-test-cache-"))
+
+import attncc  # noqa: E402  (sets TRITON_INTERPRET=1 on machines without a GPU)
+import torch  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="session")
+def library():
+    """name -> path of every library pattern."""
+    return attncc.library_patterns()
+
+
+def max_err(a, b):
+    """max |a - b| in float64."""
+    return (a.double() - b.double()).abs().max().item()

@@ -35,7 +35,7 @@ def split_kwargs(spec, pattern, kwargs: dict) -> tuple[dict, dict]:
 
 
 def _shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(x)) for x in shape) + ")"
+    return str(tuple(int(x) for x in shape))
 
 
 def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> dict:
@@ -87,8 +87,16 @@ def expected_shape(t: I.TensorSpec, sizes: dict) -> tuple[int, ...]:
     return tuple(int(sp.sympify(d).subs(subs)) for d in t.shape)
 
 
-def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None) -> dict:
-    """Check the spec tensors passed by keyword (``only``: names to require; default all).
+def shape_functions(ir: I.AttentionIR) -> dict:
+    """name -> plain Python function of the sizes giving the tensor's expected shape
+    (no sympy at call time, so torch.compile can trace the checks)."""
+    syms = [I.SIZES[n] for n in I.SIZES]
+    return {t.name: sp.lambdify(syms, sp.Tuple(*t.shape), modules="math") for t in ir.tensors}
+
+
+def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None, shapes=None) -> dict:
+    """Check the spec tensors passed by keyword (``only``: names to require; default all;
+    ``shapes``: :func:`shape_functions` of ``ir``, to avoid sympy at call time).
 
     Returns:
         name -> tensor for every declared tensor (contiguous).
@@ -114,7 +122,10 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
         x = tensors[t.name]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tensor {t.name!r} must be a torch.Tensor ({decl}), got {type(x).__name__}")
-        want = expected_shape(t, sizes)
+        if shapes is not None:
+            want = tuple(int(x) for x in shapes[t.name](*[sizes[n] for n in I.SIZES]))
+        else:
+            want = expected_shape(t, sizes)
         if tuple(x.shape) != want:
             raise ValueError(f"tensor {t.name!r} must have shape {decl} = {_shape_str(want)}, got {_shape_str(x.shape)}")
         if x.dtype not in _KIND_DTYPES[t.kind]:

@@ -11,7 +11,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from attncc.checks import KERNEL_DTYPES, check_qkv, check_reads, check_tensors, compile_read_checks
+from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_tensors, compile_read_checks,
+                           shape_functions)
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -77,6 +78,7 @@ class CompiledAttention:
         self.config = config
         self._module = None
         self._read_checks = compile_read_checks(plan.mask_read_checks)
+        self._shapes = shape_functions(plan.ir)
         self._tuned = {}
         self.op = _make_op(self)
 
@@ -105,7 +107,7 @@ class CompiledAttention:
                 misshapen tensors (raised before any launch, naming the argument).
         """
         sizes = check_qkv(q, k, v, KERNEL_DTYPES)
-        tens = check_tensors(self.ir, tensors, sizes, q.device)
+        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
         check_reads(self._read_checks, sizes, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
@@ -222,7 +224,7 @@ class CompiledAttention:
         Dv = Dv or D
         sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
         device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors)
+        named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors, shapes=self._shapes)
         check_reads(self._read_checks, sizes, named)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         if self.plan.path == "table":

@@ -1,0 +1,38 @@
+"""README stays true: its Quickstart test command is the one CI runs; its examples parse."""
+
+import re
+from pathlib import Path
+
+import attncc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quickstart_commands():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
+    cmds = _quickstart_commands()
+    assert len(cmds) == 2, cmds
+    assert "attncc demo" in cmds[0]
+    assert "pytest" in cmds[1]
+    assert cmds[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_spec_example_parses():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## The spec language", 1)[1].split("```", 2)[1]
+    pats = attncc.parse(block)
+    assert [p.name for p in pats] == ["sliding_window", "alibi", "document_causal"]
+    for p in pats:
+        attncc.lower(p)
+
+
+def test_every_library_pattern_has_a_docstring_and_a_source():
+    for name, path in attncc.library_patterns().items():
+        text = path.read_text()
+        assert "Source" in text or "source" in text, path
+        assert attncc.lower(path, name).doc, name

@@ -170,6 +170,19 @@ class CompiledAttention:
         )
         return out, lse
 
+    def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                   **tensors) -> Config:
+        """The launch :class:`Config` this kernel uses for these inputs (fixed, the CPU
+        config under the interpreter, or the autotuned choice on CUDA, tuning if needed)."""
+        if self.config is not None:
+            return self.config
+        if cache.interpreting():
+            return CPU_CONFIG
+        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
+        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
+        scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
+        return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes)
+
     def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
         the choice is remembered on disk (``autotune.json`` in the cache dir)."""
@@ -203,7 +216,8 @@ class CompiledAttention:
 
     # ------------------------------------------------------------------ analysis
     def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
-                   D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None, **tensors) -> dict:
+                   D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None,
+                   device=None, **tensors) -> dict:
         """Count the (query tile, key tile) pairs the kernel visits for a shape.
 
         Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
@@ -213,6 +227,8 @@ class CompiledAttention:
             Lq, Lk: query / key lengths; B, H, Hkv, D, Dv: other sizes (only needed
                 when the mask or the tensors depend on them).
             config: tile sizes (default: the CPU config, or this kernel's fixed config).
+            device: where to run the counting kernel (default: the tensors' device, else
+                CUDA when Triton compiles for a GPU, else CPU under the interpreter).
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -223,7 +239,11 @@ class CompiledAttention:
         Hkv = Hkv or H
         Dv = Dv or D
         sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
-        device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        if device is None:
+            device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), None)
+        if device is None:
+            device = torch.device("cpu" if cache.interpreting() or not torch.cuda.is_available() else "cuda")
+        device = torch.device(device)
         named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors, shapes=self._shapes)
         check_reads(self._read_checks, sizes, named)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
@@ -247,6 +267,9 @@ def _make_op(kern: CompiledAttention):
     """Register ``attncc::<pattern>_<hash>`` as a torch custom op with a fake (meta)
     implementation, so ``torch.compile(fullgraph=True)`` traces through it."""
     name = f"attncc::{kern.ir.name}_{kern.key[:16]}"
+    if kern.config is not None:  # a fixed launch config is part of the op's behaviour
+        c = kern.config
+        name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
     with _LOCK:
         if name in _OPS:
             _OPS[name][1].append(kern)

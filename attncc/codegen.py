@@ -311,5 +311,10 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         score_code=sc["score"],
         intervals=intervals,
         targs="".join(a + ", " for a in tensor_arg_names(ir)),
+        # several key intervals: a tile of one interval's masked range may be full in another's
+        dyn_full=len(intervals) > 1,
+        in_full_count=" | ".join(f"((n >= f_lo{i}) & (n < f_hi{i}))" for i in range(len(intervals))),
+        full_ranges=", ".join([f"f_lo{i}, f_hi{i}" for i in range(len(intervals))] +
+                              ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
     )
     return _env().from_string(template_text("attention_fwd.py.j2")).render(**ctx)

@@ -21,7 +21,8 @@ class _OutOfRange(Exception):
     pass
 
 
-def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torch.Tensor:
+def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_dtype=torch.float64,
+              device=None) -> torch.Tensor:
     """Evaluate an IR expression with torch, broadcasting index grids.
 
     Args:
@@ -32,9 +33,12 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
         reads: if given, for every tensor read a pair ``(name, in_range)`` is
             appended, ``in_range`` a boolean tensor broadcast like the read's indices.
             Out-of-range reads evaluate to 0 (as the kernels' masked loads do).
+        float_dtype: dtype of float arithmetic (float64 for the reference; float32 when
+            used inside FlexAttention mods, matching the kernels).
+        device: where constants are created (default: CPU scalars, which broadcast).
 
     Returns:
-        A tensor (bool for booleans, float64 or int64 otherwise).
+        A tensor (bool for booleans, ``float_dtype`` or int64 otherwise).
     """
     memo: dict = {}
 
@@ -46,23 +50,23 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
         return out
 
     def num(x):
-        return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=device)
 
     def _ev(e):  # noqa: C901
         if e in env:
             return num(env[e])
         if e is sp.true or e == sp.true:
-            return torch.tensor(True)
+            return torch.tensor(True, device=device)
         if e is sp.false or e == sp.false:
-            return torch.tensor(False)
+            return torch.tensor(False, device=device)
         if e is sp.oo:
-            return torch.tensor(math.inf, dtype=torch.float64)
+            return torch.tensor(math.inf, dtype=float_dtype, device=device)
         if e is sp.S.NegativeInfinity:
-            return torch.tensor(-math.inf, dtype=torch.float64)
+            return torch.tensor(-math.inf, dtype=float_dtype, device=device)
         if e.is_Integer:
-            return torch.tensor(int(e), dtype=torch.int64)
+            return torch.tensor(int(e), dtype=torch.int64, device=device)
         if e.is_number:
-            return torch.tensor(float(e), dtype=torch.float64)
+            return torch.tensor(float(e), dtype=float_dtype, device=device)
         if isinstance(e, sp.Indexed):
             t = tensors[str(e.base.label)]
             idx = [ev(i) for i in e.indices]
@@ -78,7 +82,7 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
                 reads.append((str(e.base.label), ok))
             zero = torch.zeros((), dtype=val.dtype, device=val.device)
             val = torch.where(ok.to(val.device), val, zero)
-            return val.to(torch.float64) if val.dtype.is_floating_point else val.to(torch.int64)
+            return val.to(float_dtype) if val.dtype.is_floating_point else val.to(torch.int64)
         if isinstance(e, sp.Add):
             out = ev(e.args[0])
             for a in e.args[1:]:
@@ -92,16 +96,16 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
         if isinstance(e, sp.Pow):
             base, ex = e.args
             if ex.is_Integer and ex < 0:
-                return 1.0 / ev(base ** (-ex)).to(torch.float64)
+                return 1.0 / ev(base ** (-ex)).to(float_dtype)
             if ex.is_Integer:
                 return ev(base) ** int(ex)
-            return torch.pow(ev(base).to(torch.float64), ev(ex).to(torch.float64))
+            return torch.pow(ev(base).to(float_dtype), ev(ex).to(float_dtype))
         if isinstance(e, sp.floor):
             x = ev(e.args[0])
-            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.floor)
+            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.floor, float_dtype)
         if isinstance(e, sp.ceiling):
             x = ev(e.args[0])
-            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.ceil)
+            return x if not x.dtype.is_floating_point else _exact_floor(e.args[0], ev, torch.ceil, float_dtype)
         if isinstance(e, sp.Mod):
             return torch.remainder(ev(e.args[0]), ev(e.args[1]))
         if isinstance(e, sp.Abs):
@@ -110,7 +114,7 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
             f = torch.minimum if isinstance(e, sp.Min) else torch.maximum
             vals = [ev(a) for a in e.args]
             if any(v.dtype.is_floating_point for v in vals):
-                vals = [v.to(torch.float64) for v in vals]
+                vals = [v.to(float_dtype) for v in vals]
             out = vals[0]
             for v in vals[1:]:
                 out = f(out, v)
@@ -118,10 +122,10 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
         fns = {sp.exp: torch.exp, sp.log: torch.log, sp.tanh: torch.tanh, I.sigmoid: torch.sigmoid}
         for cls, f in fns.items():
             if isinstance(e, cls):
-                return f(ev(e.args[0]).to(torch.float64))
+                return f(ev(e.args[0]).to(float_dtype))
         if isinstance(e, sp.Piecewise):
             *cases, (last, cond) = e.args
-            out = ev(last) if cond == sp.true else torch.where(ev(cond), ev(last), torch.tensor(0))
+            out = ev(last) if cond == sp.true else torch.where(ev(cond), ev(last), torch.tensor(0, device=device))
             for val, c in reversed(cases):
                 a = ev(val)
                 out = torch.where(ev(c), a, out)
@@ -148,7 +152,7 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None) -> torc
     return ev(sp.sympify(expr))
 
 
-def _exact_floor(x, ev, fn):
+def _exact_floor(x, ev, fn, float_dtype=torch.float64):
     """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
     num_, den = sp.fraction(sp.together(x))
     if num_.is_integer and den.is_Integer and den > 0:
@@ -156,7 +160,7 @@ def _exact_floor(x, ev, fn):
         if not n.dtype.is_floating_point:
             d = int(den)
             return torch.div(n, d, rounding_mode="floor") if fn is torch.floor else -torch.div(-n, d, rounding_mode="floor")
-    return fn(ev(x).to(torch.float64))
+    return fn(ev(x).to(float_dtype))
 
 
 def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, device, q_rows=None) -> dict:

@@ -429,6 +429,20 @@ class KernelPlan:
         return "\n".join(out)
 
 
+def _full_width(iv: Interval) -> float:
+    """Width of an interval's full range at a generic large shape. A tile in several
+    intervals is visited once, by the first; putting the widest full ranges first lets a
+    tile that is full in any interval run without mask code (e.g. the sink tile of a
+    window + sinks mask is full while the window covers it)."""
+    from .ir import SIZES
+    subs = {q_lo: 10**6, q_hi: 10**6 + 127, h: 0}
+    subs.update({sym: 2 * 10**6 for sym in SIZES.values()})
+    try:
+        return float((iv.fhi - iv.flo).subs(subs))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def plan(ir: AttentionIR) -> KernelPlan:
     """Analyse ``ir`` and choose how the kernel finds its key tiles.
 
@@ -455,4 +469,5 @@ def plan(ir: AttentionIR) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         return KernelPlan(ir, "table", notes=tuple(an.notes), **common)
     ivs = [Interval(*(sp.simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
+    ivs = sorted(ivs, key=_full_width, reverse=True)
     return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, notes=tuple(an.notes), **common)

@@ -41,22 +41,19 @@ if "--dry-run" in sys.argv[1:] and "triton" not in sys.modules:
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import functools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-import types  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import attncc  # noqa: E402  (first: it decides TRITON_INTERPRET before triton is imported)
-import sympy  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from attncc import dense as attncc_dense  # noqa: E402
+import attncc.flex as attncc_flex  # noqa: E402
 from attncc import ir as I  # noqa: E402
 from attncc.dense import eval_expr, index_env  # noqa: E402
 from attncc.inputs import example_inputs  # noqa: E402
@@ -222,88 +219,10 @@ def size_values(sizes: dict) -> dict:
     return {sym: int(sizes[name]) for name, sym in I.SIZES.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def mod_evaluator(device_str: str, float_dtype: torch.dtype):
-    """:func:`attncc.dense.eval_expr`'s own code, rebound for use inside flex mods.
-
-    The function object is rebuilt from ``eval_expr.__code__`` with a globals dict
-    (those of a module registered in ``sys.modules``, as dynamo requires) whose
-    ``torch`` is a copy of the torch module namespace in which
-
-    * ``torch.tensor`` / ``torch.as_tensor`` default to ``device``, so the
-      constants ``eval_expr`` creates live on the attention device instead of
-      being CPU scalars inside a CUDA kernel;
-    * ``torch.float64`` is ``float_dtype``, so float arithmetic runs in that dtype
-      (``float32``: what the attncc kernel and a hand-written score_mod use;
-      ``float64`` leaves eval_expr's precision unchanged).
-
-    Integer arithmetic stays int64. The expression walk is exactly eval_expr's.
-    """
-    device = torch.device(device_str)
-    ns = types.ModuleType("torch_for_flex_mods")
-    ns.__dict__.update(torch.__dict__)
-    ns.float64 = float_dtype
-
-    def tensor(data, *args, **kwargs):
-        """``torch.tensor`` defaulting to the attention device."""
-        kwargs.setdefault("device", device)
-        return torch.tensor(data, *args, **kwargs)
-
-    def as_tensor(data, *args, **kwargs):
-        """``torch.as_tensor`` defaulting to the attention device."""
-        kwargs.setdefault("device", device)
-        return torch.as_tensor(data, *args, **kwargs)
-
-    ns.tensor, ns.as_tensor = tensor, as_tensor
-    # The rebound functions need a real, importable module as their globals: dynamo
-    # finds a function's globals through sys.modules[globals["__name__"]].
-    mod_name = f"_attncc_bench_mod_eval_{slug(device_str)}_{str(float_dtype).replace('torch.', '')}"
-    mod = types.ModuleType(mod_name)
-    g = mod.__dict__
-    g.update({k: v for k, v in attncc_dense.__dict__.items() if not k.startswith("__")})
-    g["__builtins__"] = attncc_dense.__dict__["__builtins__"]
-    g["torch"] = ns
-    sys.modules[mod_name] = mod
-    src = attncc_dense._exact_floor
-    g["_exact_floor"] = types.FunctionType(src.__code__, g, src.__name__, src.__defaults__, src.__closure__)
-    ee = attncc_dense.eval_expr
-    fn = types.FunctionType(ee.__code__, g, ee.__name__, ee.__defaults__, ee.__closure__)
-    fn.__doc__ = ee.__doc__
-    return fn
-
-
 def flex_mods(ir, sizes: dict, tensors: dict, s: Settings):
-    """FlexAttention ``(score_mod, mask_mod)`` built from the IR; ``None`` where not needed.
-
-    ``mask_mod(b, h, q_idx, kv_idx)`` evaluates ``ir.mask`` (as bool) and
-    ``score_mod(score, b, h, q_idx, kv_idx)`` evaluates ``ir.score`` with ``s =
-    score`` (cast back to ``score.dtype``), both with :func:`mod_evaluator`, the
-    index symbols bound to flex's indices and the size symbols to their values.
-    ``score_mod`` is ``None`` when ``ir.score`` is just ``s``; ``mask_mod`` is
-    ``None`` when ``ir.mask`` is ``sympy.true``.
-    """
-    evaluate = mod_evaluator(str(s.device), s.flex_mod_float)
-    consts = size_values(sizes)
-
-    def env_of(b, h, q_idx, kv_idx):
-        """The eval_expr environment for one (b, h, q, kv) index."""
-        env = dict(consts)
-        env.update({I.b: b, I.h: h, I.q: q_idx, I.kv: kv_idx})
-        return env
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        """The pattern's score expression, ``s`` = flex's scaled score."""
-        env = env_of(b, h, q_idx, kv_idx)
-        env[I.s] = score
-        return evaluate(ir.score, env, tensors).to(score.dtype)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        """The pattern's mask expression (True = pair allowed)."""
-        return evaluate(ir.mask, env_of(b, h, q_idx, kv_idx), tensors).to(torch.bool)
-
-    sm = None if ir.score == I.s else score_mod
-    mm = None if ir.mask == sympy.true else mask_mod
-    return sm, mm
+    """FlexAttention ``(score_mod, mask_mod)`` from the IR (:func:`attncc.flex.flex_mods`),
+    evaluated in ``--flex-mod-float`` precision with constants on the attention device."""
+    return attncc_flex.flex_mods(ir, sizes, tensors, device=s.device, float_dtype=s.flex_mod_float)
 
 
 def mask_batch_heads(ir, s: Settings):

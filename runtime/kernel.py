@@ -217,7 +217,7 @@ class CompiledAttention:
     # ------------------------------------------------------------------ analysis
     def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
                    D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None,
-                   device=None, **tensors) -> dict:
+                   device=None, per_query_tile: bool = False, **tensors) -> dict:
         """Count the (query tile, key tile) pairs the kernel visits for a shape.
 
         Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
@@ -229,6 +229,8 @@ class CompiledAttention:
             config: tile sizes (default: the CPU config, or this kernel's fixed config).
             device: where to run the counting kernel (default: the tensors' device, else
                 CUDA when Triton compiles for a GPU, else CPU under the interpreter).
+            per_query_tile: also return ``"per_query_tile"``: int64 ``(B*H, n_m, 2)`` on the
+                CPU, the key tiles visited and of those full, per (batch*head, query tile).
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -244,6 +246,7 @@ class CompiledAttention:
         if device is None:
             device = torch.device("cpu" if cache.interpreting() or not torch.cuda.is_available() else "cuda")
         device = torch.device(device)
+        tensors = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in tensors.items()}
         named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors, shapes=self._shapes)
         check_reads(self._read_checks, sizes, named)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
@@ -259,8 +262,11 @@ class CompiledAttention:
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())
-        return {"total": B * H * n_m * n_n, "visited": visited, "full": full, "partial": visited - full,
-                "block_m": cfg.block_m, "block_n": cfg.block_n}
+        out = {"total": B * H * n_m * n_n, "visited": visited, "full": full, "partial": visited - full,
+               "block_m": cfg.block_m, "block_n": cfg.block_n}
+        if per_query_tile:
+            out["per_query_tile"] = counts.to(torch.int64).cpu()
+        return out
 
 
 def _make_op(kern: CompiledAttention):

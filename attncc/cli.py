@@ -1,0 +1,468 @@
+"""The ``attncc`` command line: check, explain, compile and demo.
+
+::
+
+    attncc check patterns/*.attn
+    attncc explain patterns/sliding_window.attn --lq 1024 --param window=128 --plot tiles.png
+    attncc compile patterns/alibi.attn -o build/
+    attncc demo --patterns causal,alibi
+
+Exit status: 0 on success, 1 for user errors (spec errors, bad arguments, missing
+files: one message on stderr, never a traceback), 2 for usage errors and for
+``--plot`` without matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+import torch
+
+from . import ir as I
+from .dense import eval_expr, index_env
+from .dsl import PatternSpec, parse
+from .errors import SpecError
+from .ir import lower
+
+#: the errors a user can cause; reported as a message, never as a traceback
+USER_ERRORS = (SpecError, TypeError, ValueError, FileNotFoundError, KeyError)
+
+#: characters of the ASCII tile map
+TILE_FULL, TILE_PARTIAL, TILE_EMPTY = "#", "+", "."
+
+#: mask elements evaluated at once when building the reference tile map (bounded memory)
+_CHUNK_ELEMS = 1 << 24
+
+
+class UsageError(ValueError):
+    """A bad command-line value (``--param`` syntax, unknown pattern name...)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _error_text(e: BaseException) -> str:
+    """The message of a user error (KeyError's str() would add quotes)."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, FileNotFoundError) and e.filename and not str(e).startswith("spec file"):
+        return f"{e.filename}: file not found"
+    return str(e)
+
+
+def parse_params(items) -> dict:
+    """Parse ``--param NAME=VALUE`` items; values with :func:`ast.literal_eval`.
+
+    Raises:
+        UsageError: an item without ``=``, an invalid name or a value that is not
+            a Python literal.
+    """
+    out = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--param expects NAME=VALUE, got {item!r}")
+        try:
+            out[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise UsageError(f"--param {name}: value {text!r} is not a literal (e.g. 128, 0.5, True)") from None
+    return out
+
+
+def read_patterns(file: str) -> list[PatternSpec]:
+    """Read and parse a ``.attn`` file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UsageError: the path cannot be read as text (a directory, permissions...).
+        SpecError: a syntax error in the file.
+    """
+    p = Path(file)
+    if not p.exists():
+        raise FileNotFoundError(f"{file}: file not found")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{file}: cannot read: {e}") from None
+    return parse(text, str(file))
+
+
+def select_pattern(file: str, pats: list[PatternSpec], name: str | None) -> PatternSpec:
+    """The pattern ``name`` of a file, or its only pattern when ``name`` is None.
+
+    Raises:
+        UsageError: no such pattern, or several patterns and no ``--pattern``.
+    """
+    names = ", ".join(p.name for p in pats)
+    if name is None:
+        if len(pats) > 1:
+            raise UsageError(f"{file} holds several patterns ({names}): pass --pattern NAME")
+        return pats[0]
+    for p in pats:
+        if p.name == name:
+            return p
+    raise UsageError(f"no pattern {name!r} in {file} (it holds: {names})")
+
+
+def params_for(pat: PatternSpec, params: dict) -> dict:
+    """The subset of ``params`` that ``pat`` declares."""
+    declared = {p.name for p in pat.params}
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def _default_device() -> torch.device:
+    """Where kernels can run here: CPU under the Triton interpreter, else CUDA."""
+    from attncc.runtime import cache
+
+    if cache.interpreting() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------- tile analysis
+def kernel_tile_counts(kern, sizes: dict, tensors: dict, config=None, device=None) -> torch.Tensor:
+    """Per (batch*head, query tile): key tiles the kernel visits and how many are full.
+
+    :meth:`~attncc.runtime.CompiledAttention.tile_stats` with ``per_query_tile=True``
+    (the forward kernel's own tile iteration, run by the generated ``count_tiles``).
+
+    Returns:
+        int64 tensor ``(B * H, n_m, 2)`` on the CPU.
+
+    Raises:
+        TypeError / ValueError: missing or misshapen mask tensors, out-of-bounds reads.
+    """
+    st = kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=sizes["D"],
+                         Dv=sizes["Dv"], config=config, device=device or _default_device(), per_query_tile=True,
+                         **{n: tensors[n] for n in kern.plan.mask_tensors})
+    return st["per_query_tile"]
+
+
+def reference_tile_map(ir, sizes: dict, tensors: dict, block_m: int, block_n: int) -> tuple:
+    """Non-empty and full (query tile, key tile) pairs of the mask, evaluated densely.
+
+    The mask is evaluated with :func:`attncc.dense.eval_expr` (the evaluator of
+    :func:`attncc.dense.dense_mask`) a chunk of query tiles at a time; a tile is
+    non-empty when some valid pair in it is allowed and full when every valid pair
+    (rows < Lq, columns < Lk) is. Only batch 0 / head 0 are mapped.
+
+    Returns:
+        ``(nonempty, full)``: bool tensors ``(n_m, n_n)``.
+
+    Raises:
+        ValueError: the mask reads a tensor out of its bounds (as :func:`attncc.dense.dense_mask`).
+    """
+    Lq, Lk = sizes["Lq"], sizes["Lk"]
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    nonempty = torch.zeros(n_m, n_n, dtype=torch.bool)
+    full = torch.zeros(n_m, n_n, dtype=torch.bool)
+    tiles_per_chunk = max(1, _CHUNK_ELEMS // (block_m * n_n * block_n))
+    pad_k = n_n * block_n - Lk
+    for m0 in range(0, n_m, tiles_per_chunk):
+        m1 = min(n_m, m0 + tiles_per_chunk)
+        rows = torch.arange(m0 * block_m, min(m1 * block_m, Lq))
+        env = index_env(1, 1, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], "cpu", q_rows=rows)
+        env[I.B], env[I.H] = sizes["B"], sizes["H"]
+        reads: list = []
+        m = eval_expr(ir.mask, env, tensors, reads)
+        for name, ok in reads:
+            if not bool(ok.all()):
+                raise ValueError(f"the mask reads tensor {name!r} out of its bounds for Lq={Lq}, Lk={Lk}")
+        m = torch.broadcast_to(m, (1, 1, rows.numel(), Lk))[0, 0].to(torch.bool)
+        pad_q = (m1 - m0) * block_m - rows.numel()
+        # pad with a sentinel: 0 = not allowed, 1 = allowed, 2 = outside the matrix
+        x = torch.nn.functional.pad(m.to(torch.int8), (0, pad_k, 0, pad_q), value=2)
+        x = x.view(m1 - m0, block_m, n_n, block_n)
+        valid = x != 2
+        allowed = x == 1
+        nonempty[m0:m1] = allowed.any(dim=3).any(dim=1)
+        full[m0:m1] = (allowed | ~valid).all(dim=3).all(dim=1)
+    return nonempty, full
+
+
+def tile_chars(nonempty: torch.Tensor, full: torch.Tensor) -> list[str]:
+    """One string per query tile: ``#`` full, ``+`` partial, ``.`` empty key tiles."""
+    out = []
+    for ne_row, f_row in zip(nonempty.tolist(), full.tolist()):
+        out.append("".join(TILE_FULL if f else TILE_PARTIAL if ne else TILE_EMPTY for ne, f in zip(ne_row, f_row)))
+    return out
+
+
+def tile_report(kern, sizes: dict, tensors: dict, config=None) -> dict:
+    """Everything ``explain`` prints about tiles: the reference map and the kernel's counts.
+
+    Returns:
+        dict with ``rows`` (ASCII map lines), ``nonempty`` / ``full`` (reference,
+        bool ``(n_m, n_n)``), ``kernel`` (int ``(n_m, 2)``: visited, full for
+        batch 0 / head 0), ``stats`` (batch 0 / head 0 totals:
+        ``total, visited, full, nonempty, ref_full``), ``block_m``, ``block_n``.
+    """
+    from attncc.runtime import CPU_CONFIG
+
+    cfg = config or kern.config or CPU_CONFIG
+    counts = kernel_tile_counts(kern, sizes, tensors, cfg)  # first: its read checks give the clearer message
+    nonempty, full = reference_tile_map(kern.ir, sizes, tensors, cfg.block_m, cfg.block_n)
+    n_m, n_n = nonempty.shape
+    stats = {"total": n_m * n_n, "visited": int(counts[0, :, 0].sum()), "full": int(counts[0, :, 1].sum()),
+             "nonempty": int(nonempty.sum()), "ref_full": int(full.sum())}
+    return {"rows": tile_chars(nonempty, full), "nonempty": nonempty, "full": full, "kernel": counts[0],
+            "stats": stats, "block_m": cfg.block_m, "block_n": cfg.block_n}
+
+
+def format_tile_map(rep: dict) -> str:
+    """The ASCII tile map with, per query tile, the kernel's counts next to the mask's."""
+    lines = [f"(rows: query tiles of {rep['block_m']}, columns: key tiles of {rep['block_n']}; "
+             f"'{TILE_FULL}' full, '{TILE_PARTIAL}' partial, '{TILE_EMPTY}' skipped -- from the reference mask)"]
+    width = max(len(r) for r in rep["rows"]) if rep["rows"] else 0
+    for m, row in enumerate(rep["rows"]):
+        kv_vis, kv_full = (int(x) for x in rep["kernel"][m])
+        ne, fu = int(rep["nonempty"][m].sum()), int(rep["full"][m].sum())
+        if kv_vis < ne or kv_full > fu:  # skips needed keys, or leaves a masked tile unmasked
+            flag = "  !! kernel disagrees with the mask"
+        else:
+            notes = [f"{kv_vis - ne} empty tile(s) visited"] if kv_vis > ne else []
+            notes += [f"{fu - kv_full} full tile(s) masked anyway"] if kv_full < fu else []
+            flag = f"  ({'; '.join(notes)}: conservative)" if notes else ""
+        lines.append(f"{m:>5} {row:<{width}}  kernel {kv_vis:>4} visited {kv_full:>4} full | "
+                     f"mask {ne:>4} non-empty {fu:>4} full{flag}")
+    return "\n".join(lines)
+
+
+def plot_tile_map(rep: dict, path: str, title: str) -> None:
+    """Write the tile map as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    grid = rep["nonempty"].to(torch.int64) + rep["full"].to(torch.int64)  # 0 empty, 1 partial, 2 full
+    n_m, n_n = grid.shape
+    colors = ["#f0f0f0", "#f4a261", "#264653"]
+    w = min(18.0, max(5.0, n_n * 0.18 + 3))
+    h = min(16.0, max(3.5, n_m * 0.18 + 1.5))
+    fig, ax = plt.subplots(figsize=(w, h))
+    ax.imshow(grid.numpy(), cmap=ListedColormap(colors), vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+    ax.set_xlabel(f"key tile ({rep['block_n']} keys)")
+    ax.set_ylabel(f"query tile ({rep['block_m']} queries)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=[Patch(color=colors[2], label="full"), Patch(color=colors[1], label="partial"),
+                       Patch(color=colors[0], label="skipped")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_check(args) -> int:
+    """``attncc check FILE...``: parse and lower every pattern of every file."""
+    status = 0
+    for file in args.files:
+        try:
+            pats = read_patterns(file)
+            for p in pats:
+                lower(p)
+        except USER_ERRORS as e:
+            msg = _error_text(e)
+            if not msg.startswith(str(file)):
+                msg = f"{file}: {msg}"
+            print(msg, file=sys.stderr)
+            status = 1
+            continue
+        n = len(pats)
+        print(f"{file}: ok ({n} pattern{'s' if n != 1 else ''}: {', '.join(p.name for p in pats)})")
+    return status
+
+
+def _compile(pat: PatternSpec, params: dict):
+    """:func:`attncc.compile` of a parsed pattern."""
+    import attncc
+
+    return attncc.compile(pat, pat.name, **params)
+
+
+def cmd_explain(args) -> int:
+    """``attncc explain FILE``: IR, analysis, tile map (and optional PNG), kernel source."""
+    from attncc.inputs import example_tensors
+    from attncc.runtime import CPU_CONFIG, Config
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install matplotlib (or pip install 'attncc[plot]')",
+                  file=sys.stderr)
+            return 2
+    params = parse_params(args.param)
+    pat = select_pattern(args.file, read_patterns(args.file), args.pattern)
+    Lq = args.lq
+    Lk = args.lk if args.lk is not None else Lq
+    if Lq < 1 or Lk < 1:
+        raise UsageError(f"--lq and --lk must be >= 1, got {Lq}, {Lk}")
+    cfg = CPU_CONFIG
+    if args.block_m or args.block_n:
+        bm, bn = args.block_m or CPU_CONFIG.block_m, args.block_n or CPU_CONFIG.block_n
+        for name, val in (("--block-m", bm), ("--block-n", bn)):
+            if val < 16 or val & (val - 1):
+                raise UsageError(f"{name} must be a power of two >= 16, got {val}")
+        cfg = Config(bm, bn, CPU_CONFIG.num_warps, CPU_CONFIG.num_stages)
+    kern = _compile(pat, params)
+    plan = kern.plan
+    print("== IR")
+    print(kern.ir.pretty())
+    print()
+    print("== analysis")
+    print(plan.describe())
+    print()
+
+    sizes = {"B": 1, "H": 1, "Hkv": 1, "Lq": Lq, "Lk": Lk, "D": 64, "Dv": 64}
+    tensors = {}
+    if plan.mask_tensors:
+        gen = torch.Generator().manual_seed(0)
+        allt = example_tensors(kern.ir, sizes, generator=gen)
+        tensors = {n: allt[n] for n in plan.mask_tensors}
+    rep = tile_report(kern, sizes, tensors, cfg)
+    st = rep["stats"]
+    print(f"== tiles (Lq={Lq}, Lk={Lk}, tiles {rep['block_m']}x{rep['block_n']}, B=1, H=1)")
+    if plan.mask_tensors:
+        print(f"(mask tensors {', '.join(plan.mask_tensors)}: example values from attncc.inputs.example_tensors, seed 0)")
+    if plan.mask_uses_b or plan.mask_uses_h:
+        print("(the mask depends on the batch/head index: shown for b=0, h=0)")
+    print(format_tile_map(rep))
+    # cross-check the per-tile counts against CompiledAttention.tile_stats where it can run
+    from attncc.runtime import cache
+
+    if cache.interpreting() or plan.mask_tensors:
+        dev = _default_device()
+        ts = kern.tile_stats(Lq, Lk, D=64, config=cfg, **{n: t.to(dev) for n, t in tensors.items()})
+        if (ts["visited"], ts["full"]) != (st["visited"], st["full"]):
+            print(f"warning: tile_stats reports visited={ts['visited']} full={ts['full']}, "
+                  f"the per-tile counts sum to visited={st['visited']} full={st['full']}")
+    print(f"visited (kernel) = {st['visited']}, non-empty (reference mask) = {st['nonempty']}, "
+          f"total = {st['total']}")
+    print(f"full (kernel) = {st['full']}, full (reference mask) = {st['ref_full']}")
+    print(f"density = visited / total = {st['visited']}/{st['total']} = {100.0 * st['visited'] / st['total']:.1f}%")
+    if args.plot:
+        title = (f"{kern.ir.name}: Lq={Lq}, Lk={Lk}, tiles {rep['block_m']}x{rep['block_n']}\n"
+                 f"visited {st['visited']}/{st['total']} ({100.0 * st['visited'] / st['total']:.1f}%), "
+                 f"non-empty {st['nonempty']}, full {st['ref_full']} (kernel: {st['full']})")
+        plot_tile_map(rep, args.plot, title)
+        print(f"wrote {args.plot}")
+    if not args.no_source:
+        print()
+        print(f"== kernel source ({kern.path})")
+        print(kern.source)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    """``attncc compile FILE -o DIR``: write ``<pattern>.py`` and ``<pattern>.explain.txt``."""
+    params = parse_params(args.param)
+    pats = read_patterns(args.file)
+    chosen = [select_pattern(args.file, pats, args.pattern)] if args.pattern else pats
+    declared = {p.name for pat in chosen for p in pat.params}
+    unknown = sorted(set(params) - declared)
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise TypeError(f"no pattern compiled here declares param {unknown[0]!r} (declared params: {known})")
+    kerns = [_compile(pat, params_for(pat, params)) for pat in chosen]
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {out}: {e}") from None
+    for kern in kerns:
+        name = kern.ir.name
+        src = out / f"{name}.py"
+        txt = out / f"{name}.explain.txt"
+        src.write_text(kern.source)
+        txt.write_text("\n".join(["== IR", kern.ir.pretty(), "", "== analysis", kern.plan.describe(), ""]))
+        print(src)
+        print(txt)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """``attncc demo``: run every library pattern against the reference and FlexAttention."""
+    from attncc import demo
+
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()] if args.patterns else None
+    return demo.run(patterns=patterns, device=args.device, length=args.length)
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``attncc`` command."""
+    import attncc
+
+    ap = argparse.ArgumentParser(prog="attncc", description="A compiler for attention patterns "
+                                 "(.attn specs -> sympy IR -> fused Triton kernels).")
+    ap.add_argument("--version", action="version", version=f"attncc {attncc.__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("check", help="parse and type-check .attn files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_check)
+
+    def common(p):
+        """Arguments shared by explain and compile."""
+        p.add_argument("file", metavar="FILE")
+        p.add_argument("--pattern", metavar="NAME", help="the pattern block to use (when the file holds several)")
+        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a param value (Python literal); repeatable")
+
+    p = sub.add_parser("explain", help="print the IR, the analysis, the tile map and the kernel source")
+    common(p)
+    p.add_argument("--lq", type=int, default=1024, help="query length for the tile map (default 1024)")
+    p.add_argument("--lk", type=int, default=None, help="key length (default: --lq)")
+    p.add_argument("--block-m", type=int, default=None, help="query tile size (default: the CPU config, 32)")
+    p.add_argument("--block-n", type=int, default=None, help="key tile size (default: the CPU config, 32)")
+    p.add_argument("--plot", metavar="PNG", help="also write the tile map as a PNG (needs matplotlib)")
+    p.add_argument("--no-source", action="store_true", help="do not print the generated kernel source")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("compile", help="write the kernel source and the explanation of patterns to a directory")
+    common(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("demo", help="run the pattern library against the reference and FlexAttention")
+    p.add_argument("--patterns", metavar="A,B", help="comma-separated library pattern names (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu (Triton interpreter)")
+    p.add_argument("--length", type=int, default=None, help="sequence length (default: 384 on CPU, 8192 on CUDA)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``attncc`` console script.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 user error (message on stderr), 2 usage error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(_error_text(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

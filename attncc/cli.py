@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import ir as I
-from .dense import eval_expr, index_env
+from .dense import tile_classes
 from .dsl import PatternSpec, parse
 from .errors import SpecError
 from .ir import lower
@@ -33,8 +32,6 @@ USER_ERRORS = (SpecError, TypeError, ValueError, FileNotFoundError, KeyError)
 #: characters of the ASCII tile map
 TILE_FULL, TILE_PARTIAL, TILE_EMPTY = "#", "+", "."
 
-#: mask elements evaluated at once when building the reference tile map (bounded memory)
-_CHUNK_ELEMS = 1 << 24
 
 
 class UsageError(ValueError):
@@ -154,32 +151,8 @@ def reference_tile_map(ir, sizes: dict, tensors: dict, block_m: int, block_n: in
     Raises:
         ValueError: the mask reads a tensor out of its bounds (as :func:`attncc.dense.dense_mask`).
     """
-    Lq, Lk = sizes["Lq"], sizes["Lk"]
-    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
-    nonempty = torch.zeros(n_m, n_n, dtype=torch.bool)
-    full = torch.zeros(n_m, n_n, dtype=torch.bool)
-    tiles_per_chunk = max(1, _CHUNK_ELEMS // (block_m * n_n * block_n))
-    pad_k = n_n * block_n - Lk
-    for m0 in range(0, n_m, tiles_per_chunk):
-        m1 = min(n_m, m0 + tiles_per_chunk)
-        rows = torch.arange(m0 * block_m, min(m1 * block_m, Lq))
-        env = index_env(1, 1, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], "cpu", q_rows=rows)
-        env[I.B], env[I.H] = sizes["B"], sizes["H"]
-        reads: list = []
-        m = eval_expr(ir.mask, env, tensors, reads)
-        for name, ok in reads:
-            if not bool(ok.all()):
-                raise ValueError(f"the mask reads tensor {name!r} out of its bounds for Lq={Lq}, Lk={Lk}")
-        m = torch.broadcast_to(m, (1, 1, rows.numel(), Lk))[0, 0].to(torch.bool)
-        pad_q = (m1 - m0) * block_m - rows.numel()
-        # pad with a sentinel: 0 = not allowed, 1 = allowed, 2 = outside the matrix
-        x = torch.nn.functional.pad(m.to(torch.int8), (0, pad_k, 0, pad_q), value=2)
-        x = x.view(m1 - m0, block_m, n_n, block_n)
-        valid = x != 2
-        allowed = x == 1
-        nonempty[m0:m1] = allowed.any(dim=3).any(dim=1)
-        full[m0:m1] = (allowed | ~valid).all(dim=3).all(dim=1)
-    return nonempty, full
+    nonempty, full = tile_classes(ir, sizes, tensors, block_m, block_n, "cpu", ragged_full=True)
+    return nonempty[0, 0].cpu(), full[0, 0].cpu()
 
 
 def tile_chars(nonempty: torch.Tensor, full: torch.Tensor) -> list[str]:

@@ -195,6 +195,53 @@ def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.T
     return torch.broadcast_to(mask, (sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]))
 
 
+#: mask elements evaluated at once by :func:`tile_classes` (bounded memory)
+CHUNK_ELEMS = 1 << 24
+
+
+def tile_classes(ir: I.AttentionIR, sizes: dict, tensors: dict, block_m: int, block_n: int, device,
+                 TB: int = 1, TH: int = 1, ragged_full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify (query tile, key tile) pairs of the mask: non-empty and full.
+
+    The mask is evaluated a chunk of query tiles at a time (never the whole
+    ``Lq x Lk`` matrix). A tile is non-empty when some valid pair in it is allowed
+    and full when every valid pair is allowed; with ``ragged_full=False`` a tile
+    that crosses ``Lk`` is never full (the kernels' unmasked path needs whole tiles).
+
+    Args:
+        TB / TH: batch / head extent to classify (1 = index 0 only, for masks that
+            do not depend on it).
+
+    Returns:
+        ``(nonempty, full)``: bool ``(TB, TH, n_m, n_n)`` on ``device``.
+
+    Raises:
+        ValueError: the mask reads a tensor out of its bounds.
+    """
+    Lq, Lk = sizes["Lq"], sizes["Lk"]
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    nonempty = torch.zeros(TB, TH, n_m, n_n, dtype=torch.bool, device=device)
+    full = torch.zeros_like(nonempty)
+    tiles_per_chunk = max(1, CHUNK_ELEMS // max(1, TB * TH * block_m * n_n * block_n))
+    pad_k = n_n * block_n - Lk
+    for m0 in range(0, n_m, tiles_per_chunk):
+        m1 = min(n_m, m0 + tiles_per_chunk)
+        rows = torch.arange(m0 * block_m, m1 * block_m, device=device)
+        env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows.clamp(max=Lq - 1))
+        env[I.B], env[I.H] = sizes["B"], sizes["H"]
+        reads: list = []
+        m = eval_expr(ir.mask, env, tensors, reads).to(device)
+        _check_reads(reads, None, "mask")
+        m = torch.broadcast_to(m, (TB, TH, rows.numel(), Lk))
+        valid_q = (rows < Lq).view(1, 1, -1, 1)
+        any_m = torch.nn.functional.pad(m & valid_q, (0, pad_k), value=False)
+        all_m = torch.nn.functional.pad(m | ~valid_q, (0, pad_k), value=ragged_full)
+        shp = (TB, TH, m1 - m0, block_m, n_n, block_n)
+        nonempty[:, :, m0:m1] = any_m.view(shp).any(dim=5).any(dim=3)
+        full[:, :, m0:m1] = all_m.view(shp).all(dim=5).all(dim=3)
+    return nonempty, full
+
+
 def nonempty_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> int:
     """Number of (query tile, key tile) pairs of a ``(B, H, Lq, Lk)`` bool mask with an allowed pair."""
     B, H, Lq, Lk = mask.shape

@@ -16,13 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc import ir as I
-from attncc.dense import eval_expr, index_env
+from attncc.dense import tile_classes
 
 _CACHE: "OrderedDict[tuple, BlockTable]" = OrderedDict()
 _CACHE_SIZE = 64
-#: query rows evaluated at once (bounded memory)
-CHUNK_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -78,25 +75,7 @@ def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, de
     if ck in _CACHE:
         _CACHE.move_to_end(ck)
         return _CACHE[ck]
-    Lq, Lk = sizes["Lq"], sizes["Lk"]
-    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
-    nonempty = torch.zeros(TB, TH, n_m, n_n, dtype=torch.bool, device=device)
-    full = torch.zeros_like(nonempty)
-    tiles_per_chunk = max(1, CHUNK_ELEMS // max(1, TB * TH * block_m * n_n * block_n))
-    for m0 in range(0, n_m, tiles_per_chunk):
-        m1 = min(n_m, m0 + tiles_per_chunk)
-        rows = torch.arange(m0 * block_m, m1 * block_m, device=device)
-        env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows)
-        env[I.B], env[I.H] = sizes["B"], sizes["H"]
-        m = eval_expr(ir.mask, env, tensors).to(device)
-        m = torch.broadcast_to(m, (TB, TH, rows.numel(), Lk))
-        valid_q = (rows < Lq).view(1, 1, -1, 1)
-        pad = n_n * block_n - Lk
-        any_m = torch.nn.functional.pad(m & valid_q, (0, pad), value=False)
-        all_m = torch.nn.functional.pad(m | ~valid_q, (0, pad), value=False)
-        shp = (TB, TH, m1 - m0, block_m, n_n, block_n)
-        nonempty[:, :, m0:m1] = any_m.view(shp).any(dim=5).any(dim=3)
-        full[:, :, m0:m1] = all_m.view(shp).all(dim=5).all(dim=3)
+    nonempty, full = tile_classes(ir, sizes, tensors, block_m, block_n, device, TB, TH, ragged_full=False)
     partial = nonempty & ~full
 
     def lists(sel):

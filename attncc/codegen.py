@@ -285,7 +285,8 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     pm = TritonPrinter(names, tensors, prefix="m")
     mask_lines, m = _block(pm, {"mask": ir.mask})
     ps = TritonPrinter(names, tensors, prefix="sc")
-    score_lines, sc = _block(ps, {"score": ir.score})
+    # the score and its derivative in s (for the backward) share their tensor loads
+    score_lines, sc = _block(ps, {"score": ir.score, "dscore": sp.diff(ir.score, I.s)})
     intervals = []
     if plan.path == "closed":
         pr = TritonPrinter(names, tensors, prefix="rg")
@@ -309,6 +310,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         mask_is_true=(ir.mask == sp.true),
         score_lines=score_lines,
         score_code=sc["score"],
+        dscore_code=sc["dscore"],
+        visit_code=" | ".join(f"((pid_n >= t_lo{i}) & (pid_n < t_hi{i}))" for i in range(len(intervals))) or "False",
+        full_code=" | ".join(f"((pid_n >= f_lo{i}) & (pid_n < f_hi{i}))" for i in range(len(intervals))) or "False",
         intervals=intervals,
         targs="".join(a + ", " for a in tensor_arg_names(ir)),
         # several key intervals: a tile of one interval's masked range may be full in another's
@@ -317,4 +321,4 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         full_ranges=", ".join([f"f_lo{i}, f_hi{i}" for i in range(len(intervals))] +
                               ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
     )
-    return _env().from_string(template_text("attention_fwd.py.j2")).render(**ctx)
+    return _env().from_string(template_text("attention.py.j2")).render(**ctx)

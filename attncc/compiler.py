@@ -15,7 +15,7 @@ from .ir import lower
 from .passes import KernelPlan, plan as make_plan
 
 VERSION = "0.1.0"
-TEMPLATE = "attention_fwd.py.j2"
+TEMPLATE = "attention.py.j2"
 
 
 @functools.lru_cache(maxsize=None)

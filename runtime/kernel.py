@@ -41,6 +41,9 @@ CUDA_CONFIGS = (
     Config(64, 128, 4, 3),
 )
 
+#: backward launch config on CUDA (smaller tiles: the backward holds more live tiles)
+BWD_CUDA_CONFIG = Config(64, 64, 4, 2)
+
 _OPS: dict = {}
 _LOCK = threading.Lock()
 
@@ -109,6 +112,12 @@ class CompiledAttention:
         sizes = check_qkv(q, k, v, KERNEL_DTYPES)
         tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
         check_reads(self._read_checks, sizes, tens)
+        if torch.is_grad_enabled():
+            for t in self.ir.tensors:
+                if tens[t.name].requires_grad:
+                    raise NotImplementedError(
+                        f"tensor {t.name!r} requires grad, but gradients of spec tensors are not implemented yet "
+                        f"(q, k and v gradients are); pass {t.name}.detach() or run under torch.no_grad()")
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
         out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale))
@@ -182,6 +191,55 @@ class CompiledAttention:
         tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
         return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes)
+
+    def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
+                        cfg: Optional[Config] = None):
+        """Launch the fused backward kernels (FlashAttention-2 style).
+
+        Args:
+            out / lse: the forward's outputs; dout ``(B, Hq, Lq, Dv)`` and dlse
+                ``(B, Hq, Lq)``: the gradients flowing into them.
+
+        Returns:
+            ``(dq, dk, dv)`` shaped and typed like ``q, k, v`` (dK/dV summed over the
+            query heads of each GQA group, without atomics: deterministic).
+        """
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        sizes = {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        if cfg is None:
+            cfg = self.config or (CPU_CONFIG if cache.interpreting() else BWD_CUDA_CONFIG)
+        delta = (dout.float() * out.float()).sum(-1) - dlse.float()
+        delta = delta.contiguous()
+        lse = lse.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if self.plan.path == "table":
+            tbl = self._table(sizes, tensors, cfg, q.device)
+            fwd_tables, fwd_strides = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx), tbl.strides()
+            t_tables, t_strides = (tbl.q_num, tbl.q_idx, tbl.qfull_num, tbl.qfull_idx), tbl.strides_t()
+        else:
+            d = _dummy(q.device)
+            fwd_tables, fwd_strides = (d, d, d, d), (0, 0, 0, 0)
+            t_tables, t_strides = fwd_tables, fwd_strides
+        targs = []
+        for t in tensors:
+            targs += [t, *t.stride(), *t.shape]
+        block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+        consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                      EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
+                      UPCAST=(q.dtype == torch.bfloat16 and cache.interpreting()),
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        mod = self.module(q.device)
+        n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
+        mod.attn_bwd_dq[(n_m, B * Hq)](
+            q, k, v, dout, lse, delta, dq, *targs, *fwd_tables,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
+            B, Hq, Hkv, Lq, Lk, D, Dv, scale, **consts)
+        mod.attn_bwd_dkdv[(n_n, B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, *targs, *t_tables,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
+            B, Hq, Hkv, Lq, Lk, D, Dv, scale, n_m, **consts)
+        return dq, dk, dv
 
     def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
@@ -294,5 +352,34 @@ def _make_op(kern: CompiledAttention):
                     q.new_empty((B, Hq, Lq), dtype=torch.float32))
 
         op.register_fake(fake)
+
+        def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return kerns[0].launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale)
+
+        bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
+
+        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale):
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+        bwd.register_fake(bwd_fake)
+
+        def setup_context(ctx, inputs, output):
+            q, k, v, tensors, scale = inputs
+            out, lse = output
+            ctx.save_for_backward(q, k, v, out, lse, *tensors)
+            ctx.scale = scale
+
+        def backward(ctx, dout, dlse):
+            q, k, v, out, lse, *tensors = ctx.saved_tensors
+            if dlse is None:
+                dlse = torch.zeros_like(lse)
+            if dout is None:
+                dout = torch.zeros_like(out)
+            dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale)
+            return dq, dk, dv, [None] * len(tensors), None
+
+        op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = (op, kerns)
         return op

@@ -30,6 +30,8 @@ class BlockTable:
         kv_num: int32 ``(TB, TH, n_m)``: number of partial key tiles.
         kv_idx: int32 ``(TB, TH, n_m, n_n)``: their indices (ascending, padded).
         full_num / full_idx: the same for full tiles (mask true on the whole tile).
+        q_num / q_idx / qfull_num / qfull_idx: the transposed lists, per key tile: its
+            partial / full query tiles ``(TB, TH, n_n[, n_m])`` (for the dK/dV backward).
         TB / TH: 1 when the mask does not depend on the batch / head index.
     """
 
@@ -37,11 +39,20 @@ class BlockTable:
     kv_idx: torch.Tensor
     full_num: torch.Tensor
     full_idx: torch.Tensor
+    q_num: torch.Tensor = None
+    q_idx: torch.Tensor = None
+    qfull_num: torch.Tensor = None
+    qfull_idx: torch.Tensor = None
 
     def strides(self) -> tuple[int, int, int, int]:
         """(stride_tb, stride_th, stride_tm, stride_tn) as the kernel reads them."""
         TB, TH, n_m, n_n = self.kv_idx.shape
         return (TH * n_m if TB > 1 else 0, n_m if TH > 1 else 0, 1, n_n)
+
+    def strides_t(self) -> tuple[int, int, int, int]:
+        """(stride_tb, stride_th, stride_tn, stride_tm) of the transposed lists."""
+        TB, TH, n_n, n_m = self.q_idx.shape
+        return (TH * n_n if TB > 1 else 0, n_n if TH > 1 else 0, 1, n_m)
 
 
 _DIGESTS: dict = {}  # id(tensor) -> (weakref, version, digest)
@@ -85,7 +96,9 @@ def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, de
 
     kv_num, kv_idx = lists(partial)
     full_num, full_idx = lists(full)
-    tbl = BlockTable(kv_num, kv_idx, full_num, full_idx)
+    q_num, q_idx = lists(partial.transpose(2, 3))
+    qfull_num, qfull_idx = lists(full.transpose(2, 3))
+    tbl = BlockTable(kv_num, kv_idx, full_num, full_idx, q_num, q_idx, qfull_num, qfull_idx)
     _CACHE[ck] = tbl
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -137,6 +137,14 @@ class TritonPrinter:
             return f"_tanh({self._flt(e.args[0])})"
         if isinstance(e, I.sigmoid):
             return f"tl.sigmoid({self._flt(e.args[0])})"
+        if isinstance(e, sp.Heaviside):  # from differentiating max/min/where; H(0) = 1/2 as in sympy
+            x = self._flt(e.args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} == 0, 0.5, 0.0))"
+        if isinstance(e, sp.sign):  # from differentiating abs
+            x = self.p(e.args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+        if isinstance(e, sp.DiracDelta):  # derivative of a step: zero almost everywhere
+            return "0.0"
         if isinstance(e, sp.Piecewise):
             *cases, (last, cond) = e.args
             out = self.p(last) if cond == sp.true else f"tl.where({self.p(cond)}, {self.p(last)}, 0)"
@@ -286,7 +294,14 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     mask_lines, m = _block(pm, {"mask": ir.mask})
     ps = TritonPrinter(names, tensors, prefix="sc")
     # the score and its derivative in s (for the backward) share their tensor loads
-    score_lines, sc = _block(ps, {"score": ir.score, "dscore": sp.diff(ir.score, I.s)})
+    score_lines, sc = _block(ps, {"score": ir.score})
+    try:
+        score_lines, d = _block(ps, {"dscore": sp.diff(ir.score, I.s)})
+        sc.update(d)
+        backward_error = ""
+    except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
+        sc["dscore"] = 'float("nan")'
+        backward_error = f"the derivative of the score in s cannot be generated: {e}"
     intervals = []
     if plan.path == "closed":
         pr = TritonPrinter(names, tensors, prefix="rg")
@@ -311,6 +326,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         score_lines=score_lines,
         score_code=sc["score"],
         dscore_code=sc["dscore"],
+        backward_error=backward_error,
         visit_code=" | ".join(f"((pid_n >= t_lo{i}) & (pid_n < t_hi{i}))" for i in range(len(intervals))) or "False",
         full_code=" | ".join(f"((pid_n >= f_lo{i}) & (pid_n < f_hi{i}))" for i in range(len(intervals))) or "False",
         intervals=intervals,

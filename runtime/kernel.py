@@ -204,6 +204,9 @@ class CompiledAttention:
             ``(dq, dk, dv)`` shaped and typed like ``q, k, v`` (dK/dV summed over the
             query heads of each GQA group, without atomics: deterministic).
         """
+        mod = self.module(q.device)
+        if mod.BACKWARD_ERROR:
+            raise NotImplementedError(f"pattern {self.ir.name!r}: {mod.BACKWARD_ERROR}")
         B, Hq, Lq, D = q.shape
         Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
         sizes = {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
@@ -229,7 +232,6 @@ class CompiledAttention:
                       EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
                       UPCAST=(q.dtype == torch.bfloat16 and cache.interpreting()),
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        mod = self.module(q.device)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         mod.attn_bwd_dq[(n_m, B * Hq)](
             q, k, v, dout, lse, delta, dq, *targs, *fwd_tables,

@@ -85,3 +85,24 @@ def test_random_specs_match_reference(spec, Lq, extra, gqa, D, seed):
     assert st_["visited"] >= ne, spec
     if kern.plan.path == "table":
         assert st_["visited"] == ne, spec
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), Lq=st.integers(1, 70), extra=st.integers(0, 30), gqa=st.booleans(), seed=st.integers(0, 1000))
+def test_random_specs_gradients_match_reference(spec, Lq, extra, gqa, seed):
+    Lk = Lq + extra
+    kern = attncc.compile(spec)
+    H, Hkv = (2, 1) if gqa else (2, 2)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, H, Hkv, Lq, Lk, 16, seed=seed)
+    go = torch.randn(1, H, Lq, 16, generator=torch.Generator().manual_seed(seed))
+
+    def grads(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        (fn(*xs) * go.to(dtype)).sum().backward()
+        return [x.grad for x in xs]
+
+    got = grads(lambda a, b, c: kern(a, b, c, **tens), torch.float32)
+    want = grads(lambda a, b, c: attncc.reference(spec, a, b, c, **tens), torch.float64)
+    for a, b in zip(got, want):
+        assert not torch.isnan(a).any(), spec
+        assert max_err(a, b) < 1e-4 * (1 + b.abs().max().item()), spec

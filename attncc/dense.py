@@ -17,10 +17,6 @@ from . import ir as I
 from .checks import check_inputs, split_kwargs
 
 
-class _OutOfRange(Exception):
-    pass
-
-
 def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_dtype=torch.float64,
               device=None) -> torch.Tensor:
     """Evaluate an IR expression with torch, broadcasting index grids.

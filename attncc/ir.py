@@ -174,10 +174,6 @@ _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv
 _CMPOPS = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
 
 
-def _float(x):
-    return x
-
-
 # name -> (min arity, max arity, builder(args, kinds) -> (expr, kind))
 def _num_fn(f):
     return lambda a, k: (f(*a), "float")

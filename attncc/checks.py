@@ -81,12 +81,6 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> dict:
     return {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
 
 
-def expected_shape(t: I.TensorSpec, sizes: dict) -> tuple[int, ...]:
-    """Concrete shape of a spec tensor for the given sizes."""
-    subs = {I.SIZES[n]: v for n, v in sizes.items()}
-    return tuple(int(sp.sympify(d).subs(subs)) for d in t.shape)
-
-
 def shape_functions(ir: I.AttentionIR) -> dict:
     """name -> plain Python function of the sizes giving the tensor's expected shape
     (no sympy at call time, so torch.compile can trace the checks)."""
@@ -94,9 +88,14 @@ def shape_functions(ir: I.AttentionIR) -> dict:
     return {t.name: sp.lambdify(syms, sp.Tuple(*t.shape), modules="math") for t in ir.tensors}
 
 
+def expected_shape(shapes: dict, name: str, sizes: dict) -> tuple[int, ...]:
+    """Concrete shape of spec tensor ``name`` for ``sizes``, from :func:`shape_functions`."""
+    return tuple(int(x) for x in shapes[name](*[sizes[n] for n in I.SIZES]))
+
+
 def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None, shapes=None) -> dict:
     """Check the spec tensors passed by keyword (``only``: names to require; default all;
-    ``shapes``: :func:`shape_functions` of ``ir``, to avoid sympy at call time).
+    ``shapes``: :func:`shape_functions` of ``ir``, precomputed by callers on a hot path).
 
     Returns:
         name -> tensor for every declared tensor (contiguous).
@@ -108,6 +107,7 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
             values) or device.
     """
     declared = {t.name: t for t in ir.tensors}
+    shapes = shape_functions(ir) if shapes is None else shapes
     for name in tensors:
         if name not in declared:
             known = ", ".join(declared) or "none"
@@ -122,10 +122,7 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
         x = tensors[t.name]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tensor {t.name!r} must be a torch.Tensor ({decl}), got {type(x).__name__}")
-        if shapes is not None:
-            want = tuple(int(x) for x in shapes[t.name](*[sizes[n] for n in I.SIZES]))
-        else:
-            want = expected_shape(t, sizes)
+        want = expected_shape(shapes, t.name, sizes)
         if tuple(x.shape) != want:
             raise ValueError(f"tensor {t.name!r} must have shape {decl} = {_shape_str(want)}, got {_shape_str(x.shape)}")
         if x.dtype not in _KIND_DTYPES[t.kind]:

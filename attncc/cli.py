@@ -23,6 +23,7 @@ import torch
 
 from .dense import tile_classes
 from .dsl import PatternSpec, parse
+from .compiler import describe
 from .errors import SpecError
 from .ir import lower
 
@@ -251,21 +252,21 @@ def cmd_check(args) -> int:
     return status
 
 
-def _compile(pat: PatternSpec, params: dict):
-    """:func:`attncc.compile` of a parsed pattern."""
+def _compile(pat: PatternSpec, params: dict, block_m=None, block_n=None):
+    """:func:`attncc.compile` of a parsed pattern (tile sizes checked there)."""
     import attncc
 
-    return attncc.compile(pat, pat.name, **params)
+    return attncc.compile(pat, pat.name, block_m=block_m, block_n=block_n, **params)
 
 
 def cmd_explain(args) -> int:
     """``attncc explain FILE``: IR, analysis, tile map (and optional PNG), kernel source."""
     from attncc.inputs import example_tensors
-    from attncc.runtime import CPU_CONFIG, Config
+    from attncc.runtime import CPU_CONFIG
 
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  (only checks that it is installed)
         except ImportError:
             print("error: --plot needs matplotlib: pip install matplotlib (or pip install 'attncc[plot]')",
                   file=sys.stderr)
@@ -276,20 +277,12 @@ def cmd_explain(args) -> int:
     Lk = args.lk if args.lk is not None else Lq
     if Lq < 1 or Lk < 1:
         raise UsageError(f"--lq and --lk must be >= 1, got {Lq}, {Lk}")
-    cfg = CPU_CONFIG
-    if args.block_m or args.block_n:
-        bm, bn = args.block_m or CPU_CONFIG.block_m, args.block_n or CPU_CONFIG.block_n
-        for name, val in (("--block-m", bm), ("--block-n", bn)):
-            if val < 16 or val & (val - 1):
-                raise UsageError(f"{name} must be a power of two >= 16, got {val}")
-        cfg = Config(bm, bn, CPU_CONFIG.num_warps, CPU_CONFIG.num_stages)
-    kern = _compile(pat, params)
+    bm = args.block_m or (CPU_CONFIG.block_m if args.block_n else None)
+    bn = args.block_n or (CPU_CONFIG.block_n if args.block_m else None)
+    kern = _compile(pat, params, bm, bn)
+    cfg = kern.config or CPU_CONFIG
     plan = kern.plan
-    print("== IR")
-    print(kern.ir.pretty())
-    print()
-    print("== analysis")
-    print(plan.describe())
+    print(describe(plan))
     print()
 
     sizes = {"B": 1, "H": 1, "Hkv": 1, "Lq": Lq, "Lk": Lk, "D": 64, "Dv": 64}
@@ -353,7 +346,7 @@ def cmd_compile(args) -> int:
         src = out / f"{name}.py"
         txt = out / f"{name}.explain.txt"
         src.write_text(kern.source)
-        txt.write_text("\n".join(["== IR", kern.ir.pretty(), "", "== analysis", kern.plan.describe(), ""]))
+        txt.write_text(describe(kern.plan) + "\n")
         print(src)
         print(txt)
     return 0

@@ -76,11 +76,15 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
     return CompiledAttention(kp, source, path, key, config)
 
 
+def describe(kp: KernelPlan) -> str:
+    """The IR and the analysis of a plan, as ``attncc explain`` prints them."""
+    return "\n".join(["== IR", kp.ir.pretty(), "", "== analysis", kp.describe()])
+
+
 def explain(spec, pattern: str | None = None, **params) -> str:
-    """Text describing every stage for a pattern: IR, analysis path and kernel source."""
+    """Text describing the IR and the analysis (closed form or block table) of a pattern."""
     ir = lower(spec, pattern, **params)
-    kp = _plan_cached(ir.key(), ir)
-    return "\n".join(["== IR", ir.pretty(), "", "== analysis", kp.describe()])
+    return describe(_plan_cached(ir.key(), ir))
 
 
 def _patterns_dir() -> Path:

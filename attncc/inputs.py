@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import expected_shape
+from .checks import expected_shape, shape_functions
 from .ir import AttentionIR
 
 
@@ -27,8 +27,9 @@ def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch
         name -> tensor with the declared shape and dtype.
     """
     out = {}
+    shapes = shape_functions(ir)
     for t in ir.tensors:
-        shape = expected_shape(t, sizes)
+        shape = expected_shape(shapes, t.name, sizes)
         dtype = getattr(torch, t.dtype)
         if t.kind == "float":
             if len(shape) == 1:

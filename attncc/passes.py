@@ -77,26 +77,20 @@ def _minmax_rule(e):
     return sp.And(*parts) if conj else sp.Or(*parts)
 
 
-def _eq_rule(e):
-    """integer x == y -> x <= y and x >= y (unless it is a residue test x % c == r)."""
-    if not isinstance(e, sp.Eq) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
+def _eq_ne_rule(e):
+    """integer x == y -> x <= y and x >= y; x != y -> x < y or x > y (residue tests
+    x % c == r and tensor reads are left alone)."""
+    if not isinstance(e, (sp.Eq, sp.Ne)) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
         return None
     if not (_is_int(e.lhs) and _is_int(e.rhs)):
         return None
-    return sp.And(sp.Le(e.lhs, e.rhs), sp.Ge(e.lhs, e.rhs))
-
-
-def _ne_rule(e):
-    """integer x != y -> x < y or x > y."""
-    if not isinstance(e, sp.Ne) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
-        return None
-    if not (_is_int(e.lhs) and _is_int(e.rhs)):
-        return None
+    if isinstance(e, sp.Eq):
+        return sp.And(sp.Le(e.lhs, e.rhs), sp.Ge(e.lhs, e.rhs))
     return sp.Or(sp.Lt(e.lhs, e.rhs), sp.Gt(e.lhs, e.rhs))
 
 
 #: the normalising rewrites applied to every mask before range analysis
-MASK_RULES = (_abs_rule, _minmax_rule, _eq_rule, _ne_rule)
+MASK_RULES = (_abs_rule, _minmax_rule, _eq_ne_rule)
 
 
 def rewrite(expr, rules=MASK_RULES):

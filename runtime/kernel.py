@@ -16,7 +16,7 @@ from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_tensors,
 from attncc.passes import KernelPlan
 
 from . import cache
-from .tiles import BlockTable, block_table
+from .tiles import block_table
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _dummy(device) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.int32, device=device)
+def _sizes(q, k, v) -> dict:
+    """The size names of q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(..., Dv)``."""
+    B, Hq, Lq, D = q.shape
+    return {"B": B, "H": Hq, "Hkv": k.shape[1], "Lq": Lq, "Lk": k.shape[2], "D": D, "Dv": v.shape[3]}
+
+
+def _tensor_args(tensors) -> list:
+    """Kernel arguments of the spec tensors: pointer, strides, sizes of each."""
+    out = []
+    for t in tensors:
+        out += [t, *t.stride(), *t.shape]
+    return out
+
+
+def _constexprs(dtype, sizes: dict, cfg: "Config") -> dict:
+    """The compile-time launch parameters shared by every generated kernel."""
+    block_d, block_dv = max(16, _next_pow2(sizes["D"])), max(16, _next_pow2(sizes["Dv"]))
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                EVEN_D=(sizes["D"] == block_d), EVEN_DV=(sizes["Dv"] == block_dv), IEEE=(dtype == torch.float32),
+                UPCAST=(dtype == torch.bfloat16 and cache.interpreting()),  # the interpreter has no bf16 dot
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 class CompiledAttention:
@@ -109,9 +128,7 @@ class CompiledAttention:
             TypeError / ValueError: bad ranks, shapes, dtypes, devices, missing or
                 misshapen tensors (raised before any launch, naming the argument).
         """
-        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
-        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
-        check_reads(self._read_checks, sizes, tens)
+        sizes, tens = self._check(q, k, v, tensors)
         if torch.is_grad_enabled():
             for t in self.ir.tensors:
                 if tens[t.name].requires_grad:
@@ -124,6 +141,13 @@ class CompiledAttention:
         return (out, lse) if return_lse else out
 
     # ------------------------------------------------------------------ internals
+    def _check(self, q, k, v, tensors: dict) -> tuple:
+        """All argument checks before a launch; returns ``(sizes, tensors by name)``."""
+        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
+        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
+        check_reads(self._read_checks, sizes, tens)
+        return sizes, tens
+
     def module(self, device: torch.device):
         """The loaded generated module, checked to be able to run on ``device``.
 
@@ -138,9 +162,19 @@ class CompiledAttention:
             self._module = cache.load_module(self.path, self.key[:24])
         return self._module
 
-    def _table(self, sizes, tensors, cfg: Config, device) -> BlockTable:
-        named = {t.name: x for t, x in zip(self.ir.tensors, tensors)}
-        return block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
+    def _tables(self, sizes: dict, named: dict, cfg: Config, device, transposed: bool = False):
+        """``(tables, strides)`` kernel arguments: the block table's lists (per query tile, or
+        per key tile when ``transposed``) for table patterns, placeholders for closed forms."""
+        if self.plan.path != "table":
+            d = torch.zeros(1, dtype=torch.int32, device=device)
+            return (d, d, d, d), (0, 0, 0, 0)
+        tbl = block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
+        if transposed:
+            return (tbl.q_num, tbl.q_idx, tbl.qfull_num, tbl.qfull_idx), tbl.strides_t()
+        return (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx), tbl.strides()
+
+    def _named(self, tensors: List[torch.Tensor]) -> dict:
+        return {t.name: x for t, x in zip(self.ir.tensors, tensors)}
 
     def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None):
         """Launch the forward kernel (no argument checks: :meth:`__call__` does them).
@@ -148,35 +182,17 @@ class CompiledAttention:
         Returns:
             ``(out, lse)``.
         """
-        B, Hq, Lq, D = q.shape
-        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        sizes = {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        sizes = _sizes(q, k, v)
+        B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._autotune(q, k, v, tensors, scale, sizes))
         out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-        if self.plan.path == "table":
-            tbl = self._table(sizes, tensors, cfg, q.device)
-            tables = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx)
-            tstrides = tbl.strides()
-        else:
-            d = _dummy(q.device)
-            tables, tstrides = (d, d, d, d), (0, 0, 0, 0)
-        targs = []
-        for t in tensors:
-            targs += [t, *t.stride(), *t.shape]
-        block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
-        grid = (-(-Lq // cfg.block_m), B * Hq)
-        kernel = self.module(q.device).attn_fwd
-        kernel[grid](
-            q, k, v, out, lse, *targs, *tables,
+        tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
+        self.module(q.device).attn_fwd[(-(-Lq // cfg.block_m), B * Hq)](
+            q, k, v, out, lse, *_tensor_args(tensors), *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
-            B, Hq, Hkv, Lq, Lk, D, Dv, scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
-            UPCAST=(q.dtype == torch.bfloat16 and cache.interpreting()),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            *sizes.values(), scale, **_constexprs(q.dtype, sizes, cfg))
         return out, lse
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -187,8 +203,7 @@ class CompiledAttention:
             return self.config
         if cache.interpreting():
             return CPU_CONFIG
-        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
-        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
+        sizes, tens = self._check(q, k, v, tensors)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
         return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes)
 
@@ -207,40 +222,27 @@ class CompiledAttention:
         mod = self.module(q.device)
         if mod.BACKWARD_ERROR:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {mod.BACKWARD_ERROR}")
-        B, Hq, Lq, D = q.shape
-        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        sizes = {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        sizes = _sizes(q, k, v)
+        B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else BWD_CUDA_CONFIG)
-        delta = (dout.float() * out.float()).sum(-1) - dlse.float()
-        delta = delta.contiguous()
+        delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
         lse = lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if self.plan.path == "table":
-            tbl = self._table(sizes, tensors, cfg, q.device)
-            fwd_tables, fwd_strides = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx), tbl.strides()
-            t_tables, t_strides = (tbl.q_num, tbl.q_idx, tbl.qfull_num, tbl.qfull_idx), tbl.strides_t()
-        else:
-            d = _dummy(q.device)
-            fwd_tables, fwd_strides = (d, d, d, d), (0, 0, 0, 0)
-            t_tables, t_strides = fwd_tables, fwd_strides
-        targs = []
-        for t in tensors:
-            targs += [t, *t.stride(), *t.shape]
-        block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
-        consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      EVEN_D=(D == block_d), EVEN_DV=(Dv == block_dv), IEEE=(q.dtype == torch.float32),
-                      UPCAST=(q.dtype == torch.bfloat16 and cache.interpreting()),
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        named = self._named(tensors)
+        fwd_tables, fwd_strides = self._tables(sizes, named, cfg, q.device)
+        t_tables, t_strides = self._tables(sizes, named, cfg, q.device, transposed=True)
+        targs = _tensor_args(tensors)
+        consts = _constexprs(q.dtype, sizes, cfg)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         mod.attn_bwd_dq[(n_m, B * Hq)](
             q, k, v, dout, lse, delta, dq, *targs, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            B, Hq, Hkv, Lq, Lk, D, Dv, scale, **consts)
+            *sizes.values(), scale, **consts)
         mod.attn_bwd_dkdv[(n_n, B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *targs, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            B, Hq, Hkv, Lq, Lk, D, Dv, scale, n_m, **consts)
+            *sizes.values(), scale, n_m, **consts)
         return dq, dk, dv
 
     def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
@@ -310,12 +312,7 @@ class CompiledAttention:
         named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors, shapes=self._shapes)
         check_reads(self._read_checks, sizes, named)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
-        if self.plan.path == "table":
-            tbl = block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
-            tables, tstrides = (tbl.kv_num, tbl.kv_idx, tbl.full_num, tbl.full_idx), tbl.strides()
-        else:
-            d = _dummy(device)
-            tables, tstrides = (d, d, d, d), (0, 0, 0, 0)
+        tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
         fn = self.module(device).count_tiles
         fn[(n_m, B * H)](counts, *tables, *tstrides, B, H, Hkv, Lq, Lk, D, Dv, n_m,
@@ -337,14 +334,12 @@ def _make_op(kern: CompiledAttention):
         c = kern.config
         name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
     with _LOCK:
-        if name in _OPS:
-            _OPS[name][1].append(kern)
-            return _OPS[name][0]
-        kerns = [kern]
+        if name in _OPS:  # same IR, template, compiler and config: the kernel it runs is identical
+            return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-            return kerns[0].launch(q, k, v, tensors, scale)
+            return kern.launch(q, k, v, tensors, scale)
 
         op = torch.library.custom_op(name, mutates_args=())(impl)
 
@@ -358,7 +353,7 @@ def _make_op(kern: CompiledAttention):
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return kerns[0].launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale)
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
@@ -383,5 +378,5 @@ def _make_op(kern: CompiledAttention):
             return dq, dk, dv, [None] * len(tensors), None
 
         op.register_autograd(backward, setup_context=setup_context)
-        _OPS[name] = (op, kerns)
+        _OPS[name] = op
         return op

@@ -116,7 +116,7 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
     for t in ir.tensors:
         if only is not None and t.name not in only and t.name not in tensors:
             continue
-        decl = f"{t.dtype}[{', '.join(str(d) for d in t.shape)}]"
+        decl = _Decl(t)  # printed only in an error (no sympy printing while torch.compile traces)
         if t.name not in tensors:
             raise TypeError(f"missing tensor {t.name!r}: pattern {ir.name!r} needs {t.name}: {decl}, passed by keyword")
         x = tensors[t.name]
@@ -132,6 +132,16 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
             raise ValueError(f"tensor {t.name!r} is on {x.device} but q is on {device}")
         out[t.name] = x.contiguous()
     return out
+
+
+class _Decl:
+    """A tensor's declaration ``dtype[dims]``, formatted when an error message needs it."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __format__(self, spec) -> str:
+        return f"{self.t.dtype}[{', '.join(str(d) for d in self.t.shape)}]"
 
 
 def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES) -> tuple[dict, dict]:

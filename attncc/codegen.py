@@ -18,6 +18,7 @@ import jinja2
 import sympy as sp
 
 from . import ir as I
+from .gradients import derivative, grad_reads
 from .passes import KernelPlan, q_hi, q_lo, read_in_bounds
 
 #: names of IR symbols inside the generated kernels
@@ -189,12 +190,11 @@ class TritonPrinter:
             return f"{helper}({self.p(sp.expand(num))}, {int(den)})"
         return f"{float_fn}({self._flt(x)})"
 
-    def _load(self, e: sp.Indexed) -> str:
-        """A masked load of a tensor read. Query/key indices are clamped to the valid
-        range (ragged tile lanes are discarded anyway), so reads provably in bounds
-        for valid indices need no mask."""
-        if e in self.loads:
-            return self.loads[e]
+    def index_code(self, e: sp.Indexed) -> tuple[str, str]:
+        """``(offset, mask)`` code of a read: the element offset from the tensor's base
+        pointer (its stride arguments) and the in-bounds condition ("" when the read
+        is provably in bounds). Query/key indices are clamped to the valid range
+        (ragged tile lanes are discarded anyway)."""
         t = self.tensors[str(e.base.label)]
         offs, block_conds, scalar_conds = [], [], []
         clamp = {I.q: sp.Symbol("q_idx_c"), I.kv: sp.Symbol("kv_idx_c")}
@@ -215,7 +215,6 @@ class TritonPrinter:
                 conds.append(f"({code} < t_{t.name}_n{i})")
         finally:
             self.names = saved
-        var = f"{self.prefix}{len(self.loads)}_{t.name}"
         mask = ""
         if block_conds:
             mask = " & ".join(block_conds)
@@ -223,9 +222,18 @@ class TritonPrinter:
                 mask = f"tl.where({' & '.join(scalar_conds)}, {mask}, False)"
         elif scalar_conds:
             mask = " & ".join(scalar_conds)
+        return " + ".join(offs), mask
+
+    def _load(self, e: sp.Indexed) -> str:
+        """A masked load of a tensor read, emitted once into :attr:`lines`."""
+        if e in self.loads:
+            return self.loads[e]
+        t = self.tensors[str(e.base.label)]
+        offs, mask = self.index_code(e)
+        var = f"{self.prefix}{len(self.loads)}_{t.name}"
         mask = f", mask={mask}, other=0" if mask else ""
         conv = ".to(tl.float32)" if t.kind == "float" else ""
-        self.lines.append(f"{var} = tl.load(t_{t.name} + {' + '.join(offs)}{mask}){conv}")
+        self.lines.append(f"{var} = tl.load(t_{t.name} + {offs}{mask}){conv}")
         self.loads[e] = var
         return var
 
@@ -278,6 +286,46 @@ def _pieces(i: int) -> list[tuple[str, str]]:
     return pieces
 
 
+def _backward_parts(ir, ps: TritonPrinter) -> tuple:
+    """Print the score's derivatives for the backward with printer ``ps``.
+
+    Returns:
+        ``(dscore_code, backward_error, printed, tensor_grad_errors)``: ``printed`` holds
+        ``(GradRead, derivative code, offset code, in-bounds code)`` per differentiable
+        read (a tensor with one read that cannot be printed gets no gradient at all);
+        the errors say why the backward, or a tensor's gradient, cannot be generated.
+    """
+    try:
+        dscore = ps(derivative(ir.score, I.s))
+        backward_error = ""
+    except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
+        dscore = 'float("nan")'
+        backward_error = f"the derivative of the score in s cannot be generated: {e}"
+    printed, tgrad_errors = [], {}
+    for g in grad_reads(ir):
+        try:
+            offs, inb = ps.index_code(g.read)
+            printed.append((g, ps(g.deriv), offs, inb))
+        except NotImplementedError as e:
+            tgrad_errors.setdefault(g.tensor, f"the derivative of the score in {g.read} cannot be generated: {e}")
+    return dscore, backward_error, [x for x in printed if x[0].tensor not in tgrad_errors], tgrad_errors
+
+
+def backward_support(ir) -> tuple:
+    """What the generated backward can do for ``ir``, without rendering a module.
+
+    Returns:
+        ``(backward_error, tensor_grad_errors, grad_reads)``: ``""`` or why there is no
+        backward; tensor name -> why it gets no gradient; the
+        :class:`~attncc.gradients.GradRead` s whose partials the dQ kernel writes, in
+        kernel argument order.
+    """
+    ps = TritonPrinter(dict(KERNEL_NAMES), {t.name: t for t in ir.tensors}, prefix="sc")
+    ps(ir.score)
+    _, err, printed, terr = _backward_parts(ir, ps)
+    return err, terr, tuple(x[0] for x in printed)
+
+
 def render_forward(plan: KernelPlan, version: str = "") -> str:
     """Render the forward kernel module for ``plan``.
 
@@ -295,13 +343,10 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     ps = TritonPrinter(names, tensors, prefix="sc")
     # the score and its derivative in s (for the backward) share their tensor loads
     score_lines, sc = _block(ps, {"score": ir.score})
-    try:
-        score_lines, d = _block(ps, {"dscore": sp.diff(ir.score, I.s)})
-        sc.update(d)
-        backward_error = ""
-    except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
-        sc["dscore"] = 'float("nan")'
-        backward_error = f"the derivative of the score in s cannot be generated: {e}"
+    sc["dscore"], backward_error, printed, tgrad_errors = _backward_parts(ir, ps)
+    greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
+                   inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
+    score_lines = list(ps.lines)
     intervals = []
     if plan.path == "closed":
         pr = TritonPrinter(names, tensors, prefix="rg")
@@ -327,6 +372,13 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         score_code=sc["score"],
         dscore_code=sc["dscore"],
         backward_error=backward_error,
+        tgrad_errors=tgrad_errors,
+        greads=greads,
+        grad_meta=[[g["tensor"], g["kind"]] for g in greads],
+        gargs="".join(f"PG{g['j']}, " for g in greads),
+        # per-read tile-function arguments: row-sum accumulators, else partial-buffer pointers
+        gin="".join((f"ga{g['j']}, " if g["kind"] == "row" else f"pgb{g['j']}, ") for g in greads),
+        gout="".join(f", ga{g['j']}" for g in greads if g["kind"] == "row"),
         visit_code=" | ".join(f"((pid_n >= t_lo{i}) & (pid_n < t_hi{i}))" for i in range(len(intervals))) or "False",
         full_code=" | ".join(f"((pid_n >= f_lo{i}) & (pid_n < f_hi{i}))" for i in range(len(intervals))) or "False",
         intervals=intervals,

@@ -25,7 +25,8 @@ def compiler_fingerprint() -> str:
     from attncc.runtime import cache
 
     here = Path(__file__).resolve().parent
-    return cache.digest(*[(here / f).read_text() for f in ("ir.py", "passes.py", "codegen.py", "compiler.py")])
+    return cache.digest(*[(here / f).read_text()
+                          for f in ("ir.py", "passes.py", "gradients.py", "codegen.py", "compiler.py")])
 
 
 @functools.lru_cache(maxsize=256)
@@ -34,7 +35,7 @@ def _plan_cached(ir_key: str, ir) -> KernelPlan:
 
 
 def compile(spec, pattern: str | None = None, *, block_m: int | None = None, block_n: int | None = None,
-            num_warps: int = 4, num_stages: int = 2, **params):
+            num_warps: int = 4, num_stages: int = 2, deterministic: bool = True, **params):
     """Compile an attention pattern to a fused Triton kernel.
 
     Args:
@@ -44,6 +45,10 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         block_m / block_n: fix the query / key tile sizes (default: a fixed CPU
             config under the Triton interpreter, autotuned on CUDA). Powers of two >= 16.
         num_warps / num_stages: with a fixed tile size, the launch parameters.
+        deterministic: gradients of spec tensors reduced from per-program partials in a
+            fixed order, bitwise reproducible (default); ``False`` adds them with
+            floating-point atomics in the kernel instead (no partial buffers, but the
+            last bits vary from run to run). q/k/v gradients never use atomics.
         **params: values for the spec's ``param`` declarations (specialised into
             the kernel).
 
@@ -73,12 +78,21 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val}")
         config = Config(bm, bn, num_warps, num_stages)
-    return CompiledAttention(kp, source, path, key, config)
+    return CompiledAttention(kp, source, path, key, config, deterministic=deterministic)
 
 
 def describe(kp: KernelPlan) -> str:
-    """The IR and the analysis of a plan, as ``attncc explain`` prints them."""
-    return "\n".join(["== IR", kp.ir.pretty(), "", "== analysis", kp.describe()])
+    """The IR, the analysis and the backward (score derivatives, spec tensor gradients)
+    of a plan, as ``attncc explain`` prints them."""
+    from .gradients import derivative, grad_reads
+    from .ir import s
+
+    back = [f"d score / d s = {derivative(kp.ir.score, s)}"]
+    layout = {"row": "row sums per query", "col": "column sums per (query tile, key)",
+              "full": "dS * derivative per (query, key)"}
+    for g in grad_reads(kp.ir):
+        back.append(f"gradient of {g.tensor}: read {g.read}, d score / d read = {g.deriv}; partials: {layout[g.kind]}")
+    return "\n".join(["== IR", kp.ir.pretty(), "", "== analysis", kp.describe(), "", "== backward", *back])
 
 
 def explain(spec, pattern: str | None = None, **params) -> str:

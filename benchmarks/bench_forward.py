@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Forward-pass benchmark: attncc vs compiled FlexAttention vs dense-causal SDPA.
+"""Forward (or forward+backward) benchmark: attncc vs compiled FlexAttention vs dense-causal SDPA.
 
 For every library pattern and sequence length this script
 
@@ -16,6 +16,12 @@ For every library pattern and sequence length this script
 5. prints a Markdown table and writes it to
    ``benchmarks/results/forward_<device-slug>_<YYYY-MM-DD>.md``.
 
+``--backward`` times a training step instead: forward plus ``out.backward(dout)``
+for q, k, v and every float tensor the score reads (ALiBi slopes, relative-position
+tables; flex adds their gradients with atomics, attncc by default reduces
+per-program partials), checks every gradient against flex's (and the float64
+reference's), and writes ``fwdbwd_<device-slug>_<date>.md``.
+
 ``--dry-run`` runs the same code path on the CPU with tiny sizes (L=128, D=64,
 H=2, float32; attncc under the Triton interpreter, flex eager, one
 ``time.perf_counter`` run per timing) and writes no results file.
@@ -25,6 +31,7 @@ Usage::
     python benchmarks/bench_forward.py                       # GPU, all patterns, L=4096,16384
     python benchmarks/bench_forward.py --patterns causal,alibi --lengths 8192
     python benchmarks/bench_forward.py --dry-run             # CPU smoke test
+    python benchmarks/bench_forward.py --backward            # forward + backward
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ class Settings:
     warmup: int
     rep: int
     seed: int
+    backward: bool = False
 
     @property
     def scale(self) -> float:
@@ -149,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "float64; float32 is what a hand-written score_mod and the attncc kernel use)")
     p.add_argument("--output", default=None,
                    help="results file (default: benchmarks/results/forward_<device>_<date>.md)")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward (gradients of q, k, v and the score's float tensors)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke test: L=128, D=64, H=Hkv=2, fp32, flex eager, one perf_counter run per timing, "
                         "no results file")
@@ -165,12 +175,12 @@ def make_settings(args: argparse.Namespace) -> Settings:
     mod_float = torch.float32 if args.flex_mod_float == "float32" else torch.float64
     if args.dry_run:
         return Settings(torch.device("cpu"), torch.float32, [128], 1, 2, 2, 64, True, compile_flex, mod_float,
-                        0, 0, args.seed)
+                        0, 0, args.seed, args.backward)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device found: run on a GPU machine, or use --dry-run for a CPU smoke test")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     return Settings(torch.device("cuda"), DTYPES[args.dtype], lengths, args.batch, args.heads, args.kv_heads,
-                    args.head_dim, False, compile_flex, mod_float, args.warmup, args.rep, args.seed)
+                    args.head_dim, False, compile_flex, mod_float, args.warmup, args.rep, args.seed, args.backward)
 
 
 def select_patterns(spec: str | None) -> dict:
@@ -274,7 +284,7 @@ def kernel_tile_stats(kern, sizes: dict, tensors: dict, cfg, s: Settings) -> dic
 # ----------------------------------------------------------------------------- checks
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b|`` in float32 (NaN if either holds a NaN)."""
-    d = (a.float() - b.float()).abs()
+    d = (a.detach().float() - b.detach().float()).abs()
     if torch.isnan(d).any():
         return float("nan")
     return float(d.max())
@@ -286,27 +296,77 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol, equal_nan=False))
 
 
+# ----------------------------------------------------------------------------- backward
+def grad_leaves(ir, q, k, v, tensors: dict) -> tuple[list, dict]:
+    """Leaves that take gradients in ``--backward`` runs: q, k, v and the float tensors the
+    score reads, as ``(leaves, tensors with those replaced)`` (detached copies, requires_grad)."""
+    qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    score_reads = {t.name for t in ir.tensors_in(ir.score)}
+    tens = {n: (t.detach().clone().requires_grad_() if t.is_floating_point() and n in score_reads else t)
+            for n, t in tensors.items()}
+    return qkv + [t for t in tens.values() if t.requires_grad], tens
+
+
+def step_fn(forward, leaves: list, dout: torch.Tensor | None):
+    """``forward`` alone, or (``dout`` given) a training step: clear the leaves' grads, run
+    ``forward()`` and backpropagate ``dout``; returns the output."""
+    if dout is None:
+        return forward
+
+    def step():
+        """One forward + backward."""
+        for x in leaves:
+            x.grad = None
+        out = forward()
+        out.backward(dout)
+        return out
+
+    return step
+
+
+def grad_err(a: list, b: list) -> float:
+    """Largest max-abs difference over paired gradient lists (NaN if any is missing or NaN)."""
+    errs = [float("nan") if x.grad is None or y.grad is None else max_abs_err(x.grad, y.grad) for x, y in zip(a, b)]
+    return max(errs) if errs else 0.0
+
+
+def grads_close(a: list, b: list, dtype: torch.dtype) -> bool:
+    """Every gradient of ``a`` within tolerance of ``b``'s, scaled by its magnitude."""
+    atol, rtol = TOLERANCES[dtype]
+    for x, y in zip(a, b):
+        if x.grad is None or y.grad is None:
+            return False
+        scale = 1.0 + float(y.grad.float().abs().max())
+        if not bool(torch.isfinite(x.grad).all()) or max_abs_err(x.grad, y.grad) > (atol + rtol) * scale:
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------- benchmark
 def bench_sdpa(L: int, s: Settings) -> float:
     """Time ``scaled_dot_product_attention(q, k, v, is_causal=True)`` at length ``L`` (ms)."""
     g = torch.Generator().manual_seed(s.seed + 7919 * L)
-    q = torch.randn(s.B, s.H, L, s.D, generator=g).to(s.dtype).to(s.device)
-    k = torch.randn(s.B, s.Hkv, L, s.D, generator=g).to(s.dtype).to(s.device)
-    v = torch.randn(s.B, s.Hkv, L, s.D, generator=g).to(s.dtype).to(s.device)
+    q = torch.randn(s.B, s.H, L, s.D, generator=g).to(s.dtype).to(s.device).requires_grad_(s.backward)
+    k = torch.randn(s.B, s.Hkv, L, s.D, generator=g).to(s.dtype).to(s.device).requires_grad_(s.backward)
+    v = torch.randn(s.B, s.Hkv, L, s.D, generator=g).to(s.dtype).to(s.device).requires_grad_(s.backward)
+    dout = torch.randn_like(q) if s.backward else None
 
-    def fn():
+    def forward():
         """One SDPA causal forward."""
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.scale,
                                                                 enable_gqa=s.gqa)
 
+    fn = step_fn(forward, [q, k, v], dout)
     fn()
     synchronize(s.device)
     return time_ms(fn, s)
 
 
 def bench_flex(row: Row, ir, q, k, v, tensors: dict, sizes: dict, ref_out: torch.Tensor | None,
-               s: Settings) -> None:
-    """Build flex mods from the IR, check flex against attncc's output, time flex and its block mask.
+               s: Settings, dout: torch.Tensor | None = None, ref_leaves: list | None = None) -> None:
+    """Build flex mods from the IR, check flex against attncc's output (and, with ``dout``,
+    against attncc's gradients ``ref_leaves``), time flex (forward, or forward + backward)
+    and its block mask.
 
     Fills ``row.flex_ms``, ``row.block_mask_ms``, ``row.err_flex`` (and
     ``row.mismatch``); on any exception records its class in ``row.flex_error``
@@ -319,6 +379,9 @@ def bench_flex(row: Row, ir, q, k, v, tensors: dict, sizes: dict, ref_out: torch
             cbm_fn = torch.compile(create_block_mask, dynamic=False)
         else:
             flex_fn, cbm_fn = flex_attention, create_block_mask
+        if dout is not None:
+            leaves, tensors = grad_leaves(ir, q, k, v, tensors)
+            q, k, v = leaves[:3]
         sm, mm = flex_mods(ir, sizes, tensors, s)
         L = sizes["Lq"]
         block_mask = None
@@ -332,15 +395,20 @@ def bench_flex(row: Row, ir, q, k, v, tensors: dict, sizes: dict, ref_out: torch
             block_mask = build()
             synchronize(s.device)
 
-        def run():
+        def forward():
             """One flex_attention forward."""
             return flex_fn(q, k, v, score_mod=sm, block_mask=block_mask, scale=s.scale, enable_gqa=s.gqa)
 
+        run = step_fn(forward, leaves if dout is not None else [], dout)
         out = run()
         synchronize(s.device)
         if ref_out is not None:
             row.err_flex = max_abs_err(out, ref_out)
             if not close(out, ref_out, s.dtype):
+                row.mismatch = True
+        if dout is not None and ref_leaves is not None:
+            row.err_flex = max(row.err_flex or 0.0, grad_err(ref_leaves, leaves))
+            if not grads_close(ref_leaves, leaves, s.dtype):
                 row.mismatch = True
         del out
         row.flex_ms = time_ms(run, s)
@@ -372,22 +440,36 @@ def bench_case(kern, path, L: int, s: Settings, sdpa_ms: float | None, case_seed
     allowed = count_allowed_pairs(ir, sizes, tensors, s.device)
     row.allowed_frac = allowed / total_pairs
     flops = 2.0 * allowed * (sizes["D"] + sizes["Dv"])  # QK^T and PV over the allowed pairs
+    if s.backward:
+        flops *= 3.5  # the backward recomputes QK^T and adds dV, dP, dQ, dK: 5 matmuls to the forward's 2
 
     out = None
+    dout = torch.randn(s.B, s.H, L, s.D, generator=torch.Generator().manual_seed(case_seed)).to(s.dtype).to(
+        s.device) if s.backward else None
+    leaves, tens = grad_leaves(ir, q, k, v, tensors) if s.backward else ([], tensors)
+    qq, kk, vv = leaves[:3] if s.backward else (q, k, v)
     try:
-        def run():
+        def forward():
             """One attncc forward through the public call (argument checks included)."""
-            return kern(q, k, v, scale=s.scale, **tensors)
+            return kern(qq, kk, vv, scale=s.scale, **tens)
 
+        run = step_fn(forward, leaves, dout)
         out = run()  # first call: autotunes on CUDA (kept out of the timing)
         synchronize(s.device)
         if not bool(torch.isfinite(out).all()):
             row.mismatch = True
         if total_pairs <= REF_MAX_ELEMS:
-            ref = attncc.reference(path, q, k, v, pattern=name, scale=s.scale, **tensors)
+            ref_leaves, ref_tens = grad_leaves(ir, q, k, v, tensors) if s.backward else ([], tensors)
+            rq, rk, rv = ref_leaves[:3] if s.backward else (q, k, v)
+            ref = attncc.reference(path, rq, rk, rv, pattern=name, scale=s.scale, **ref_tens)
             row.err_ref = max_abs_err(out, ref)
             if not close(out, ref, s.dtype):
                 row.mismatch = True
+            if s.backward:
+                ref.backward(dout)
+                row.err_ref = max(row.err_ref, grad_err(leaves, ref_leaves))
+                if not grads_close(leaves, ref_leaves, s.dtype):
+                    row.mismatch = True
             del ref
         cfg = launch_config(kern, q, k, v, tensors, s.scale)
         stats = kernel_tile_stats(kern, sizes, tensors, cfg, s)
@@ -400,7 +482,8 @@ def bench_case(kern, path, L: int, s: Settings, sdpa_ms: float | None, case_seed
         print(f"  attncc failed for {name} L={L}: {type(ex).__name__}: {ex}", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)
 
-    bench_flex(row, ir, q, k, v, tensors, sizes, out, s)
+    bench_flex(row, ir, q, k, v, tensors, sizes, None if out is None else out.detach(), s, dout,
+               leaves if s.backward and out is not None else None)
     del out, q, k, v, tensors
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -464,13 +547,14 @@ def report(rows: list, s: Settings, date: str) -> str:
               f"triton.testing.do_bench(warmup={s.warmup}, rep={s.rep}, return_mode=\"median\")")
     cuda = torch.version.cuda or "-"
     header = [
-        "# attncc forward benchmark",
+        f"# attncc {'forward + backward' if s.backward else 'forward'} benchmark",
         "",
         f"- date: {date}",
         f"- device: {device_name(s)}",
         f"- torch {torch.__version__} (CUDA {cuda}), triton {triton.__version__}, attncc {attncc.__version__}",
         f"- command: `{command_line()}`",
-        f"- shapes: B={s.B}, Hq={s.H}, Hkv={s.Hkv}, D=Dv={s.D}, Lq=Lk=L, {dtype_name}, forward only, "
+        f"- shapes: B={s.B}, Hq={s.H}, Hkv={s.Hkv}, D=Dv={s.D}, Lq=Lk=L, {dtype_name}, "
+        f"{'forward + backward (dout random; grads of q, k, v and the float tensors the score reads)' if s.backward else 'forward only'}, "
         f"scale=1/sqrt(D)",
         f"- timing: {timing}; ms",
         f"- flex: {'torch.compile(flex_attention, dynamic=False, fullgraph=True)' if s.flex_compile else 'eager'}, "
@@ -482,7 +566,7 @@ def report(rows: list, s: Settings, date: str) -> str:
         "",
         "Columns: tiles = (query tile, key tile) pairs the attncc kernel visits / all pairs, summed over batch "
         "and heads, at the kernel's launch tile size; allowed = share of (q, kv) pairs the mask allows (exact "
-        "count); attncc TFLOP/s = 2 * allowed pairs * (D + Dv) / time; speedup = flex ms / attncc ms; block "
+        "count); attncc TFLOP/s = 2 * allowed pairs * (D + Dv) / time (times 3.5 for forward + backward); speedup = flex ms / attncc ms; block "
         "mask ms = create_block_mask time (not included in flex ms; '-' for patterns without a mask); SDPA "
         "causal = dense causal scaled_dot_product_attention at the same shape (one value per L); max err = max "
         "|attncc - flex| and |attncc - float64 dense reference| (reference only for small shapes). A flex "
@@ -521,7 +605,8 @@ def main(argv=None) -> int:
     print()
     print(text)
     if not s.dry_run:
-        out = Path(args.output) if args.output else RESULTS_DIR / f"forward_{slug(device_name(s))}_{date}.md"
+        out = Path(args.output) if args.output else RESULTS_DIR / (f"{'fwdbwd' if s.backward else 'forward'}_"
+                                                                     f"{slug(device_name(s))}_{date}.md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"wrote {out}")

@@ -13,6 +13,8 @@ import torch
 
 from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_tensors, compile_read_checks,
                            shape_functions)
+from attncc.codegen import backward_support
+from attncc.gradients import partial_shape, reduce_partials
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -89,10 +91,15 @@ class CompiledAttention:
         source: the generated Triton source (a Python module).
         key: the cache key (hash of IR, template and library versions).
         config: a fixed :class:`Config` if one was given (else CPU default / autotuned).
+        deterministic: spec tensor gradients reduced from per-program partials in a fixed
+            order (default), or, when False, added with atomics in the kernel (see
+            :mod:`attncc.gradients`).
     """
 
-    def __init__(self, plan: KernelPlan, source: str, path, key: str, config: Optional[Config] = None):
+    def __init__(self, plan: KernelPlan, source: str, path, key: str, config: Optional[Config] = None,
+                 deterministic: bool = True):
         self.plan = plan
+        self.deterministic = deterministic
         self.ir = plan.ir
         self.source = source
         self.path = path
@@ -102,6 +109,9 @@ class CompiledAttention:
         self._read_checks = compile_read_checks(plan.mask_read_checks)
         self._shapes = shape_functions(plan.ir)
         self._tuned = {}
+        #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
+        #: whose gradient partials the backward writes (see attncc.gradients)
+        self.backward_error, self.tensor_grad_errors, self._grad_reads = backward_support(self.ir)
         self.op = _make_op(self)
 
     def __repr__(self) -> str:
@@ -127,20 +137,39 @@ class CompiledAttention:
         Raises:
             TypeError / ValueError: bad ranks, shapes, dtypes, devices, missing or
                 misshapen tensors (raised before any launch, naming the argument).
+            NotImplementedError: an input requires grad but the pattern's backward (or
+                that tensor's gradient) cannot be generated; raised here, before the
+                forward runs, never in the backward.
+
+        Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
+        reads; tensors only the mask reads (and int/bool tensors) get none.
         """
         sizes, tens = self._check(q, k, v, tensors)
         if torch.is_grad_enabled():
-            for t in self.ir.tensors:
-                if tens[t.name].requires_grad:
-                    raise NotImplementedError(
-                        f"tensor {t.name!r} requires grad, but gradients of spec tensors are not implemented yet "
-                        f"(q, k and v gradients are); pass {t.name}.detach() or run under torch.no_grad()")
+            self._check_grads(q, k, v, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
         out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale))
         return (out, lse) if return_lse else out
 
     # ------------------------------------------------------------------ internals
+    def _check_grads(self, q, k, v, tens: dict) -> None:
+        """Raise before the forward when a requested gradient cannot be generated."""
+        needs = [n for n, x in (("q", q), ("k", k), ("v", v)) if x.requires_grad]
+        needs += [t.name for t in self.ir.tensors if tens[t.name].requires_grad]
+        if needs and self.backward_error:
+            raise NotImplementedError(f"pattern {self.ir.name!r} has no backward ({', '.join(needs)} require grad): "
+                                      f"{self.backward_error}")
+        for name in needs:
+            if name in self.tensor_grad_errors:
+                raise NotImplementedError(f"pattern {self.ir.name!r}: no gradient for tensor {name!r}: "
+                                          f"{self.tensor_grad_errors[name]}; pass {name}.detach()")
+
+    def grad_tensor_names(self) -> tuple:
+        """Names of the spec tensors this kernel computes gradients for (declaration order)."""
+        names = {g.tensor for g in self._grad_reads}
+        return tuple(t.name for t in self.ir.tensors if t.name in names)
+
     def _check(self, q, k, v, tensors: dict) -> tuple:
         """All argument checks before a launch; returns ``(sizes, tensors by name)``."""
         sizes = check_qkv(q, k, v, KERNEL_DTYPES)
@@ -208,16 +237,19 @@ class CompiledAttention:
         return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes)
 
     def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
-                        cfg: Optional[Config] = None):
+                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None):
         """Launch the fused backward kernels (FlashAttention-2 style).
 
         Args:
             out / lse: the forward's outputs; dout ``(B, Hq, Lq, Dv)`` and dlse
                 ``(B, Hq, Lq)``: the gradients flowing into them.
+            want: per spec tensor (declaration order), whether to return its gradient
+                (only tensors in :meth:`grad_tensor_names` can have one).
 
         Returns:
-            ``(dq, dk, dv)`` shaped and typed like ``q, k, v`` (dK/dV summed over the
-            query heads of each GQA group, without atomics: deterministic).
+            ``[dq, dk, dv, *grads]``: shaped and typed like ``q, k, v`` (dK/dV summed
+            over the query heads of each GQA group, without atomics: deterministic),
+            then one gradient per wanted tensor, shaped and typed like it.
         """
         mod = self.module(q.device)
         if mod.BACKWARD_ERROR:
@@ -232,18 +264,52 @@ class CompiledAttention:
         named = self._named(tensors)
         fwd_tables, fwd_strides = self._tables(sizes, named, cfg, q.device)
         t_tables, t_strides = self._tables(sizes, named, cfg, q.device, transposed=True)
+        want = [False] * len(tensors) if want is None else list(want)
+        names = [t.name for t in self.ir.tensors]
+        reads = self._grad_reads
+        assert [[g.tensor, g.kind] for g in reads] == mod.GRAD_READS, "generated module out of date"
+        wanted = {names[i] for i, w in enumerate(want) if w}
+        atomic = not self.deterministic
+        if atomic and wanted:  # the kernel adds at the tensor's own offsets into contiguous buffers
+            tensors = [x.contiguous() for x in tensors]
+            named = self._named(tensors)
+        grads = {n: torch.zeros(named[n].shape, dtype=torch.float32 if atomic else torch.float64, device=q.device)
+                 for n in wanted}
+        dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+        partials, gmask = [], 0
+        for j, g in enumerate(reads):
+            if g.tensor not in wanted:
+                partials.append(dummy)
+                continue
+            gmask |= 1 << j
+            if atomic and g.kind != "row":
+                partials.append(grads[g.tensor])
+            else:
+                partials.append(torch.zeros(partial_shape(g.kind, sizes, cfg.block_m), dtype=torch.float32,
+                                            device=q.device))
         targs = _tensor_args(tensors)
         consts = _constexprs(q.dtype, sizes, cfg)
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         mod.attn_bwd_dq[(n_m, B * Hq)](
-            q, k, v, dout, lse, delta, dq, *targs, *fwd_tables,
+            q, k, v, dout, lse, delta, dq, *partials, *targs, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            *sizes.values(), scale, **consts)
+            *sizes.values(), scale, ATOMIC=atomic, GMASK=gmask, **consts)
         mod.attn_bwd_dkdv[(n_n, B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *targs, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
             *sizes.values(), scale, n_m, **consts)
-        return dq, dk, dv
+        for j, g in enumerate(reads):
+            if g.tensor in wanted:
+                if atomic and g.kind != "row":
+                    continue  # already added by the kernel
+                target = grads[g.tensor]
+                if atomic:
+                    target = target.double()
+                    reduce_partials(g, partials[j], target, sizes, named)
+                    grads[g.tensor] = target.float()
+                else:
+                    reduce_partials(g, partials[j], target, sizes, named)
+        return [dq, dk, dv] + [grads[n].to(named[n].dtype) for n in names if n in wanted]
 
     def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
@@ -333,6 +399,8 @@ def _make_op(kern: CompiledAttention):
     if kern.config is not None:  # a fixed launch config is part of the op's behaviour
         c = kern.config
         name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
+    if not kern.deterministic:
+        name += "_atomic"
     with _LOCK:
         if name in _OPS:  # same IR, template, compiler and config: the kernel it runs is identical
             return _OPS[name]
@@ -352,13 +420,14 @@ def _make_op(kern: CompiledAttention):
 
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
-                     scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale)
+                     scale: float, want: List[bool]) -> List[torch.Tensor]:
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
-        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale):
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want):
+            return ([torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+                    + [torch.empty_like(t) for t, w in zip(tensors, want) if w])
 
         bwd.register_fake(bwd_fake)
 
@@ -367,6 +436,8 @@ def _make_op(kern: CompiledAttention):
             out, lse = output
             ctx.save_for_backward(q, k, v, out, lse, *tensors)
             ctx.scale = scale
+            has_grad = set(kern.grad_tensor_names())
+            ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
 
         def backward(ctx, dout, dlse):
             q, k, v, out, lse, *tensors = ctx.saved_tensors
@@ -374,8 +445,9 @@ def _make_op(kern: CompiledAttention):
                 dlse = torch.zeros_like(lse)
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale)
-            return dq, dk, dv, [None] * len(tensors), None
+            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want)
+            it = iter(grads)
+            return dq, dk, dv, [next(it) if w else None for w in ctx.want], None
 
         op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = op

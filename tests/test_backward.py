@@ -1,6 +1,7 @@
-"""Fused backward kernels: gradients of q, k, v (and through the LSE output) vs autograd of
-the dense float64 reference, for every library pattern and edge shapes; determinism;
-fully masked rows; gradcheck; torch.compile of a training step."""
+"""Fused backward kernels: gradients of q, k, v, of the float spec tensors (and through the
+LSE output) vs autograd of the dense float64 reference, for every library pattern and edge
+shapes; every partial layout of spec tensor gradients, deterministic and atomic; bitwise
+determinism; fully masked rows; gradcheck; torch.compile of a training step."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import attncc
 from attncc.inputs import example_inputs
 
-from conftest import max_err
+from conftest import TOL, max_err
 
 SHAPES = [
     (1, 4, 2, 77, 90, 32, 48),   # ragged, GQA, Lq != Lk, Dv != D
@@ -20,12 +21,16 @@ LIB = sorted(attncc.library_patterns())
 SMALL = dict(window=24, prefix=20, sinks=3, dilation=3)
 
 
-def _loss_grads(fn, q, k, v, go, gl):
-    qs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse = fn(*qs)
+def _loss_grads(fn, q, k, v, go, gl, tens=None, dtype=None):
+    """Gradients of a fixed linear function of (out, lse) in q, k, v and the float tensors
+    of ``tens`` (cast to ``dtype`` when given); returns ``[dq, dk, dv, *d tensors]``."""
+    qs = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+    ts = {n: (t.detach().clone().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t)
+          for n, t in (tens or {}).items()}
+    out, lse = fn(*qs, **ts)
     lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     ((out * go.to(out.dtype)).sum() + (lse_f * gl.to(lse.dtype)).sum()).backward()
-    return [x.grad for x in qs]
+    return [x.grad for x in qs] + [t.grad for t in ts.values() if t.is_floating_point()]
 
 
 @pytest.mark.parametrize("name", LIB)
@@ -41,11 +46,17 @@ def test_library_gradients_match_reference(name):
         g = torch.Generator().manual_seed(i)
         go = torch.randn(B, H, Lq, Dv, generator=g)
         gl = torch.randn(B, H, Lq, generator=g)
-        got = _loss_grads(lambda a, b, c: kern(a, b, c, return_lse=True, **tens), q, k, v, go, gl)
-        want = _loss_grads(lambda a, b, c: attncc.reference(path, a, b, c, pattern=name, return_lse=True,
-                                                            **params, **tens),
-                           q.double(), k.double(), v.double(), go.double(), gl.double())
-        for nm, a, b in zip("qkv", got, want):
+        got = _loss_grads(lambda a, b, c, **t: kern(a, b, c, return_lse=True, **t), q, k, v, go, gl, tens)
+        want = _loss_grads(lambda a, b, c, **t: attncc.reference(path, a, b, c, pattern=name, return_lse=True,
+                                                                 **params, **t),
+                           q, k, v, go.double(), gl.double(), tens, dtype=torch.float64)
+        names = ["q", "k", "v"] + [n for n, t in tens.items() if t.is_floating_point()]
+        assert len(got) == len(want) == len(names)
+        for nm, a, b in zip(names, got, want):
+            if nm in kern.plan.mask_tensors and nm not in kern.plan.score_tensors:
+                assert a is None and b is None or b.abs().max() == 0, (name, nm)
+                continue
+            assert a is not None and a.dtype == tens.get(nm, q).dtype and a.shape == b.shape, (name, nm)
             assert not torch.isnan(a).any(), (name, nm)
             assert max_err(a, b) < 5e-5 * (1 + b.abs().max().item()), (name, nm, (B, H, Hkv, Lq, Lk, D, Dv), max_err(a, b))
 
@@ -78,33 +89,102 @@ def test_gradcheck_fp32():
                                     nondet_tol=0.0, fast_mode=True)
 
 
-def test_spec_tensor_requiring_grad_is_a_clear_error():
-    kern = attncc.compile(attncc.pattern_path("alibi"))
-    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 8, 8, 16)
-    with pytest.raises(NotImplementedError, match="tensor 'slope' requires grad"):
-        kern(q, k, v, slope=tens["slope"].requires_grad_())
-    with torch.no_grad():
-        kern(q, k, v, slope=tens["slope"])
+# one spec per partial layout of spec tensor gradients (see attncc.gradients)
+GRAD_SPECS = {
+    # per-key bias (col partials), fast path
+    "col": "pattern kb:\n    tensor kb: float32[B, Lk]\n    mask: kv <= q + 3\n    score: s + kb[b, kv]\n",
+    # one tensor read at a row and a column index, another read twice (row partials)
+    "multi": "pattern mu:\n    tensor u: float32[Lq + Lk]\n    tensor w: float32[H]\n"
+             "    score: s * w[h] + u[q] * u[kv] + w[h] * 0.5\n",
+    # a full bias (full partials, fast path)
+    "full": "pattern fb:\n    tensor bias: float32[B, H, Lq, Lk]\n    score: s + bias[b, h, q, kv]\n",
+    # a transposed bias shared by batch and heads, inside tanh (full partials, segmented sum)
+    "shared": "pattern sb:\n    tensor bias: float32[Lk, Lq]\n    mask: kv >= q - 20\n    score: tanh(s + bias[kv, q])\n",
+    # T5-style buckets: a float table read through an int tensor (full partials, segmented sum)
+    "bucket": "pattern bk:\n    tensor table: float32[H, 8]\n    tensor bucket: int32[Lq + Lk - 1]\n"
+              "    score: s + table[h, bucket[kv - q + Lq - 1]]\n",
+}
+
+
+def _grad_case(src, deterministic, B=2, H=4, Hkv=2, Lq=45, Lk=70, D=16, seed=1):
+    kern = attncc.compile(src, deterministic=deterministic)
+    q, k, v, tens, _ = example_inputs(kern.ir, B, H, Hkv, Lq, Lk, D, seed=seed)
+    if "bucket" in tens:
+        tens["bucket"] = torch.randint(0, 8, tens["bucket"].shape, dtype=torch.int32,
+                                       generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    go, gl = torch.randn(B, H, Lq, D, generator=g), torch.randn(B, H, Lq, generator=g)
+    got = _loss_grads(lambda a, b, c, **t: kern(a, b, c, return_lse=True, **t), q, k, v, go, gl, tens)
+    return kern, q, k, v, tens, go, gl, got
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("case", sorted(GRAD_SPECS))
+def test_spec_tensor_gradients_every_layout(case, deterministic):
+    src = GRAD_SPECS[case]
+    kern, q, k, v, tens, go, gl, got = _grad_case(src, deterministic)
+    want = _loss_grads(lambda a, b, c, **t: attncc.reference(src, a, b, c, return_lse=True, **t),
+                       q, k, v, go.double(), gl.double(), tens, dtype=torch.float64)
+    names = ["q", "k", "v"] + [n for n, t in tens.items() if t.is_floating_point()]
+    for nm, a, b in zip(names, got, want):
+        assert a is not None and a.shape == b.shape, (case, nm)
+        assert b.abs().max() > 0, (case, nm)  # the case exercises a non-zero gradient
+        assert max_err(a, b) < 5e-5 * (1 + b.abs().max().item()), (case, nm, max_err(a, b))
+
+
+def test_spec_tensor_gradients_are_bitwise_deterministic():
+    for case in ("bucket", "multi", "col"):
+        runs = [_grad_case(GRAD_SPECS[case], True)[-1] for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), case
+
+
+def test_gradcheck_spec_tensor_fp32():
+    kern = attncc.compile(attncc.pattern_path("relative_position_bias"))
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 9, 11, 16, seed=3)
+    table = tens["table"].requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: kern(q, k, v, table=t), (table,), eps=1e-2, atol=2e-2, rtol=2e-2,
+                                    nondet_tol=0.0, fast_mode=True)
+
+
+def test_tensors_without_gradient_are_fine():
+    # a float tensor only the mask reads, and one whose score derivative is 0 (floor is
+    # piecewise constant, as in torch): no error, no gradient
+    src = ("pattern nog:\n    tensor lim: float32[Lq]\n    tensor w: float32[H]\n"
+           "    mask: kv <= lim[q]\n    score: s + floor(w[h] * 3) * 0.1\n")
+    kern = attncc.compile(src)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 20, 20, 16)
+    lim = (torch.arange(20) * 0.7).requires_grad_()
+    w = tens["w"].requires_grad_()
+    q.requires_grad_()
+    out = kern(q, k, v, lim=lim, w=w)
+    out.sum().backward()
+    assert lim.grad is None and w.grad is None and torch.isfinite(q.grad).all()
+    ref = attncc.reference(src, q.detach().double(), k.double(), v.double(), lim=lim.detach(), w=w.detach())
+    assert max_err(out, ref) < TOL[torch.float32]
 
 
 class _TinyAttentionModel(torch.nn.Module):
-    def __init__(self, kern, dim=32, heads=2):
+    def __init__(self, kern, dim=32, heads=2, table_len=0):
         super().__init__()
         self.kern, self.heads = kern, heads
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.out = torch.nn.Linear(dim, dim)
+        # a learned relative-position table (a spec tensor that trains), when the pattern reads one
+        self.table = torch.nn.Parameter(0.1 * torch.randn(heads, table_len)) if table_len else None
 
     def forward(self, x):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        o = self.kern(q, k, v)
+        o = self.kern(q, k, v) if self.table is None else self.kern(q, k, v, table=self.table)
         return self.out(o.transpose(1, 2).reshape(B, L, C))
 
 
-def test_training_step_compiles_fullgraph_and_matches_eager():
-    kern = attncc.compile(attncc.pattern_path("sliding_window"), window=8)
+@pytest.mark.parametrize("pattern", ["sliding_window", "relative_position_bias"])
+def test_training_step_compiles_fullgraph_and_matches_eager(pattern):
+    kern = attncc.compile(attncc.pattern_path(pattern), **({"window": 8} if pattern == "sliding_window" else {}))
     torch.manual_seed(0)
-    model = _TinyAttentionModel(kern)
+    model = _TinyAttentionModel(kern, table_len=79 if pattern == "relative_position_bias" else 0)
     x = torch.randn(2, 40, 32)
 
     def step(m, x):
@@ -121,4 +201,5 @@ def test_training_step_compiles_fullgraph_and_matches_eager():
     loss = step(compiled, x)
     assert abs(loss.item() - eager.item()) < 1e-5
     for p, g in zip(model.parameters(), grads):
+        assert p.grad is not None and g.abs().max() > 0
         assert max_err(p.grad, g) < 1e-5

@@ -64,3 +64,12 @@ def test_benchmark_dry_run():
                         "--patterns", "causal,document_causal"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| causal | 128 |" in r.stdout and "MISMATCH" not in r.stdout
+
+
+def test_benchmark_backward_dry_run():
+    # forward + backward: attncc's gradients (q, k, v, ALiBi slopes) checked against the float64
+    # reference; flex has no CPU backward, so its cell records the exception
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_forward.py"), "--dry-run", "--backward",
+                        "--patterns", "alibi"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "forward + backward" in r.stdout and "| alibi | 128 |" in r.stdout and "MISMATCH" not in r.stdout

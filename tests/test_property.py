@@ -40,6 +40,8 @@ SCORE_TERMS = [
     st.just("sigmoid(s) + s"),
     st.just("s + bias[h, q % 4]"),
     st.just("max(s, -2.0) + exp2(-(kv % 3))"),
+    st.just("s * (1.0 + 0.1 * slope[h]) + bias[h, kv % 4]"),
+    st.just("s + bias[h, abs(kv - q) % 4] * slope[h]"),
 ]
 
 
@@ -98,11 +100,14 @@ def test_random_specs_gradients_match_reference(spec, Lq, extra, gqa, seed):
 
     def grads(fn, dtype):
         xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        (fn(*xs) * go.to(dtype)).sum().backward()
-        return [x.grad for x in xs]
+        ts = {n: t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t for n, t in tens.items()}
+        (fn(*xs, **ts) * go.to(dtype)).sum().backward()
+        # q, k, v, then the float spec tensors (a tensor the score does not read: zero gradient)
+        return [x.grad for x in xs] + [t.grad if t.grad is not None else torch.zeros_like(t)
+                                       for t in ts.values() if t.is_floating_point()]
 
-    got = grads(lambda a, b, c: kern(a, b, c, **tens), torch.float32)
-    want = grads(lambda a, b, c: attncc.reference(spec, a, b, c, **tens), torch.float64)
+    got = grads(lambda a, b, c, **t: kern(a, b, c, **t), torch.float32)
+    want = grads(lambda a, b, c, **t: attncc.reference(spec, a, b, c, **t), torch.float64)
     for a, b in zip(got, want):
         assert not torch.isnan(a).any(), spec
         assert max_err(a, b) < 1e-4 * (1 + b.abs().max().item()), spec

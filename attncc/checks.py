@@ -88,9 +88,55 @@ def shape_functions(ir: I.AttentionIR) -> dict:
     return {t.name: sp.lambdify(syms, sp.Tuple(*t.shape), modules="math") for t in ir.tensors}
 
 
+def flatten_grid(ir: I.AttentionIR, q, k, v) -> tuple:
+    """For a grid pattern, check q ``(B, Hq, *grid, D)``, k ``(B, Hkv, *grid, D)``, v
+    ``(B, Hkv, *grid, Dv)`` and flatten the grid (row-major) to one token axis.
+
+    Returns:
+        ``(q, k, v, grid)``: ``(B, H, L, D)`` views (copies if not viewable) and the
+        grid sizes ``[G0, G1, G2]`` (1 for undeclared axes). 1-D patterns: unchanged, ``[1, 1, 1]``.
+
+    Raises:
+        TypeError: a non-tensor. ValueError: wrong rank, or k/v grids differing from q's.
+    """
+    n = len(ir.grid)
+    if not n:
+        return q, k, v, [1, 1, 1]
+    axes = ", ".join(a.upper() for a in ir.grid)
+    for name, t, last in (("q", q, "D"), ("k", k, "D"), ("v", v, "Dv")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3 + n:
+            raise ValueError(f"pattern {ir.name!r} has a {n}-D grid ({', '.join(ir.grid)}): {name} must have shape "
+                             f"(B, H, {axes}, {last}), got {tuple(t.shape)}")
+    grid = list(q.shape[2:2 + n])
+    for name, t in (("k", k), ("v", v)):
+        if list(t.shape[2:2 + n]) != grid:
+            raise ValueError(f"{name} must have the grid of q ({axes} = {tuple(grid)}), got {tuple(t.shape[2:2 + n])}")
+    flat = [t.flatten(2, 1 + n) for t in (q, k, v)]
+    return (*flat, grid + [1] * (3 - n))
+
+
+def compile_size_checks(ir: I.AttentionIR) -> list:
+    """``ir.checks`` as ``(callable of the sizes, message)`` pairs (see :func:`check_sizes`)."""
+    syms = [I.SIZES[n] for n in I.SIZES]
+    return [(sp.lambdify(syms, c, modules="math"), m) for c, m in ir.checks]
+
+
+def check_sizes(ir: I.AttentionIR, compiled: list, sizes: dict) -> None:
+    """Raise ``ValueError`` when a size condition of the pattern fails (e.g. a
+    neighborhood kernel larger than its grid axis), naming the axis and the sizes."""
+    vals = I.size_values(sizes)
+    for f, msg in compiled:
+        if not bool(f(*vals)):
+            names = {f"G{i}": a.upper() for i, a in enumerate(ir.grid)}
+            have = ", ".join(f"{names.get(k, k)}={v}" for k, v in sizes.items() if k in names or k[0] != "G")
+            raise ValueError(f"pattern {ir.name!r}: {msg} (sizes: {have})")
+
+
 def expected_shape(shapes: dict, name: str, sizes: dict) -> tuple[int, ...]:
     """Concrete shape of spec tensor ``name`` for ``sizes``, from :func:`shape_functions`."""
-    return tuple(int(x) for x in shapes[name](*[sizes[n] for n in I.SIZES]))
+    return tuple(int(x) for x in shapes[name](*I.size_values(sizes)))
 
 
 def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None, shapes=None) -> dict:
@@ -144,9 +190,13 @@ class _Decl:
         return f"{self.t.dtype}[{', '.join(str(d) for d in self.t.shape)}]"
 
 
-def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES) -> tuple[dict, dict]:
-    """:func:`check_qkv` then :func:`check_tensors`; returns ``(sizes, tensors)``."""
+def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES, grid=None) -> tuple[dict, dict]:
+    """:func:`check_qkv` (q, k, v already flattened by :func:`flatten_grid`, whose grid
+    sizes are ``grid``), the pattern's size conditions, then :func:`check_tensors`;
+    returns ``(sizes, tensors)``."""
     sizes = check_qkv(q, k, v, dtypes)
+    sizes.update({f"G{i}": g for i, g in enumerate(grid or [1, 1, 1])})
+    check_sizes(ir, compile_size_checks(ir), sizes)
     return sizes, check_tensors(ir, tensors, sizes, q.device)
 
 
@@ -168,7 +218,7 @@ def check_reads(compiled: list, sizes: dict, tensors: dict) -> None:
     A mask is evaluated for every (query, key) pair, so a read such as ``doc[q]``
     with ``doc`` of length ``Lk`` is out of bounds whenever ``Lq > Lk``.
     """
-    args = [sizes[n] for n in I.SIZES]
+    args = I.size_values(sizes)
     for name, axis, text, f_lo, f_hi in compiled:
         lo, hi = int(f_lo(*args)), int(f_hi(*args))
         n = tensors[name].shape[axis]

@@ -26,6 +26,7 @@ KERNEL_NAMES = {
     I.q: "q_idx", I.kv: "kv_idx", I.h: "off_h", I.b: "off_b", I.s: "s",
     I.B: "B", I.H: "Hq", I.Hkv: "Hkv", I.Lq: "Lq", I.Lk: "Lk", I.D: "D", I.Dv: "Dv",
     q_lo: "q_lo", q_hi: "q_hi",
+    **{g: f"G{i}" for i, g in enumerate(I.GRID_SIZES)},
 }
 
 
@@ -188,6 +189,8 @@ class TritonPrinter:
             return self.p(num)
         if num.is_integer and den.is_Integer and den > 0:
             return f"{helper}({self.p(sp.expand(num))}, {int(den)})"
+        if num.is_integer and den.is_integer and den.is_positive:  # e.g. q // X on a grid
+            return f"{helper}({self.p(sp.expand(num))}, {self.p(den)})"
         return f"{float_fn}({self._flt(x)})"
 
     def index_code(self, e: sp.Indexed) -> tuple[str, str]:

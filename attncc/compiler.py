@@ -111,14 +111,20 @@ def _patterns_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "patterns"
 
 
-def library_patterns() -> dict[str, Path]:
-    """The pattern library: pattern name -> path of its ``.attn`` file."""
+def library_patterns(grid: bool | None = None) -> dict[str, Path]:
+    """The pattern library: pattern name -> path of its ``.attn`` file.
+
+    Args:
+        grid: ``True``: only grid (N-D) patterns; ``False``: only 1-D sequence patterns;
+            ``None``: all.
+    """
     out = {}
     for f in sorted(_patterns_dir().glob("*.attn")):
         from .dsl import parse
 
         for p in parse(f.read_text(), str(f)):
-            out[p.name] = f
+            if grid is None or ("grid" in p.clauses) == grid:
+                out[p.name] = f
     return out
 
 

@@ -151,21 +151,29 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
 def _exact_floor(x, ev, fn, float_dtype=torch.float64):
     """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
     num_, den = sp.fraction(sp.together(x))
-    if num_.is_integer and den.is_Integer and den > 0:
+    if num_.is_integer and den.is_integer and den.is_positive:
         n = ev(sp.expand(num_))
-        if not n.dtype.is_floating_point:
-            d = int(den)
+        d = int(den) if den.is_Integer else ev(den)
+        if not n.dtype.is_floating_point and (isinstance(d, int) or not d.dtype.is_floating_point):
             return torch.div(n, d, rounding_mode="floor") if fn is torch.floor else -torch.div(-n, d, rounding_mode="floor")
     return fn(ev(x).to(float_dtype))
 
 
-def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, device, q_rows=None) -> dict:
-    """Broadcast index grids ``b [B,1,1,1], h [1,H,1,1], q [1,1,Lq,1], kv [1,1,1,Lk]`` and sizes."""
+def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, device, q_rows=None,
+              grid=None) -> dict:
+    """Broadcast index grids ``b [B,1,1,1], h [1,H,1,1], q [1,1,Lq,1], kv [1,1,1,Lk]`` and sizes
+    (``grid``: the grid sizes ``G0, G1, G2`` of a grid pattern, else 1)."""
     def ar(n):
         return torch.arange(n, device=device, dtype=torch.int64)
     qv = ar(Lq) if q_rows is None else q_rows.to(device)
     return {I.b: ar(B).view(-1, 1, 1, 1), I.h: ar(H).view(1, -1, 1, 1), I.q: qv.view(1, 1, -1, 1),
-            I.kv: ar(Lk).view(1, 1, 1, -1), I.B: B, I.H: H, I.Hkv: Hkv, I.Lq: Lq, I.Lk: Lk, I.D: D, I.Dv: Dv}
+            I.kv: ar(Lk).view(1, 1, 1, -1), I.B: B, I.H: H, I.Hkv: Hkv, I.Lq: Lq, I.Lk: Lk, I.D: D, I.Dv: Dv,
+            **dict(zip(I.GRID_SIZES, grid or (1, 1, 1)))}
+
+
+def grid_of(sizes: dict) -> tuple:
+    """The grid sizes ``(G0, G1, G2)`` of a sizes dict (1 where absent)."""
+    return tuple(sizes.get(f"G{i}", 1) for i in range(3))
 
 
 def _check_reads(reads, allowed, what):
@@ -184,7 +192,8 @@ def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.T
     Raises:
         ValueError: the mask reads a tensor out of its bounds.
     """
-    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"], sizes["Hkv"], sizes["D"], sizes["Dv"], device)
+    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"], sizes["Hkv"], sizes["D"], sizes["Dv"], device,
+                    grid=grid_of(sizes))
     reads: list = []
     mask = eval_expr(ir.mask, env, tensors, reads).to(device)
     _check_reads(reads, None, "mask")
@@ -223,7 +232,8 @@ def tile_classes(ir: I.AttentionIR, sizes: dict, tensors: dict, block_m: int, bl
     for m0 in range(0, n_m, tiles_per_chunk):
         m1 = min(n_m, m0 + tiles_per_chunk)
         rows = torch.arange(m0 * block_m, m1 * block_m, device=device)
-        env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows.clamp(max=Lq - 1))
+        env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows.clamp(max=Lq - 1),
+                        grid=grid_of(sizes))
         env[I.B], env[I.H] = sizes["B"], sizes["H"]
         reads: list = []
         m = eval_expr(ir.mask, env, tensors, reads).to(device)
@@ -270,11 +280,14 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         SpecError, TypeError, ValueError: as :func:`attncc.compile` and the kernel
             call; ValueError also when an allowed pair reads a tensor out of bounds.
     """
+    from .checks import flatten_grid
     from .ir import lower
 
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
-    sizes, tensors = check_inputs(ir, q, k, v, tensors)
+    grid_shape = q.shape[2:-1]
+    q, k, v, grid = flatten_grid(ir, q, k, v)
+    sizes, tensors = check_inputs(ir, q, k, v, tensors, grid=grid)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -285,7 +298,7 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         vd = vd.repeat_interleave(group, dim=1)
     sc = torch.matmul(qd, kd.transpose(-1, -2)) * scale
     mask = dense_mask(ir, sizes, tensors, q.device)
-    env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device)
+    env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device, grid=grid)
     env[I.s] = sc
     reads_s: list = []
     score = torch.broadcast_to(eval_expr(ir.score, env, tensors, reads_s).to(torch.float64), (B, Hq, Lq, Lk))
@@ -295,7 +308,7 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     lse = torch.logsumexp(score, dim=-1)
     p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     p = torch.where(mask, p, torch.zeros_like(p))
-    out = torch.matmul(p, vd).to(q.dtype)
+    out = torch.matmul(p, vd).to(q.dtype).unflatten(2, grid_shape)
     if return_lse:
-        return out, lse.to(torch.float32)
+        return out, lse.to(torch.float32).unflatten(2, grid_shape)
     return out

@@ -29,6 +29,7 @@ from .errors import Span, SpecError
 
 #: clause keywords a pattern body may contain, with what each one expects.
 CLAUSES = {
+    "grid": "1 to 3 spatial axis names, e.g. 'grid: y, x' (q, k, v are then (B, H, *grid, D))",
     "mask": "a boolean expression of b, h, q, kv (which query/key pairs exist)",
     "score": "an expression of s (the scaled dot product) giving the new score",
 }
@@ -38,6 +39,9 @@ TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int32", "int64", 
 #: index variables, the score variable and the size names every expression may use.
 INDEX_NAMES = ("b", "h", "q", "kv")
 SIZE_NAMES = ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv")
+#: run-time sizes of grid axes 0..2 (1 for axes a pattern does not declare); specs name them
+#: by the upper-case axis name (``grid: y, x`` -> ``Y``, ``X``)
+GRID_SIZE_NAMES = ("G0", "G1", "G2")
 RESERVED = set(INDEX_NAMES) | set(SIZE_NAMES) | {"s", "True", "False", "inf"}
 
 

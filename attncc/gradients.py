@@ -151,8 +151,7 @@ def reduce_partials(g: GradRead, partial: torch.Tensor, target: torch.Tensor, si
     from .dense import eval_expr
 
     dev = partial.device
-    env = {s: sizes_val for s, sizes_val in zip((I.B, I.H, I.Hkv, I.Lq, I.Lk, I.D, I.Dv),
-                                               (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv")))}
+    env = dict(zip(I.SIZES.values(), I.size_values(sizes)))
     for a, s in enumerate(axes):
         shp = [1] * len(axes)
         shp[a] = extent[s]

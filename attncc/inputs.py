@@ -8,6 +8,8 @@ tensors get a sparse random pattern.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .checks import expected_shape, shape_functions
@@ -52,17 +54,28 @@ def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch
 
 
 def example_inputs(ir: AttentionIR, B=1, H=4, Hkv=2, Lq=128, Lk=None, D=64, Dv=None, dtype=torch.float32,
-                   device="cpu", seed: int = 0):
+                   device="cpu", seed: int = 0, grid=None):
     """Random ``q (B,H,Lq,D)``, ``k (B,Hkv,Lk,D)``, ``v (B,Hkv,Lk,Dv)`` and the pattern's tensors.
 
+    Grid patterns: ``q (B,H,*grid,D)`` etc. for the grid shape ``grid`` (one size per
+    axis; default: each axis ``round(Lq ** (1/n))``), and ``Lq = Lk`` = the grid's size.
+
     Returns:
-        ``(q, k, v, tensors, sizes)``.
+        ``(q, k, v, tensors, sizes)``; ``sizes`` holds the grid sizes ``G0..G2`` too.
     """
-    Lk = Lq if Lk is None else Lk
-    Dv = D if Dv is None else Dv
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, D, generator=g).to(dtype).to(device)
-    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype).to(device)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=g).to(dtype).to(device)
-    sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+    n = len(ir.grid)
+    if n:
+        grid = list(grid) if grid is not None else [max(1, round(Lq ** (1.0 / n)))] * n
+        Lq = Lk = math.prod(grid)
+        lead_q, lead_k = (B, H, *grid), (B, Hkv, *grid)
+    else:
+        Lk = Lq if Lk is None else Lk
+        lead_q, lead_k = (B, H, Lq), (B, Hkv, Lk)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(*lead_q, D, generator=g).to(dtype).to(device)
+    k = torch.randn(*lead_k, D, generator=g).to(dtype).to(device)
+    v = torch.randn(*lead_k, Dv, generator=g).to(dtype).to(device)
+    gs = (list(grid) if n else []) + [1] * (3 - n)
+    sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, "G0": gs[0], "G1": gs[1], "G2": gs[2]}
     return q, k, v, example_tensors(ir, sizes, device, g), sizes

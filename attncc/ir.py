@@ -16,15 +16,21 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .dsl import INDEX_NAMES, SIZE_NAMES, PatternSpec, SpecExpr, check_param_value, load
+from .dsl import GRID_SIZE_NAMES, INDEX_NAMES, SIZE_NAMES, PatternSpec, SpecExpr, check_param_value, load
 from .errors import SpecError
 
 # ----------------------------------------------------------------------------- symbols
 b, h, q, kv = (sp.Symbol(n, integer=True, nonnegative=True) for n in INDEX_NAMES)
 s = sp.Symbol("s", real=True)
-SIZES = {n: sp.Symbol(n, integer=True, positive=True) for n in SIZE_NAMES}
+SIZES = {n: sp.Symbol(n, integer=True, positive=True) for n in SIZE_NAMES + GRID_SIZE_NAMES}
 INDEX = {"b": b, "h": h, "q": q, "kv": kv}
 B, H, Hkv, Lq, Lk, D, Dv = (SIZES[n] for n in SIZE_NAMES)
+GRID_SIZES = tuple(SIZES[n] for n in GRID_SIZE_NAMES)
+
+
+def size_values(sizes: dict) -> list:
+    """The values of :data:`SIZES` in order from a sizes dict (grid sizes default to 1)."""
+    return [sizes.get(n, 1) for n in SIZES]
 
 #: torch dtype name -> value kind in expressions
 DTYPE_KIND = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "float",
@@ -84,6 +90,10 @@ class AttentionIR:
         mask: sympy boolean in ``b, h, q, kv``, sizes, tensor reads (``true`` = all pairs).
         score: sympy expression in ``s`` and the same names (``s`` = unmodified score).
         file: the spec's file name.
+        grid: the spatial axis names (``("y", "x")``) of a grid pattern, else ``()``. Tokens
+            are flattened row-major: ``q = (y * X + x)``; axis ``i`` has run-time size ``G<i>``.
+        checks: ``((condition, message), ...)``: boolean expressions of the sizes that must
+            hold at call time (e.g. a neighborhood kernel no larger than its axis).
     """
 
     name: str
@@ -93,6 +103,8 @@ class AttentionIR:
     mask: sp.Basic
     score: sp.Expr
     file: str = "<string>"
+    grid: tuple = ()
+    checks: tuple = ()
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -114,7 +126,8 @@ class AttentionIR:
         """A deterministic text identity of this IR (used for cache keys)."""
         parts = [self.name, repr(self.params),
                  repr([(t.name, t.dtype, [sp.srepr(d) for d in t.shape]) for t in self.tensors]),
-                 sp.srepr(self.mask), sp.srepr(self.score)]
+                 sp.srepr(self.mask), sp.srepr(self.score), repr(self.grid),
+                 repr([(sp.srepr(c), m) for c, m in self.checks])]
         return "\n".join(parts)
 
     def pretty(self) -> str:
@@ -122,6 +135,9 @@ class AttentionIR:
         lines = [f"pattern {self.name}"]
         if self.doc:
             lines.append(f"  doc:    {self.doc.splitlines()[0]}")
+        if self.grid:
+            lines.append(f"  grid:   {', '.join(f'{a} (size G{i})' for i, a in enumerate(self.grid))}; "
+                         f"q = kv = flattened row-major index")
         for n, v in self.params:
             lines.append(f"  param  {n} = {v!r}")
         for t in self.tensors:
@@ -159,6 +175,8 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
         else:
             raise TypeError(f"param {p.name!r} of pattern {pat.name!r} has no default: pass {p.name}=VALUE")
     lw = _Lowerer(pat, values)
+    if "grid" in pat.clauses:
+        lw.set_grid(pat.clauses["grid"])
     tensors = tuple(lw.tensor_spec(t) for t in pat.tensors)
     lw.tensors = {t.name: t for t in tensors}
     mask = sp.true
@@ -167,7 +185,13 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
     score = s
     if "score" in pat.clauses:
         score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
-    return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file)
+    checks = list(lw.checks)
+    if lw.grid:
+        n = sp.Mul(*GRID_SIZES[:len(lw.grid)])
+        checks += [(sp.Eq(Lq, n), "the query grid must be the declared grid"),
+                   (sp.Eq(Lk, n), "the key grid must be the query grid")]
+    return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
+                       tuple(lw.grid), tuple(checks))
 
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
@@ -204,6 +228,37 @@ class _Lowerer:
         self.ptypes = {p.name: p.type for p in pat.params}
         self.tensors: dict[str, TensorSpec] = {}
         self.tensor_decls = {t.name: t for t in pat.tensors}
+        self.grid: list[str] = []
+        self.checks: list = []
+
+    # -- grids
+    def set_grid(self, expr: SpecExpr) -> None:
+        """Read ``grid: y, x[, t]``: 1 to 3 distinct new axis names."""
+        self.expr = expr
+        node = expr.node
+        elts = node.elts if isinstance(node, ast.Tuple) else [node]
+        if not 1 <= len(elts) <= 3:
+            self.err(node, f"a grid has 1 to 3 axes, got {len(elts)}")
+        for e in elts:
+            if not isinstance(e, ast.Name):
+                self.err(e, "grid axes are names, e.g. 'grid: y, x'")
+            if e.id in INDEX or e.id == "s" or e.id in SIZES or e.id in self.values or e.id in self.tensor_decls:
+                self.err(e, f"grid axis {e.id!r} clashes with a reserved or declared name")
+            if e.id in self.grid:
+                self.err(e, f"duplicate grid axis {e.id!r}")
+            if e.id.upper() in self.values or e.id.upper() in self.tensor_decls or e.id.upper() in SIZES:
+                self.err(e, f"the size name {e.id.upper()!r} of grid axis {e.id!r} clashes with a declared name")
+            self.grid.append(e.id)
+
+    def grid_size(self, i: int):
+        return GRID_SIZES[i]
+
+    def coord(self, idx, i: int):
+        """Coordinate on grid axis ``i`` of the flattened (row-major) token index ``idx``."""
+        n = len(self.grid)
+        inner = sp.Mul(*GRID_SIZES[i + 1:n])
+        c = sp.floor(idx / inner) if i < n - 1 else idx
+        return sp.Mod(c, GRID_SIZES[i]) if i > 0 else c
 
     # -- names available
     def _expected_names(self, allow_s: bool) -> str:
@@ -272,6 +327,8 @@ class _Lowerer:
             return s, "float"
         if n in SIZES:
             return SIZES[n], "int"
+        if self.grid and n in [a.upper() for a in self.grid]:
+            return GRID_SIZES[[a.upper() for a in self.grid].index(n)], "int"
         if n == "inf":
             return sp.oo, "float"
         if n in self.values:
@@ -413,6 +470,8 @@ class _Lowerer:
         if not isinstance(node.func, ast.Name):
             self.err(node.func, "only named functions can be called")
         name = node.func.id
+        if name == "neighborhood":
+            return self.neighborhood(node)
         if name not in FUNCTIONS:
             self.err(node.func, f"unknown function {name!r} (expected one of: {', '.join(FUNCTIONS)})")
         if node.keywords:
@@ -433,4 +492,93 @@ class _Lowerer:
         return build(args, kinds)
 
     def visit_Attribute(self, node):
-        self.err(node, "attribute access (like q.y) is not supported in 1-D patterns")
+        if not self.grid:
+            self.err(node, "attribute access (like q.y) needs a grid: declare 'grid: y, x' first")
+        if not isinstance(node.value, ast.Name) or node.value.id not in ("q", "kv") or self.dims_mode:
+            self.err(node, "only q.<axis> and kv.<axis> coordinates exist (e.g. q.y, kv.x)")
+        if node.attr not in self.grid:
+            self.err(node, f"unknown grid axis {node.attr!r} (the grid is: {', '.join(self.grid)})")
+        return self.coord(INDEX[node.value.id], self.grid.index(node.attr)), "int"
+
+    def _axis_values(self, node, what: str, want: str):
+        """An int/bool constant or a per-axis tuple of them -> one value per grid axis."""
+        elts = node.elts if isinstance(node, ast.Tuple) else None
+        if elts is not None and len(elts) != len(self.grid):
+            self.err(node, f"{what} needs one value per grid axis ({len(self.grid)}: {', '.join(self.grid)}), "
+                           f"got {len(elts)}")
+        out = []
+        for e in (elts if elts is not None else [node] * len(self.grid)):
+            v, k = self.visit(e)
+            if want == "bool":
+                if v not in (sp.true, sp.false):
+                    self.err(e, f"{what} must be True/False or a bool param (per axis: a tuple)")
+                out.append(v == sp.true)
+            else:
+                if k != "int" or not sp.sympify(v).is_Integer:
+                    self.err(e, f"{what} must be an integer constant or int param (per axis: a tuple)")
+                out.append(int(v))
+        return out
+
+    def neighborhood(self, node):
+        """``neighborhood(q, kv, kernel, dilation=1, stride=1, causal=False)`` with NATTEN's
+        semantics per axis (Hassani et al., Neighborhood Attention; Generalized
+        Neighborhood Attention for stride): within the dilation group of the query
+        (``x % dilation``), the window of ``kernel`` keys is centred on the stride group's
+        leader and shifted inward at the borders (causal: ends at the query, starts
+        ``kernel - 1`` before the stride group's last query)."""
+        if not self.grid:
+            self.err(node, "neighborhood() needs a grid: declare 'grid: y, x' (or 'grid: x' for 1-D)")
+        args = list(node.args)
+        if len(args) < 2 or not all(isinstance(a, ast.Name) for a in args[:2]) or \
+                [a.id for a in args[:2]] != ["q", "kv"]:
+            self.err(node, "neighborhood() takes q and kv first: neighborhood(q, kv, kernel=..., dilation=1, "
+                           "stride=1, causal=False)")
+        names = ["kernel", "dilation", "stride", "causal"]
+        given = {}
+        for n, a in zip(names, args[2:]):
+            given[n] = a
+        if len(args) > 6:
+            self.err(args[6], "neighborhood() takes at most 6 arguments")
+        for kw in node.keywords:
+            if kw.arg not in names:
+                self.err(kw.value, f"neighborhood() has no argument {kw.arg!r} (expected: {', '.join(names)})")
+            if kw.arg in given:
+                self.err(kw.value, f"neighborhood() got {kw.arg!r} twice")
+            given[kw.arg] = kw.value
+        if "kernel" not in given:
+            self.err(node, "neighborhood() needs kernel=... (an int or one per axis)")
+        kern = self._axis_values(given["kernel"], "kernel", "int")
+        dil = self._axis_values(given["dilation"], "dilation", "int") if "dilation" in given else [1] * len(self.grid)
+        stri = self._axis_values(given["stride"], "stride", "int") if "stride" in given else [1] * len(self.grid)
+        caus = self._axis_values(given["causal"], "causal", "bool") if "causal" in given else [False] * len(self.grid)
+        conds = []
+        for i, ax in enumerate(self.grid):
+            k, d, st, c = kern[i], dil[i], stri[i], caus[i]
+            where = given.get("kernel")
+            if k < 2:
+                self.err(where, f"kernel on axis {ax!r} must be >= 2, got {k}")
+            if d < 1:
+                self.err(given["dilation"], f"dilation on axis {ax!r} must be >= 1, got {d}")
+            if st < 1 or st > k:
+                self.err(given["stride"], f"stride on axis {ax!r} must be in 1..kernel ({k}), got {st}")
+            L = GRID_SIZES[i]
+            self.checks.append((sp.Ge(L, k * d), f"neighborhood on axis {ax!r}: kernel * dilation = {k} * {d} = "
+                                                 f"{k * d} must not exceed the axis size"))
+            xq, xk = self.coord(q, i), self.coord(kv, i)
+            if d > 1:
+                g = sp.Mod(xq, d)
+                conds.append(sp.Eq(sp.Mod(xk, d), g))
+                iq, jk = sp.floor(xq / d), sp.floor(xk / d)
+                Lg = sp.floor((L - g + d - 1) / d)  # tokens of this dilation group on the axis
+            else:
+                iq, jk, Lg = xq, xk, L
+            if c:
+                last = sp.Min(sp.floor(iq / st) * st + st - 1, Lg - 1) if st > 1 else iq
+                conds += [jk <= iq, last - jk < k]
+            else:
+                left, right = k // 2, k // 2 - (1 - k % 2)
+                lead = sp.Min(sp.floor(iq / st) * st + st // 2, Lg - 1) if st > 1 else iq
+                centre = sp.Min(sp.Max(lead, left), Lg - 1 - right)
+                conds += [jk >= centre - left, jk <= centre + right]
+        return sp.And(*conds), "bool"
+

@@ -189,7 +189,7 @@ def select_patterns(spec: str | None) -> dict:
     Raises:
         SystemExit: an unknown pattern name.
     """
-    lib = attncc.library_patterns()
+    lib = attncc.library_patterns(grid=False)  # 1-D patterns (grid patterns take (B, H, *grid, D) inputs)
     if not spec:
         return lib
     names = [n.strip() for n in spec.split(",") if n.strip()]

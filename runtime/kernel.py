@@ -11,8 +11,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_tensors, compile_read_checks,
-                           shape_functions)
+from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_sizes, check_tensors, compile_read_checks,
+                           compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
 from attncc.gradients import partial_shape, reduce_partials
 from attncc.passes import KernelPlan
@@ -54,10 +54,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _sizes(q, k, v) -> dict:
-    """The size names of q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(..., Dv)``."""
+def _sizes(q, k, v, grid=None) -> dict:
+    """The size names of q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(..., Dv)`` (grid
+    flattened) and the grid sizes ``G0, G1, G2`` (1 where not a grid axis)."""
     B, Hq, Lq, D = q.shape
-    return {"B": B, "H": Hq, "Hkv": k.shape[1], "Lq": Lq, "Lk": k.shape[2], "D": D, "Dv": v.shape[3]}
+    g0, g1, g2 = grid or (1, 1, 1)
+    return {"B": B, "H": Hq, "Hkv": k.shape[1], "Lq": Lq, "Lk": k.shape[2], "D": D, "Dv": v.shape[3],
+            "G0": g0, "G1": g1, "G2": g2}
 
 
 def _tensor_args(tensors) -> list:
@@ -108,6 +111,7 @@ class CompiledAttention:
         self._module = None
         self._read_checks = compile_read_checks(plan.mask_read_checks)
         self._shapes = shape_functions(plan.ir)
+        self._size_checks = compile_size_checks(plan.ir)
         self._tuned = {}
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
@@ -123,7 +127,8 @@ class CompiledAttention:
         """Run the kernel.
 
         Args:
-            q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``;
+            q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``
+                (grid patterns: ``(B, H, *grid, D)``, the same grid for all three);
                 float32/float16/bfloat16 on one device (CPU runs the Triton
                 interpreter), ``Hq % Hkv == 0``, head dims 1..256. Any strides.
             scale: score scale (default ``1/sqrt(D)``).
@@ -144,12 +149,16 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
-        sizes, tens = self._check(q, k, v, tensors)
+        grid_shape = q.shape[2:-1] if isinstance(q, torch.Tensor) else None
+        q, k, v, grid = flatten_grid(self.ir, q, k, v)
+        sizes, tens = self._check(q, k, v, tensors, grid)
         if torch.is_grad_enabled():
             self._check_grads(q, k, v, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
-        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale))
+        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale), grid)
+        if self.ir.grid:
+            out, lse = out.unflatten(2, grid_shape), lse.unflatten(2, grid_shape)
         return (out, lse) if return_lse else out
 
     # ------------------------------------------------------------------ internals
@@ -170,9 +179,11 @@ class CompiledAttention:
         names = {g.tensor for g in self._grad_reads}
         return tuple(t.name for t in self.ir.tensors if t.name in names)
 
-    def _check(self, q, k, v, tensors: dict) -> tuple:
-        """All argument checks before a launch; returns ``(sizes, tensors by name)``."""
+    def _check(self, q, k, v, tensors: dict, grid=None) -> tuple:
+        """All argument checks before a launch (q, k, v grid-flattened); returns ``(sizes, tensors by name)``."""
         sizes = check_qkv(q, k, v, KERNEL_DTYPES)
+        sizes.update({f"G{i}": g for i, g in enumerate(grid or [1, 1, 1])})
+        check_sizes(self.ir, self._size_checks, sizes)
         tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
         check_reads(self._read_checks, sizes, tens)
         return sizes, tens
@@ -205,16 +216,19 @@ class CompiledAttention:
     def _named(self, tensors: List[torch.Tensor]) -> dict:
         return {t.name: x for t, x in zip(self.ir.tensors, tensors)}
 
-    def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None):
-        """Launch the forward kernel (no argument checks: :meth:`__call__` does them).
+    def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None,
+               grid=None):
+        """Launch the forward kernel (no argument checks: :meth:`__call__` does them; q, k, v
+        grid-flattened, ``grid`` their grid sizes).
 
         Returns:
             ``(out, lse)``.
         """
-        sizes = _sizes(q, k, v)
+        sizes = _sizes(q, k, v, grid)
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
         if cfg is None:
-            cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._autotune(q, k, v, tensors, scale, sizes))
+            cfg = self.config or (CPU_CONFIG if cache.interpreting() else
+                                  self._autotune(q, k, v, tensors, scale, sizes, grid))
         out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
@@ -232,12 +246,13 @@ class CompiledAttention:
             return self.config
         if cache.interpreting():
             return CPU_CONFIG
-        sizes, tens = self._check(q, k, v, tensors)
+        q, k, v, grid = flatten_grid(self.ir, q, k, v)
+        sizes, tens = self._check(q, k, v, tensors, grid)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
-        return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes)
+        return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes, grid)
 
     def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
-                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None):
+                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, grid=None):
         """Launch the fused backward kernels (FlashAttention-2 style).
 
         Args:
@@ -254,7 +269,7 @@ class CompiledAttention:
         mod = self.module(q.device)
         if mod.BACKWARD_ERROR:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {mod.BACKWARD_ERROR}")
-        sizes = _sizes(q, k, v)
+        sizes = _sizes(q, k, v, grid)
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else BWD_CUDA_CONFIG)
@@ -311,12 +326,12 @@ class CompiledAttention:
                     reduce_partials(g, partials[j], target, sizes, named)
         return [dq, dk, dv] + [grads[n].to(named[n].dtype) for n in names if n in wanted]
 
-    def _autotune(self, q, k, v, tensors, scale, sizes) -> Config:
+    def _autotune(self, q, k, v, tensors, scale, sizes, grid=None) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
         the choice is remembered on disk (``autotune.json`` in the cache dir)."""
         dev = torch.cuda.get_device_name(q.device)
         bucket = (f"{dev}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
-                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}")
+                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{grid or ''}")
         if bucket in self._tuned:
             return self._tuned[bucket]
         with _LOCK:
@@ -329,7 +344,7 @@ class CompiledAttention:
                 best, best_t = None, float("inf")
                 for cfg in CUDA_CONFIGS:
                     try:
-                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg),
+                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, grid),
                                                     warmup=5, rep=20, return_mode="median")
                     except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                         continue
@@ -345,7 +360,7 @@ class CompiledAttention:
     # ------------------------------------------------------------------ analysis
     def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
                    D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None,
-                   device=None, per_query_tile: bool = False, **tensors) -> dict:
+                   device=None, per_query_tile: bool = False, grid=None, **tensors) -> dict:
         """Count the (query tile, key tile) pairs the kernel visits for a shape.
 
         Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
@@ -359,6 +374,7 @@ class CompiledAttention:
                 CUDA when Triton compiles for a GPU, else CPU under the interpreter).
             per_query_tile: also return ``"per_query_tile"``: int64 ``(B*H, n_m, 2)`` on the
                 CPU, the key tiles visited and of those full, per (batch*head, query tile).
+            grid: grid patterns: the grid shape (e.g. ``(Y, X)``; ``Lq = Lk`` = its product).
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -368,7 +384,9 @@ class CompiledAttention:
         cfg = config or self.config or CPU_CONFIG
         Hkv = Hkv or H
         Dv = Dv or D
-        sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
+        g = list(grid or []) + [1] * (3 - len(grid or []))
+        sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, "G0": g[0], "G1": g[1], "G2": g[2]}
+        check_sizes(self.ir, self._size_checks, sizes)
         if device is None:
             device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), None)
         if device is None:
@@ -381,7 +399,7 @@ class CompiledAttention:
         tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
         fn = self.module(device).count_tiles
-        fn[(n_m, B * H)](counts, *tables, *tstrides, B, H, Hkv, Lq, Lk, D, Dv, n_m,
+        fn[(n_m, B * H)](counts, *tables, *tstrides, B, H, Hkv, Lq, Lk, D, Dv, *g, n_m,
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())
@@ -406,12 +424,12 @@ def _make_op(kern: CompiledAttention):
             return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
-                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-            return kern.launch(q, k, v, tensors, scale)
+                 scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+            return kern.launch(q, k, v, tensors, scale, grid=grid)
 
         op = torch.library.custom_op(name, mutates_args=())(impl)
 
-        def fake(q, k, v, tensors, scale):
+        def fake(q, k, v, tensors, scale, grid):
             B, Hq, Lq, _ = q.shape
             return (q.new_empty((B, Hq, Lq, v.shape[-1])),
                     q.new_empty((B, Hq, Lq), dtype=torch.float32))
@@ -420,22 +438,22 @@ def _make_op(kern: CompiledAttention):
 
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
-                     scale: float, want: List[bool]) -> List[torch.Tensor]:
-            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want)
+                     scale: float, want: List[bool], grid: List[int]) -> List[torch.Tensor]:
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, grid=grid)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
-        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want):
+        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want, grid):
             return ([torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
                     + [torch.empty_like(t) for t, w in zip(tensors, want) if w])
 
         bwd.register_fake(bwd_fake)
 
         def setup_context(ctx, inputs, output):
-            q, k, v, tensors, scale = inputs
+            q, k, v, tensors, scale, grid = inputs
             out, lse = output
             ctx.save_for_backward(q, k, v, out, lse, *tensors)
-            ctx.scale = scale
+            ctx.scale, ctx.grid = scale, grid
             has_grad = set(kern.grad_tensor_names())
             ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
 
@@ -445,9 +463,9 @@ def _make_op(kern: CompiledAttention):
                 dlse = torch.zeros_like(lse)
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want)
+            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want, ctx.grid)
             it = iter(grads)
-            return dq, dk, dv, [next(it) if w else None for w in ctx.want], None
+            return dq, dk, dv, [next(it) if w else None for w in ctx.want], None, None
 
         op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = op

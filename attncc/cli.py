@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def kernel_tile_counts(kern, sizes: dict, tensors: dict, config=None, device=Non
     """
     st = kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=sizes["D"],
                          Dv=sizes["Dv"], config=config, device=device or _default_device(), per_query_tile=True,
-                         **{n: tensors[n] for n in kern.plan.mask_tensors})
+                         grid=[sizes.get(f"G{i}", 1) for i in range(3)], **{n: tensors[n] for n in kern.plan.mask_tensors})
     return st["per_query_tile"]
 
 
@@ -286,6 +287,13 @@ def cmd_explain(args) -> int:
     print()
 
     sizes = {"B": 1, "H": 1, "Hkv": 1, "Lq": Lq, "Lk": Lk, "D": 64, "Dv": 64}
+    if kern.ir.grid:  # a grid pattern: the tile map is over the flattened (row-major) grid
+        grid = args.grid or [max(1, round(Lq ** (1.0 / len(kern.ir.grid))))] * len(kern.ir.grid)
+        if len(grid) != len(kern.ir.grid):
+            raise UsageError(f"--grid needs {len(kern.ir.grid)} sizes ({', '.join(kern.ir.grid)}), got {len(grid)}")
+        Lq = Lk = math.prod(grid)
+        sizes.update(Lq=Lq, Lk=Lk, **{f"G{i}": g for i, g in enumerate(grid)})
+        print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
     tensors = {}
     if plan.mask_tensors:
         gen = torch.Generator().manual_seed(0)
@@ -304,7 +312,8 @@ def cmd_explain(args) -> int:
 
     if cache.interpreting() or plan.mask_tensors:
         dev = _default_device()
-        ts = kern.tile_stats(Lq, Lk, D=64, config=cfg, **{n: t.to(dev) for n, t in tensors.items()})
+        ts = kern.tile_stats(Lq, Lk, D=64, config=cfg, grid=[sizes.get(f"G{i}", 1) for i in range(3)],
+                             **{n: t.to(dev) for n, t in tensors.items()})
         if (ts["visited"], ts["full"]) != (st["visited"], st["full"]):
             print(f"warning: tile_stats reports visited={ts['visited']} full={ts['full']}, "
                   f"the per-tile counts sum to visited={st['visited']} full={st['full']}")
@@ -386,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--lq", type=int, default=1024, help="query length for the tile map (default 1024)")
     p.add_argument("--lk", type=int, default=None, help="key length (default: --lq)")
+    p.add_argument("--grid", type=lambda t: [int(x) for x in t.lower().split("x")], default=None, metavar="YxX",
+                   help="grid patterns: the grid shape, e.g. 32x32 or 8x16x16 (default: about --lq tokens)")
     p.add_argument("--block-m", type=int, default=None, help="query tile size (default: the CPU config, 32)")
     p.add_argument("--block-n", type=int, default=None, help="key tile size (default: the CPU config, 32)")
     p.add_argument("--plot", metavar="PNG", help="also write the tile map as a PNG (needs matplotlib)")

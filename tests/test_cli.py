@@ -73,3 +73,14 @@ def test_benchmark_backward_dry_run():
                         "--patterns", "alibi"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "forward + backward" in r.stdout and "| alibi | 128 |" in r.stdout and "MISMATCH" not in r.stdout
+
+
+def test_explain_grid_pattern(capsys):
+    from attncc.cli import main
+
+    assert main(["explain", str(ROOT / "patterns" / "neighborhood_2d.attn"), "--grid", "16x24"]) == 0
+    out = capsys.readouterr().out
+    assert "grid 16 x 24 = 384 tokens" in out and "== tiles (Lq=384, Lk=384" in out
+    # kernel visits equal the mask's non-empty tiles on every query-tile row
+    rows = [ln for ln in out.splitlines() if " kernel " in ln and " visited " in ln]
+    assert rows and all(ln.split("kernel")[1].split()[0] == ln.split("mask")[1].split()[0] for ln in rows)

@@ -190,14 +190,16 @@ class _Decl:
         return f"{self.t.dtype}[{', '.join(str(d) for d in self.t.shape)}]"
 
 
-def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES, grid=None) -> tuple[dict, dict]:
+def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTYPES, grid=None,
+                 size_checks=None, shapes=None) -> tuple[dict, dict]:
     """:func:`check_qkv` (q, k, v already flattened by :func:`flatten_grid`, whose grid
     sizes are ``grid``), the pattern's size conditions, then :func:`check_tensors`;
-    returns ``(sizes, tensors)``."""
+    returns ``(sizes, tensors)``. ``size_checks`` / ``shapes``: precompiled
+    :func:`compile_size_checks` / :func:`shape_functions` of ``ir`` (hot paths)."""
     sizes = check_qkv(q, k, v, dtypes)
     sizes.update({f"G{i}": g for i, g in enumerate(grid or [1, 1, 1])})
-    check_sizes(ir, compile_size_checks(ir), sizes)
-    return sizes, check_tensors(ir, tensors, sizes, q.device)
+    check_sizes(ir, compile_size_checks(ir) if size_checks is None else size_checks, sizes)
+    return sizes, check_tensors(ir, tensors, sizes, q.device, shapes=shapes)
 
 
 def compile_read_checks(checks: tuple) -> list:

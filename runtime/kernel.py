@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from attncc.checks import (KERNEL_DTYPES, check_qkv, check_reads, check_sizes, check_tensors, compile_read_checks,
+from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, compile_read_checks,
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
 from attncc.gradients import partial_shape, reduce_partials
@@ -181,10 +181,7 @@ class CompiledAttention:
 
     def _check(self, q, k, v, tensors: dict, grid=None) -> tuple:
         """All argument checks before a launch (q, k, v grid-flattened); returns ``(sizes, tensors by name)``."""
-        sizes = check_qkv(q, k, v, KERNEL_DTYPES)
-        sizes.update({f"G{i}": g for i, g in enumerate(grid or [1, 1, 1])})
-        check_sizes(self.ir, self._size_checks, sizes)
-        tens = check_tensors(self.ir, tensors, sizes, q.device, shapes=self._shapes)
+        sizes, tens = check_inputs(self.ir, q, k, v, tensors, KERNEL_DTYPES, grid, self._size_checks, self._shapes)
         check_reads(self._read_checks, sizes, tens)
         return sizes, tens
 

@@ -94,14 +94,15 @@ def flatten_grid(ir: I.AttentionIR, q, k, v) -> tuple:
 
     Returns:
         ``(q, k, v, grid)``: ``(B, H, L, D)`` views (copies if not viewable) and the
-        grid sizes ``[G0, G1, G2]`` (1 for undeclared axes). 1-D patterns: unchanged, ``[1, 1, 1]``.
+        grid shape (one size per axis; see :func:`attncc.ir.grid_sizes`). 1-D patterns:
+        unchanged, ``[]``.
 
     Raises:
         TypeError: a non-tensor. ValueError: wrong rank, or k/v grids differing from q's.
     """
     n = len(ir.grid)
     if not n:
-        return q, k, v, [1, 1, 1]
+        return q, k, v, []
     axes = ", ".join(a.upper() for a in ir.grid)
     for name, t, last in (("q", q, "D"), ("k", k, "D"), ("v", v, "Dv")):
         if not isinstance(t, torch.Tensor):
@@ -114,7 +115,7 @@ def flatten_grid(ir: I.AttentionIR, q, k, v) -> tuple:
         if list(t.shape[2:2 + n]) != grid:
             raise ValueError(f"{name} must have the grid of q ({axes} = {tuple(grid)}), got {tuple(t.shape[2:2 + n])}")
     flat = [t.flatten(2, 1 + n) for t in (q, k, v)]
-    return (*flat, grid + [1] * (3 - n))
+    return (*flat, grid)
 
 
 def compile_size_checks(ir: I.AttentionIR) -> list:
@@ -197,7 +198,7 @@ def check_inputs(ir: I.AttentionIR, q, k, v, tensors: dict, dtypes=REFERENCE_DTY
     returns ``(sizes, tensors)``. ``size_checks`` / ``shapes``: precompiled
     :func:`compile_size_checks` / :func:`shape_functions` of ``ir`` (hot paths)."""
     sizes = check_qkv(q, k, v, dtypes)
-    sizes.update({f"G{i}": g for i, g in enumerate(grid or [1, 1, 1])})
+    sizes.update(I.grid_sizes(grid))
     check_sizes(ir, compile_size_checks(ir) if size_checks is None else size_checks, sizes)
     return sizes, check_tensors(ir, tensors, sizes, q.device, shapes=shapes)
 

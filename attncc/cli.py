@@ -26,7 +26,7 @@ from .dense import tile_classes
 from .dsl import PatternSpec, parse
 from .compiler import describe
 from .errors import SpecError
-from .ir import lower
+from .ir import grid_of, grid_sizes, lower
 
 #: the errors a user can cause; reported as a message, never as a traceback
 USER_ERRORS = (SpecError, TypeError, ValueError, FileNotFoundError, KeyError)
@@ -135,7 +135,7 @@ def kernel_tile_counts(kern, sizes: dict, tensors: dict, config=None, device=Non
     """
     st = kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=sizes["D"],
                          Dv=sizes["Dv"], config=config, device=device or _default_device(), per_query_tile=True,
-                         grid=[sizes.get(f"G{i}", 1) for i in range(3)], **{n: tensors[n] for n in kern.plan.mask_tensors})
+                         grid=grid_of(sizes), **{n: tensors[n] for n in kern.plan.mask_tensors})
     return st["per_query_tile"]
 
 
@@ -292,7 +292,7 @@ def cmd_explain(args) -> int:
         if len(grid) != len(kern.ir.grid):
             raise UsageError(f"--grid needs {len(kern.ir.grid)} sizes ({', '.join(kern.ir.grid)}), got {len(grid)}")
         Lq = Lk = math.prod(grid)
-        sizes.update(Lq=Lq, Lk=Lk, **{f"G{i}": g for i, g in enumerate(grid)})
+        sizes.update(Lq=Lq, Lk=Lk, **grid_sizes(grid))
         print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
     tensors = {}
     if plan.mask_tensors:
@@ -312,7 +312,7 @@ def cmd_explain(args) -> int:
 
     if cache.interpreting() or plan.mask_tensors:
         dev = _default_device()
-        ts = kern.tile_stats(Lq, Lk, D=64, config=cfg, grid=[sizes.get(f"G{i}", 1) for i in range(3)],
+        ts = kern.tile_stats(Lq, Lk, D=64, config=cfg, grid=grid_of(sizes),
                              **{n: t.to(dev) for n, t in tensors.items()})
         if (ts["visited"], ts["full"]) != (st["visited"], st["full"]):
             print(f"warning: tile_stats reports visited={ts['visited']} full={ts['full']}, "

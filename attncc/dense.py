@@ -168,12 +168,7 @@ def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, devic
     qv = ar(Lq) if q_rows is None else q_rows.to(device)
     return {I.b: ar(B).view(-1, 1, 1, 1), I.h: ar(H).view(1, -1, 1, 1), I.q: qv.view(1, 1, -1, 1),
             I.kv: ar(Lk).view(1, 1, 1, -1), I.B: B, I.H: H, I.Hkv: Hkv, I.Lq: Lq, I.Lk: Lk, I.D: D, I.Dv: Dv,
-            **dict(zip(I.GRID_SIZES, grid or (1, 1, 1)))}
-
-
-def grid_of(sizes: dict) -> tuple:
-    """The grid sizes ``(G0, G1, G2)`` of a sizes dict (1 where absent)."""
-    return tuple(sizes.get(f"G{i}", 1) for i in range(3))
+            **dict(zip(I.GRID_SIZES, I.grid_sizes(grid).values()))}
 
 
 def _check_reads(reads, allowed, what):
@@ -193,7 +188,7 @@ def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.T
         ValueError: the mask reads a tensor out of its bounds.
     """
     env = index_env(sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"], sizes["Hkv"], sizes["D"], sizes["Dv"], device,
-                    grid=grid_of(sizes))
+                    grid=I.grid_of(sizes))
     reads: list = []
     mask = eval_expr(ir.mask, env, tensors, reads).to(device)
     _check_reads(reads, None, "mask")
@@ -233,7 +228,7 @@ def tile_classes(ir: I.AttentionIR, sizes: dict, tensors: dict, block_m: int, bl
         m1 = min(n_m, m0 + tiles_per_chunk)
         rows = torch.arange(m0 * block_m, m1 * block_m, device=device)
         env = index_env(TB, TH, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows.clamp(max=Lq - 1),
-                        grid=grid_of(sizes))
+                        grid=I.grid_of(sizes))
         env[I.B], env[I.H] = sizes["B"], sizes["H"]
         reads: list = []
         m = eval_expr(ir.mask, env, tensors, reads).to(device)

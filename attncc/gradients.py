@@ -38,6 +38,7 @@ import sympy as sp
 import torch
 
 from . import ir as I
+from .dense import eval_expr
 
 #: partial-buffer layouts (see the module docstring)
 KINDS = ("row", "col", "full")
@@ -148,8 +149,6 @@ def reduce_partials(g: GradRead, partial: torch.Tensor, target: torch.Tensor, si
         perm = [order.index(d) for d in range(len(keep))]
         target += red.permute(*perm) if perm else red
         return
-    from .dense import eval_expr
-
     dev = partial.device
     env = dict(zip(I.SIZES.values(), I.size_values(sizes)))
     for a, s in enumerate(axes):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .checks import expected_shape, shape_functions
-from .ir import AttentionIR
+from .ir import AttentionIR, grid_sizes
 
 
 def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch.Generator | None = None) -> dict:
@@ -76,6 +76,5 @@ def example_inputs(ir: AttentionIR, B=1, H=4, Hkv=2, Lq=128, Lk=None, D=64, Dv=N
     q = torch.randn(*lead_q, D, generator=g).to(dtype).to(device)
     k = torch.randn(*lead_k, D, generator=g).to(dtype).to(device)
     v = torch.randn(*lead_k, Dv, generator=g).to(dtype).to(device)
-    gs = (list(grid) if n else []) + [1] * (3 - n)
-    sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, "G0": gs[0], "G1": gs[1], "G2": gs[2]}
+    sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, **grid_sizes(grid if n else None)}
     return q, k, v, example_tensors(ir, sizes, device, g), sizes

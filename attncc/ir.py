@@ -28,6 +28,17 @@ B, H, Hkv, Lq, Lk, D, Dv = (SIZES[n] for n in SIZE_NAMES)
 GRID_SIZES = tuple(SIZES[n] for n in GRID_SIZE_NAMES)
 
 
+def grid_sizes(grid=None) -> dict:
+    """``{"G0", "G1", "G2"}`` of a grid shape (1 for axes it does not have; ``None``: all 1)."""
+    g = list(grid or ())
+    return {n: (g[i] if i < len(g) else 1) for i, n in enumerate(GRID_SIZE_NAMES)}
+
+
+def grid_of(sizes: dict) -> list:
+    """The grid sizes ``[G0, G1, G2]`` of a sizes dict (1 where absent)."""
+    return [sizes.get(n, 1) for n in GRID_SIZE_NAMES]
+
+
 def size_values(sizes: dict) -> list:
     """The values of :data:`SIZES` in order from a sizes dict (grid sizes default to 1)."""
     return [sizes.get(n, 1) for n in SIZES]
@@ -249,9 +260,6 @@ class _Lowerer:
             if e.id.upper() in self.values or e.id.upper() in self.tensor_decls or e.id.upper() in SIZES:
                 self.err(e, f"the size name {e.id.upper()!r} of grid axis {e.id!r} clashes with a declared name")
             self.grid.append(e.id)
-
-    def grid_size(self, i: int):
-        return GRID_SIZES[i]
 
     def coord(self, idx, i: int):
         """Coordinate on grid axis ``i`` of the flattened (row-major) token index ``idx``."""

@@ -15,6 +15,7 @@ from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
 from attncc.gradients import partial_shape, reduce_partials
+from attncc.ir import grid_of, grid_sizes, size_values
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -58,9 +59,8 @@ def _sizes(q, k, v, grid=None) -> dict:
     """The size names of q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(..., Dv)`` (grid
     flattened) and the grid sizes ``G0, G1, G2`` (1 where not a grid axis)."""
     B, Hq, Lq, D = q.shape
-    g0, g1, g2 = grid or (1, 1, 1)
     return {"B": B, "H": Hq, "Hkv": k.shape[1], "Lq": Lq, "Lk": k.shape[2], "D": D, "Dv": v.shape[3],
-            "G0": g0, "G1": g1, "G2": g2}
+            **grid_sizes(grid)}
 
 
 def _tensor_args(tensors) -> list:
@@ -156,7 +156,8 @@ class CompiledAttention:
             self._check_grads(q, k, v, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
-        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale), grid)
+        # the op takes all three grid sizes (1 past the pattern's axes): a fixed-length schema arg
+        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale), grid_of(sizes))
         if self.ir.grid:
             out, lse = out.unflatten(2, grid_shape), lse.unflatten(2, grid_shape)
         return (out, lse) if return_lse else out
@@ -263,9 +264,9 @@ class CompiledAttention:
             over the query heads of each GQA group, without atomics: deterministic),
             then one gradient per wanted tensor, shaped and typed like it.
         """
+        if self.backward_error:
+            raise NotImplementedError(f"pattern {self.ir.name!r}: {self.backward_error}")
         mod = self.module(q.device)
-        if mod.BACKWARD_ERROR:
-            raise NotImplementedError(f"pattern {self.ir.name!r}: {mod.BACKWARD_ERROR}")
         sizes = _sizes(q, k, v, grid)
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
         if cfg is None:
@@ -285,8 +286,11 @@ class CompiledAttention:
         if atomic and wanted:  # the kernel adds at the tensor's own offsets into contiguous buffers
             tensors = [x.contiguous() for x in tensors]
             named = self._named(tensors)
-        grads = {n: torch.zeros(named[n].shape, dtype=torch.float32 if atomic else torch.float64, device=q.device)
-                 for n in wanted}
+        # float64 sums of the reduced partials; with atomics, the kernel's float32 gradients
+        # of column / full reads (row partials are always reduced: they are small)
+        sums = {n: torch.zeros(named[n].shape, dtype=torch.float64, device=q.device) for n in wanted}
+        added = {g.tensor: torch.zeros(named[g.tensor].shape, dtype=torch.float32, device=q.device)
+                 for g in reads if atomic and g.kind != "row" and g.tensor in wanted}
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
         partials, gmask = [], 0
         for j, g in enumerate(reads):
@@ -295,7 +299,7 @@ class CompiledAttention:
                 continue
             gmask |= 1 << j
             if atomic and g.kind != "row":
-                partials.append(grads[g.tensor])
+                partials.append(added[g.tensor])
             else:
                 partials.append(torch.zeros(partial_shape(g.kind, sizes, cfg.block_m), dtype=torch.float32,
                                             device=q.device))
@@ -311,17 +315,11 @@ class CompiledAttention:
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
             *sizes.values(), scale, n_m, **consts)
         for j, g in enumerate(reads):
-            if g.tensor in wanted:
-                if atomic and g.kind != "row":
-                    continue  # already added by the kernel
-                target = grads[g.tensor]
-                if atomic:
-                    target = target.double()
-                    reduce_partials(g, partials[j], target, sizes, named)
-                    grads[g.tensor] = target.float()
-                else:
-                    reduce_partials(g, partials[j], target, sizes, named)
-        return [dq, dk, dv] + [grads[n].to(named[n].dtype) for n in names if n in wanted]
+            if g.tensor in wanted and partials[j] is not added.get(g.tensor):
+                reduce_partials(g, partials[j], sums[g.tensor], sizes, named)
+        for n, x in added.items():
+            sums[n] += x
+        return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted]
 
     def _autotune(self, q, k, v, tensors, scale, sizes, grid=None) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
@@ -381,8 +379,7 @@ class CompiledAttention:
         cfg = config or self.config or CPU_CONFIG
         Hkv = Hkv or H
         Dv = Dv or D
-        g = list(grid or []) + [1] * (3 - len(grid or []))
-        sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, "G0": g[0], "G1": g[1], "G2": g[2]}
+        sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, **grid_sizes(grid)}
         check_sizes(self.ir, self._size_checks, sizes)
         if device is None:
             device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), None)
@@ -396,7 +393,7 @@ class CompiledAttention:
         tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
         fn = self.module(device).count_tiles
-        fn[(n_m, B * H)](counts, *tables, *tstrides, B, H, Hkv, Lq, Lk, D, Dv, *g, n_m,
+        fn[(n_m, B * H)](counts, *tables, *tstrides, *size_values(sizes), n_m,
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .dense import tile_classes
+from .dense import dense_mask, tile_classes
 from .dsl import PatternSpec, parse
 from .compiler import describe
 from .errors import SpecError
@@ -178,7 +178,13 @@ def tile_report(kern, sizes: dict, tensors: dict, config=None) -> dict:
 
     cfg = config or kern.config or CPU_CONFIG
     counts = kernel_tile_counts(kern, sizes, tensors, cfg)  # first: its read checks give the clearer message
-    nonempty, full = reference_tile_map(kern.ir, sizes, tensors, cfg.block_m, cfg.block_n)
+    if kern.plan.path == "box":  # the kernel's tiles are boxes: map the mask in its permuted token order
+        mask = kern.layout_for(sizes, cfg).permute_mask(dense_mask(kern.ir, sizes, tensors, "cpu")[:1, :1])[0, 0]
+        n_m, n_n = mask.shape[0] // cfg.block_m, mask.shape[1] // cfg.block_n
+        blocks = mask.view(n_m, cfg.block_m, n_n, cfg.block_n)
+        nonempty, full = blocks.any(3).any(1), blocks.all(3).all(1)
+    else:
+        nonempty, full = reference_tile_map(kern.ir, sizes, tensors, cfg.block_m, cfg.block_n)
     n_m, n_n = nonempty.shape
     stats = {"total": n_m * n_n, "visited": int(counts[0, :, 0].sum()), "full": int(counts[0, :, 1].sum()),
              "nonempty": int(nonempty.sum()), "ref_full": int(full.sum())}
@@ -293,7 +299,14 @@ def cmd_explain(args) -> int:
             raise UsageError(f"--grid needs {len(kern.ir.grid)} sizes ({', '.join(kern.ir.grid)}), got {len(grid)}")
         Lq = Lk = math.prod(grid)
         sizes.update(Lq=Lq, Lk=Lk, **grid_sizes(grid))
-        print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
+        if plan.path == "box":
+            lay = kern.layout_for(sizes, cfg)
+            print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens; layout: dilation groups "
+                  f"{' x '.join(map(str, lay.groups))}, query tiles {' x '.join(map(str, lay.tm))}, key tiles "
+                  f"{' x '.join(map(str, lay.tn))} tokens, {lay.length} permuted tokens"
+                  f"{' (identity: no permutation)' if lay.is_identity() else ''}; the map below is in that order)")
+        else:
+            print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
     tensors = {}
     if plan.mask_tensors:
         gen = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ import sympy as sp
 
 from . import ir as I
 from .gradients import derivative, grad_reads
-from .passes import KernelPlan, q_hi, q_lo, read_in_bounds
+from .passes import BQ_HI, BQ_LO, GQ, LG, KernelPlan, q_hi, q_lo, read_in_bounds
 
 #: names of IR symbols inside the generated kernels
 KERNEL_NAMES = {
@@ -241,9 +241,14 @@ class TritonPrinter:
         return var
 
 
+#: symbols that vary over the elements of a tile
+_TILE_SYMBOLS = {I.q, I.kv, I.s, *I.QC, *I.KC}
+
+
 def _is_scalar(e) -> bool:
-    """True when ``e`` does not vary over the tile (no q, kv or s, also inside reads)."""
-    return not (e.free_symbols & {I.q, I.kv, I.s})
+    """True when ``e`` does not vary over the tile (no q, kv, grid coordinates or s, also
+    inside reads)."""
+    return not (e.free_symbols & _TILE_SYMBOLS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,8 +294,12 @@ def _pieces(i: int) -> list[tuple[str, str]]:
     return pieces
 
 
-def _backward_parts(ir, ps: TritonPrinter) -> tuple:
+def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
     """Print the score's derivatives for the backward with printer ``ps``.
+
+    ``score``: the form of the score the kernel evaluates (default ``ir.score``; box plans:
+    the coordinate form). Its reads are paired with the reads of ``ir.score`` (whose
+    :class:`~attncc.gradients.GradRead` s the runtime reduces) by flattening coordinates.
 
     Returns:
         ``(dscore_code, backward_error, printed, tensor_grad_errors)``: ``printed`` holds
@@ -298,24 +307,33 @@ def _backward_parts(ir, ps: TritonPrinter) -> tuple:
         read (a tensor with one read that cannot be printed gets no gradient at all);
         the errors say why the backward, or a tensor's gradient, cannot be generated.
     """
+    score = ir.score if score is None else score
     try:
-        dscore = ps(derivative(ir.score, I.s))
+        dscore = ps(derivative(score, I.s))
         backward_error = ""
     except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
         dscore = 'float("nan")'
         backward_error = f"the derivative of the score in s cannot be generated: {e}"
     printed, tgrad_errors = [], {}
-    for g in grad_reads(ir):
+    if score is ir.score:
+        pairs = [(g, g) for g in grad_reads(ir)]
+    else:
+        own = {I.flatten_coords(c.read, len(ir.grid)): c for c in grad_reads(ir, score)}
+        pairs = [(g, own.get(g.read)) for g in grad_reads(ir)]
+    for g, c in pairs:
+        if c is None:
+            tgrad_errors.setdefault(g.tensor, f"the read {g.read} has no counterpart in the coordinate form")
+            continue
         try:
-            offs, inb = ps.index_code(g.read)
-            printed.append((g, ps(g.deriv), offs, inb))
+            offs, inb = ps.index_code(c.read)
+            printed.append((g, ps(c.deriv), offs, inb))
         except NotImplementedError as e:
             tgrad_errors.setdefault(g.tensor, f"the derivative of the score in {g.read} cannot be generated: {e}")
     return dscore, backward_error, [x for x in printed if x[0].tensor not in tgrad_errors], tgrad_errors
 
 
-def backward_support(ir) -> tuple:
-    """What the generated backward can do for ``ir``, without rendering a module.
+def backward_support(plan: KernelPlan) -> tuple:
+    """What the generated backward of ``plan`` can do, without rendering a module.
 
     Returns:
         ``(backward_error, tensor_grad_errors, grad_reads)``: ``""`` or why there is no
@@ -323,10 +341,29 @@ def backward_support(ir) -> tuple:
         :class:`~attncc.gradients.GradRead` s whose partials the dQ kernel writes, in
         kernel argument order.
     """
-    ps = TritonPrinter(dict(KERNEL_NAMES), {t.name: t for t in ir.tensors}, prefix="sc")
-    ps(ir.score)
-    _, err, printed, terr = _backward_parts(ir, ps)
+    ir = plan.ir
+    names, _, score = _kernel_forms(plan)
+    ps = TritonPrinter(names, {t.name: t for t in ir.tensors}, prefix="sc")
+    ps(score)
+    _, err, printed, terr = _backward_parts(ir, ps, score)
     return err, terr, tuple(x[0] for x in printed)
+
+
+def _kernel_forms(plan: KernelPlan) -> tuple:
+    """``(names, mask, score)`` as the kernels evaluate them: the IR's forms with the
+    default symbol names, or, for box plans, the coordinate forms with grid names (the
+    original lengths for ``Lq``/``Lk``, which the kernel sees permuted)."""
+    ir = plan.ir
+    names = dict(KERNEL_NAMES)
+    if plan.path != "box":
+        return names, ir.mask, ir.score
+    n = len(ir.grid)
+    flat = "(" + " * ".join(f"G{i}" for i in range(n)) + ")"
+    names.update({I.Lq: flat, I.Lk: flat})
+    for i in range(n):
+        names.update({I.QC[i]: f"qc{i}", I.KC[i]: f"kc{i}", GQ[i]: f"g{i}", BQ_LO[i]: f"q_lo{i}",
+                      BQ_HI[i]: f"q_hi{i}", LG[i]: f"lg{i}"})
+    return names, plan.box_mask, ir.coord_score
 
 
 def render_forward(plan: KernelPlan, version: str = "") -> str:
@@ -339,14 +376,15 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     """
     ir = plan.ir
     tensors = {t.name: t for t in ir.tensors}
-    names = dict(KERNEL_NAMES)
+    box = plan.path == "box"
+    names, mask, score = _kernel_forms(plan)
     # score and mask inside the kv loop (2-D blocks)
     pm = TritonPrinter(names, tensors, prefix="m")
-    mask_lines, m = _block(pm, {"mask": ir.mask})
+    mask_lines, m = _block(pm, {"mask": mask})
     ps = TritonPrinter(names, tensors, prefix="sc")
     # the score and its derivative in s (for the backward) share their tensor loads
-    score_lines, sc = _block(ps, {"score": ir.score})
-    sc["dscore"], backward_error, printed, tgrad_errors = _backward_parts(ir, ps)
+    score_lines, sc = _block(ps, {"score": score})
+    sc["dscore"], backward_error, printed, tgrad_errors = _backward_parts(ir, ps, score)
     greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
                    inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
     score_lines = list(ps.lines)
@@ -361,7 +399,8 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             d["idx"] = i
             d["pieces"] = _pieces(i)
             intervals.append(d)
-    ctx = dict(
+    ctx = dict(_box_context(plan, names, tensors) if box else _box_context(None, names, tensors))
+    ctx.update(
         version=version,
         ir=ir,
         plan=plan,
@@ -370,7 +409,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         tensors=list(ir.tensors),
         mask_lines=mask_lines,
         mask_code=m["mask"],
-        mask_is_true=(ir.mask == sp.true),
+        mask_is_true=(mask == sp.true),
         score_lines=score_lines,
         score_code=sc["score"],
         dscore_code=sc["dscore"],
@@ -393,3 +432,74 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
                               ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
     )
     return _env().from_string(template_text("attention.py.j2")).render(**ctx)
+
+
+#: index arguments of the per-tile kernel functions (see the q_index / kv_index macros)
+_IDX = "q_idx, q_idx_c, q_ok, qc0, qc1, qc2, kv_idx, kv_idx_c, kv_ok, kc0, kc1, kc2"
+#: the size arguments of every kernel: sizes, grid sizes, then the box layout (dilation
+#: groups and padded group lengths per axis; 1 where unused)
+_SZ = "B, Hq, Hkv, Lq, Lk, D, Dv, G0, G1, G2, DIL0, DIL1, DIL2, J0, J1, J2"
+#: box tile shapes (tokens per axis of a query / key tile), compile-time
+_TILE_CX = ("TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr, "
+            "TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,")
+
+
+def _box_context(plan, names: dict, tensors: dict) -> dict:
+    """Template variables of the box iteration (see the box_* macros of the template)."""
+    ctx = dict(IDX=_IDX, SZ=_SZ, TILE_CX=_TILE_CX, box=plan is not None, axes=[], boxes=[],
+               lqo="Lq", lko="Lk")
+    if plan is None:
+        return ctx
+    n = len(plan.ir.grid)
+    axes = list(range(n))
+    flat = "(" + " * ".join(f"G{i}" for i in axes) + ")"
+    pr = TritonPrinter(names, tensors, prefix="bx")
+    boxes = []
+    for bx in plan.boxes:
+        per_axis = []
+        for i, iv in enumerate(bx.axes):
+            zero, lg = sp.Integer(0), LG[i]
+            _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi,
+                               "lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, lg),
+                               "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, lg), zero)})
+            per_axis.append(d)
+        boxes.append(per_axis)
+    nb = len(boxes)
+
+    def member(prefix, j):
+        return " & ".join(f"(kt{a} >= {prefix}_lo{j}_{a}) & (kt{a} < {prefix}_hi{j}_{a})" for a in axes)
+
+    def linear(var, count):  # row-major linear index of per-axis values
+        out = f"{var}0"
+        for a in axes[1:]:
+            out = f"({out}) * {count}{a} + {var}{a}"
+        return out
+
+    member_code = " | ".join(f"({member('kt', j)})" for j in range(nb)) or "False"
+    ctx.update(
+        axes=axes, unused_axes=list(range(n, 3)), boxes=boxes, lqo=flat, lko=flat,
+        tm_after=["(" + " * ".join(["1"] + [f"TM{b}" for b in axes[a + 1:]]) + ")" for a in axes],
+        tn_after=["(" + " * ".join(["1"] + [f"TN{b}" for b in axes[a + 1:]]) + ")" for a in axes],
+        q_ok_code=" & ".join(f"(qc{a} < G{a})" for a in axes),
+        kv_ok_code=" & ".join(f"(kc{a} < G{a})" for a in axes),
+        q_flat_code=linear("qc", "G"), kv_flat_code=linear("kc", "G"),
+        box_nonempty=[" & ".join(f"(kt_hi{j}_{a} > kt_lo{j}_{a})" for a in axes) for j in range(nb)],
+        bb_lo_code=[_fold("tl.minimum", [f"tl.where(ne{j}, kt_lo{j}_{a}, 1 << 30)" for j in range(nb)])
+                    for a in axes],
+        bb_hi_code=[_fold("tl.maximum", [f"tl.where(ne{j}, kt_hi{j}_{a}, 0)" for j in range(nb)]) for a in axes],
+        q_empty_code=" | ".join(f"(q_lo{a} > q_hi{a})" for a in axes),
+        w_prod=" * ".join(f"w{a}" for a in axes) if nb else "0",
+        box_member_code=member_code,
+        box_visit_code="True" if nb == 1 else member_code,
+        box_full_code=" | ".join(f"({member('kf', j)})" for j in range(nb)) or "False",
+        kt_linear=linear("kt", "NK"),
+        nqt=" * ".join(f"NQ{a}" for a in axes), nkt=" * ".join(f"NK{a}" for a in axes),
+    )
+    return ctx
+
+
+def _fold(fn: str, parts: list) -> str:
+    out = parts[-1]
+    for p in reversed(parts[:-1]):
+        out = f"{fn}({p}, {out})"
+    return out

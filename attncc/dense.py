@@ -91,8 +91,8 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
             return out
         if isinstance(e, sp.Pow):
             base, ex = e.args
-            if ex.is_Integer and ex < 0:
-                return 1.0 / ev(base ** (-ex)).to(float_dtype)
+            if ex.is_Integer and int(ex) < 0:  # plain ints: sympy comparisons do not trace
+                return 1.0 / ev(base).to(float_dtype) ** (-int(ex))
             if ex.is_Integer:
                 return ev(base) ** int(ex)
             return torch.pow(ev(base).to(float_dtype), ev(ex).to(float_dtype))

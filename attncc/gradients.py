@@ -82,20 +82,22 @@ def read_kind(read: sp.Indexed) -> str:
     return "full"
 
 
-def grad_reads(ir: I.AttentionIR) -> tuple[GradRead, ...]:
-    """Every read of a float tensor in ``ir.score`` with its symbolic derivative.
+def grad_reads(ir: I.AttentionIR, score=None) -> tuple[GradRead, ...]:
+    """Every read of a float tensor in ``ir.score`` (or ``score``, e.g. the coordinate form
+    of a grid pattern) with its symbolic derivative.
 
     Reads whose derivative is identically zero are left out. Reads of int/bool
     tensors (document ids, index tables) and tensors read only by the mask have no
     gradient (a mask is piecewise constant in its inputs).
     """
+    score = ir.score if score is None else score
     floats = {t.name for t in ir.tensors if t.kind == "float"}
-    reads = sorted((r for r in ir.score.atoms(sp.Indexed) if str(r.base.label) in floats), key=sp.default_sort_key)
+    reads = sorted((r for r in score.atoms(sp.Indexed) if str(r.base.label) in floats), key=sp.default_sort_key)
     if not reads:
         return ()
     dummies = {r: sp.Dummy(f"g{i}", real=True) for i, r in enumerate(reads)}
     back = {d: r for r, d in dummies.items()}
-    sub = ir.score.xreplace(dummies)
+    sub = score.xreplace(dummies)
     out = []
     for r in reads:
         d = derivative(sub, dummies[r]).xreplace(back)
@@ -111,13 +113,14 @@ def grad_tensors(ir: I.AttentionIR) -> tuple[str, ...]:
     return tuple(t.name for t in ir.tensors if t.name in names)
 
 
-def partial_shape(kind: str, sizes: dict, block_m: int) -> tuple[int, ...]:
-    """Shape of the float32 partial buffer of a read of ``kind`` (see the module docstring)."""
+def partial_shape(kind: str, sizes: dict, n_m: int) -> tuple[int, ...]:
+    """Shape of the float32 partial buffer of a read of ``kind`` (see the module docstring);
+    ``n_m``: the number of query tiles (programs) of the dQ kernel."""
     B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
     if kind == "row":
         return (B, H, Lq)
     if kind == "col":
-        return (B, H, -(-Lq // block_m), Lk)
+        return (B, H, n_m, Lk)
     return (B, H, Lq, Lk)
 
 

@@ -26,6 +26,9 @@ SIZES = {n: sp.Symbol(n, integer=True, positive=True) for n in SIZE_NAMES + GRID
 INDEX = {"b": b, "h": h, "q": q, "kv": kv}
 B, H, Hkv, Lq, Lk, D, Dv = (SIZES[n] for n in SIZE_NAMES)
 GRID_SIZES = tuple(SIZES[n] for n in GRID_SIZE_NAMES)
+#: grid coordinates of the query / key token on axis i (the coordinate form of grid patterns)
+QC = tuple(sp.Symbol(f"qc{i}", integer=True, nonnegative=True) for i in range(3))
+KC = tuple(sp.Symbol(f"kc{i}", integer=True, nonnegative=True) for i in range(3))
 
 
 def grid_sizes(grid=None) -> dict:
@@ -37,6 +40,22 @@ def grid_sizes(grid=None) -> dict:
 def grid_of(sizes: dict) -> list:
     """The grid sizes ``[G0, G1, G2]`` of a sizes dict (1 where absent)."""
     return [sizes.get(n, 1) for n in GRID_SIZE_NAMES]
+
+
+def grid_coord(idx, i: int, n: int):
+    """Coordinate on axis ``i`` of an ``n``-axis grid of the row-major flattened token index
+    ``idx``: ``floor(idx / (G<i+1> * ...)) mod G<i>``."""
+    inner = sp.Mul(*GRID_SIZES[i + 1:n])
+    c = sp.floor(idx / inner) if i < n - 1 else idx
+    return sp.Mod(c, GRID_SIZES[i]) if i > 0 else c
+
+
+def flatten_coords(expr, n: int):
+    """``expr`` of the coordinate form (:data:`QC`, :data:`KC`) rewritten in the flattened
+    ``q``/``kv`` of an ``n``-axis grid (the form of ``AttentionIR.mask``/``score``)."""
+    rep = {QC[i]: grid_coord(q, i, n) for i in range(n)}
+    rep.update({KC[i]: grid_coord(kv, i, n) for i in range(n)})
+    return expr.xreplace(rep)
 
 
 def size_values(sizes: dict) -> list:
@@ -105,6 +124,11 @@ class AttentionIR:
             are flattened row-major: ``q = (y * X + x)``; axis ``i`` has run-time size ``G<i>``.
         checks: ``((condition, message), ...)``: boolean expressions of the sizes that must
             hold at call time (e.g. a neighborhood kernel no larger than its axis).
+        coord_mask / coord_score: grid patterns: ``mask`` and ``score`` written in the
+            coordinates ``qc<i>``/``kc<i>`` (:data:`QC`, :data:`KC`) of the query and key
+            tokens instead of ``floor``/``Mod`` of the flattened ``q``/``kv`` (bare ``q``,
+            ``kv`` remain where the spec uses them); ``None`` for 1-D patterns. The
+            box-tiling analysis and kernels use this form.
     """
 
     name: str
@@ -116,6 +140,8 @@ class AttentionIR:
     file: str = "<string>"
     grid: tuple = ()
     checks: tuple = ()
+    coord_mask: sp.Basic = None
+    coord_score: sp.Expr = None
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -138,6 +164,7 @@ class AttentionIR:
         parts = [self.name, repr(self.params),
                  repr([(t.name, t.dtype, [sp.srepr(d) for d in t.shape]) for t in self.tensors]),
                  sp.srepr(self.mask), sp.srepr(self.score), repr(self.grid),
+                 sp.srepr(self.coord_mask), sp.srepr(self.coord_score),
                  repr([(sp.srepr(c), m) for c, m in self.checks])]
         return "\n".join(parts)
 
@@ -197,12 +224,21 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
     if "score" in pat.clauses:
         score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
     checks = list(lw.checks)
+    coord_mask = coord_score = None
+    if lw.grid:  # the same clauses again, with coordinates as symbols
+        lw.coord_symbols = True
+        coord_mask, coord_score = sp.true, s
+        if "mask" in pat.clauses:
+            coord_mask = lw.lower_clause(pat.clauses["mask"], "mask", want="bool", allow_s=False)
+        if "score" in pat.clauses:
+            coord_score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
+        lw.coord_symbols = False
     if lw.grid:
         n = sp.Mul(*GRID_SIZES[:len(lw.grid)])
         checks += [(sp.Eq(Lq, n), "the query grid must be the declared grid"),
                    (sp.Eq(Lk, n), "the key grid must be the query grid")]
     return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
-                       tuple(lw.grid), tuple(checks))
+                       tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score)
 
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
@@ -241,6 +277,7 @@ class _Lowerer:
         self.tensor_decls = {t.name: t for t in pat.tensors}
         self.grid: list[str] = []
         self.checks: list = []
+        self.coord_symbols = False  # coord() gives QC/KC symbols (the coordinate form)
 
     # -- grids
     def set_grid(self, expr: SpecExpr) -> None:
@@ -262,11 +299,11 @@ class _Lowerer:
             self.grid.append(e.id)
 
     def coord(self, idx, i: int):
-        """Coordinate on grid axis ``i`` of the flattened (row-major) token index ``idx``."""
-        n = len(self.grid)
-        inner = sp.Mul(*GRID_SIZES[i + 1:n])
-        c = sp.floor(idx / inner) if i < n - 1 else idx
-        return sp.Mod(c, GRID_SIZES[i]) if i > 0 else c
+        """Coordinate on grid axis ``i`` of the flattened (row-major) token index ``idx``
+        (in the coordinate form: the symbol ``qc<i>`` / ``kc<i>``)."""
+        if self.coord_symbols:
+            return (QC if idx == q else KC)[i]
+        return grid_coord(idx, i, len(self.grid))
 
     # -- names available
     def _expected_names(self, allow_s: bool) -> str:

@@ -10,6 +10,15 @@ The main entry is :func:`plan`, which returns a :class:`KernelPlan`:
   *every* row sees is ``[flo, fhi)``; all four are sympy expressions of
   ``q_lo, q_hi`` (and ``h``, ``b``, sizes) printed into the kernel, which derives
   tile ranges from its program id. No table, no mask materialisation.
+* ``path="box"`` — grid patterns whose mask, in grid coordinates, is a union of at
+  most :data:`MAX_BOXES` products of per-axis conditions (neighborhoods with
+  dilation/stride/causal, Swin windows, MaxViT grids, criss-cross...). Query tiles
+  are boxes on the grid; per axis, a residue test ``kc % d == qc % d`` becomes
+  ``d`` dilation groups (sub-problems: the tile lives inside one group, the test is
+  dropped), and the remaining conditions give the key interval of the query box on
+  that axis in closed form (the 1-D analysis, in group coordinates). The key box is
+  the product of the axis intervals. Tokens are permuted before the kernel so that
+  every box is contiguous (:mod:`attncc.layout`), and back after.
 * ``path="table"`` — the mask reads a tensor (document ids, labels) or has
   atoms the closed form cannot bound; the runtime evaluates the mask once per
   (shape, params, tensor values) in a vectorised way and caches a block table
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from . import ir as I
 from .ir import AttentionIR, Lk, h, kv, q, s
 
 #: symbols of the first and last valid query row of a query tile
@@ -32,6 +42,10 @@ q_lo = sp.Symbol("q_lo", integer=True, nonnegative=True)
 q_hi = sp.Symbol("q_hi", integer=True, nonnegative=True)
 
 MAX_INTERVALS = 3
+#: the key index and the key's grid coordinates
+_KEY_SYMBOLS = {kv, *I.KC}
+#: most key boxes of a box plan (their union is visited)
+MAX_BOXES = 3
 
 
 # ----------------------------------------------------------------------------- rewrites
@@ -61,14 +75,18 @@ def _abs_rule(e):
 
 
 def _minmax_rule(e):
-    """max(a, b) <= y -> a <= y and b <= y; min(a, b) <= y -> a <= y or b <= y (and mirrored)."""
+    """max(a, b) <= y -> a <= y and b <= y; min(a, b) <= y -> a <= y or b <= y (and mirrored).
+
+    Only for a min/max of the key index: a bound on ``kv`` by a min/max of ``q`` terms is
+    already an interval (its ends are monotone in ``q``), and splitting it would only
+    multiply the intervals."""
     if not isinstance(e, sp.core.relational.Relational) or e.rel_op in ("==", "!="):
         return None
     lhs, rhs, op = _rel_parts(e)
     flip = {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}
     if isinstance(rhs, (sp.Min, sp.Max)) and not isinstance(lhs, (sp.Min, sp.Max)):
         lhs, rhs, op = rhs, lhs, flip[op]
-    if not isinstance(lhs, (sp.Min, sp.Max)):
+    if not isinstance(lhs, (sp.Min, sp.Max)) or not lhs.free_symbols & _KEY_SYMBOLS:
         return None
     R = {"<=": sp.Le, "<": sp.Lt, ">=": sp.Ge, ">": sp.Gt}
     parts = [R[op](a, rhs) for a in lhs.args]
@@ -227,23 +245,20 @@ def _kv_term(e):
 
 
 def _bound_atom(rel):
-    """KvSet of one relational atom: list[Interval] and whether it is exact."""
+    """KvSet of one relational atom: list[Interval] and whether it is exact.
+
+    The atom is split as ``a * g(kv) + r  OP  0`` with integer ``g(kv)`` (``kv`` or
+    ``floor((kv + k0) / c)``) and real ``r`` (e.g. ``g/2`` in dilation-group
+    coordinates); the integer bound on ``g`` uses floor/ceil of ``-r / a``.
+    """
     if not isinstance(rel, sp.core.relational.Relational):
         return None
     op = rel.rel_op
     if op in ("==", "!="):
         return None
-    if not (_is_int(rel.lhs) and _is_int(rel.rhs)):
+    if not (rel.lhs.is_real and rel.rhs.is_real) or kv not in rel.free_symbols:
         return None
-    e = rel.lhs - rel.rhs
-    # normalise to e <= 0
-    if op == "<":
-        e = e + 1
-    elif op == ">=":
-        e = -e
-    elif op == ">":
-        e = -e + 1
-    split = _kv_term(e)
+    split = _kv_term(rel.lhs - rel.rhs)
     if split is None:
         return None
     a, kind, k0, c, r = split
@@ -251,15 +266,17 @@ def _bound_atom(rel):
         return None
     if monotone(r, q) is None:
         return None
-    # a*g + r <= 0
-    if a > 0:
-        G = sp.floor(-r / a)  # g <= G
+    x = -r / a  # a*g + r OP 0  <=>  g OP' x
+    if a < 0:
+        op = {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
+    if op in ("<=", "<"):  # g <= G
+        G = sp.floor(x) if op == "<=" else sp.ceiling(x) - 1
         hi = (G + 1) if kind == "id" else (c * G + c - k0)
         ext = _extremes(hi)
         if ext is None:
             return None
         return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0])
-    G = sp.ceiling(-r / a)  # g >= G
+    G = sp.ceiling(x) if op == ">=" else sp.floor(x) + 1  # g >= G
     lo = G if kind == "id" else (c * G - k0)
     ext = _extremes(lo)
     if ext is None:
@@ -372,6 +389,127 @@ def read_checks(ir: AttentionIR, expr) -> tuple:
     return tuple(out)
 
 
+# ----------------------------------------------------------------------------- boxes
+#: per grid axis i: group (dilation residue) of the query tile, first / last valid row of the
+#: query box in group coordinates, and the group's length (tokens of the group on the axis)
+GQ = tuple(sp.Symbol(f"g{i}", integer=True, nonnegative=True) for i in range(3))
+BQ_LO = tuple(sp.Symbol(f"q_lo{i}", integer=True, nonnegative=True) for i in range(3))
+BQ_HI = tuple(sp.Symbol(f"q_hi{i}", integer=True, nonnegative=True) for i in range(3))
+LG = tuple(sp.Symbol(f"lg{i}", integer=True, nonnegative=True) for i in range(3))
+
+
+@dataclass(frozen=True)
+class Box:
+    """Keys of a query box: one :class:`Interval` per grid axis, in group coordinates
+    (``j = x // d`` inside dilation group ``g = x % d``), expressions of ``q_lo<i>``,
+    ``q_hi<i>``, ``g<i>``, ``lg<i>`` and sizes. The box is their product."""
+
+    axes: tuple
+
+
+def _residue(atom, i):
+    """``d`` when ``atom`` is ``kc_i % d == qc_i % d`` (either side), else None."""
+    if not isinstance(atom, sp.Eq):
+        return None
+    a, c = atom.lhs, atom.rhs
+    if not (isinstance(a, sp.Mod) and isinstance(c, sp.Mod) and a.args[1] == c.args[1]):
+        return None
+    if {a.args[0], c.args[0]} != {I.QC[i], I.KC[i]}:
+        return None
+    d = a.args[1]
+    if d.free_symbols & (set(I.QC) | set(I.KC) | {q, kv}):
+        return None
+    return d
+
+
+def _axes_of(atom, n):
+    return {i for i in range(n) if atom.free_symbols & {I.QC[i], I.KC[i]}}
+
+
+def box_analysis(ir: AttentionIR):
+    """The box plan of a grid pattern: ``(groups, boxes, notes)`` or ``(None, None, reason)``.
+
+    ``groups[i]`` is the number of dilation groups on axis ``i`` (a sympy expression of
+    sizes; 1 when the axis has no residue test) and ``boxes`` the :class:`Box` list.
+    Requires: the mask reads no tensor, uses grid coordinates only (no bare q/kv), and
+    splits into at most :data:`MAX_BOXES` products of per-axis conditions, each axis
+    bounded exactly by the 1-D analysis.
+    """
+    n = len(ir.grid)
+    mask = ir.coord_mask
+    if mask is None or not n:
+        return None, None, "not a grid pattern"
+    if mask.atoms(sp.Indexed):
+        return None, None, "the mask reads tensors"
+    if mask.free_symbols & {q, kv}:
+        return None, None, "the mask uses the flattened q / kv index, not grid coordinates"
+    norm = rewrite(mask)
+    if norm is sp.false:
+        return [sp.Integer(1)] * n, [], ()
+    dnf = sp.to_dnf(norm) if isinstance(norm, (sp.And, sp.Or)) else norm
+    disjuncts = dnf.args if isinstance(dnf, sp.Or) else (dnf,)
+    groups = [None] * n
+    boxes, notes = [], []
+    for conj in disjuncts:
+        atoms = conj.args if isinstance(conj, sp.And) else (() if conj is sp.true else (conj,))
+        per_axis = [[] for _ in range(n)]
+        dil = [sp.Integer(1)] * n
+        for atom in atoms:
+            axes = _axes_of(atom, n)
+            if len(axes) > 1:
+                return None, None, f"the condition {atom} couples several grid axes"
+            i = axes.pop() if axes else 0
+            d = _residue(atom, i)
+            if d is not None:
+                if dil[i] != 1 and dil[i] != d:
+                    return None, None, f"two residue tests on axis {ir.grid[i]!r}"
+                dil[i] = d
+            else:
+                per_axis[i].append(atom)
+        axis_sets = []
+        for i in range(n):
+            if groups[i] is None:
+                groups[i] = dil[i]
+            elif groups[i] != dil[i]:
+                return None, None, f"the boxes of the mask group axis {ir.grid[i]!r} differently"
+            d = dil[i]
+            sub = {I.QC[i]: GQ[i] + d * q, I.KC[i]: GQ[i] + d * kv} if d != 1 else {I.QC[i]: q, I.KC[i]: kv}
+            cond = sp.And(*[a.xreplace(sub) for a in per_axis[i]])
+            an = _Analysis()
+            ivs = kv_sets(rewrite(cond), an)
+            if ivs is None or not an.exact:
+                why = "; ".join(an.notes) or "too many key intervals"
+                return None, None, f"axis {ir.grid[i]!r}: {why}"
+            rn = {q_lo: BQ_LO[i], q_hi: BQ_HI[i], Lk: LG[i]}
+            if d == 1:
+                rn[GQ[i]] = sp.Integer(0)
+            axis_sets.append([Interval(*(sp.simplify(x.xreplace(rn)) for x in (v.lo, v.hi, v.flo, v.fhi)))
+                              for v in ivs])
+        for combo in _product(axis_sets):
+            boxes.append(Box(tuple(combo)))
+            if len(boxes) > MAX_BOXES:
+                return None, None, f"the mask splits into more than {MAX_BOXES} key boxes"
+    return groups, boxes, tuple(notes)
+
+
+def drop_residues(mask, groups):
+    """``mask`` with each residue test ``kc_i % d == qc_i % d`` of a grouped axis (``d ==
+    groups[i]``) replaced by ``True``: inside one dilation group it always holds."""
+    rep = {}
+    for atom in mask.atoms(sp.Eq):
+        for i, d in enumerate(groups):
+            if d != 1 and _residue(atom, i) == d:
+                rep[atom] = sp.true
+    return mask.xreplace(rep)
+
+
+def _product(lists):
+    out = [[]]
+    for lst in lists:
+        out = [o + [x] for o in out for x in lst]
+    return out
+
+
 # ----------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class KernelPlan:
@@ -389,6 +527,10 @@ class KernelPlan:
         mask_uses_b / mask_uses_h: the mask depends on the batch / head index.
         notes: lines for ``attncc explain``.
         mask_read_checks: see :func:`read_checks` (checked before each launch).
+        groups / boxes: ``box`` only: dilation groups per grid axis (sympy expressions of
+            the sizes) and the :class:`Box` list (see :func:`box_analysis`).
+        box_mask: ``box`` only: the coordinate-form mask with the residue tests that the
+            grouping guarantees replaced by ``True`` (what partial tiles evaluate).
     """
 
     ir: AttentionIR
@@ -402,6 +544,9 @@ class KernelPlan:
     mask_uses_h: bool = False
     notes: tuple = ()
     mask_read_checks: tuple = ()
+    groups: tuple = ()
+    boxes: tuple = ()
+    box_mask: sp.Basic = None
 
     def describe(self) -> str:
         """Multi-line description of the analysis (used by ``attncc explain``)."""
@@ -413,6 +558,25 @@ class KernelPlan:
             for i, iv in enumerate(self.intervals):
                 out.append(f"  interval {i}: keys [{iv.lo}, {iv.hi})  full for all rows: [{iv.flo}, {iv.fhi})")
             out.append("  (q_lo, q_hi = first and last valid query row of the tile)")
+        elif self.path == "box":
+            ax = self.ir.grid
+            out.append("path: grid boxes, closed form -- query tiles are boxes on the grid; each computes its key "
+                       "box per axis from its program id (no block table, no mask materialisation)")
+            for i, a in enumerate(ax):
+                d = self.groups[i]
+                out.append(f"  axis {a} (size G{i}): " + (f"{d} dilation groups (sub-problems: a tile holds tokens "
+                           f"{a} = g + {d} * j of one group g; the residue test is dropped)" if d != 1
+                           else "one group") + f"; j = group coordinate, lg{i} = tokens of the group")
+            for j, bx in enumerate(self.boxes):
+                for i, iv in enumerate(bx.axes):
+                    out.append(f"  key box {j}, axis {ax[i]}: j in [{iv.lo}, {iv.hi})  full for all rows: "
+                               f"[{iv.flo}, {iv.fhi})")
+            out.append(f"  (q_lo<i>, q_hi<i> = first and last valid group coordinate of the query box on axis i; "
+                       f"g<i> = its dilation group)")
+            out.append("  layout: tokens permuted before the kernel to (groups, tiles, rows of a tile) on every axis "
+                       "(padded to whole tiles), and back after, so every box is contiguous "
+                       "(the permutation is skipped when it is the identity); tile shapes per axis are chosen "
+                       "per call from the axis sizes by a cost model over these closed forms")
         else:
             why = "the mask reads tensors " + ", ".join(self.mask_tensors) if self.mask_tensors else \
                 "the mask has atoms with no closed-form key range"
@@ -452,16 +616,24 @@ def plan(ir: AttentionIR) -> KernelPlan:
                   mask_read_checks=read_checks(ir, ir.mask))
     if mask_tensors:
         return KernelPlan(ir, "table", **common)
+    if ir.grid:
+        groups, boxes, why = box_analysis(ir)
+        if boxes is not None:
+            return KernelPlan(ir, "box", groups=tuple(groups), boxes=tuple(boxes),
+                              box_mask=drop_residues(ir.coord_mask, groups), **common)
+        common["notes"] = (f"no box plan: {why}",)
     an = _Analysis()
     norm = rewrite(ir.mask)
     ivs = kv_sets(norm, an)
     if ivs is None:
-        return KernelPlan(ir, "table", exact=True,
-                          notes=(f"the mask splits into more than {MAX_INTERVALS} key intervals",), **common)
+        common["notes"] = common.get("notes", ()) + (f"the mask splits into more than {MAX_INTERVALS} key intervals",)
+        return KernelPlan(ir, "table", exact=True, **common)
     if not an.exact and (not all("Mod(" in n for n in an.notes) or ALL_PARTIAL in ivs):
         # an atom that is neither a key bound nor a residue test: the closed form would
         # visit tiles it cannot prove non-empty, the table is exact.
-        return KernelPlan(ir, "table", notes=tuple(an.notes), **common)
+        common["notes"] = common.get("notes", ()) + tuple(an.notes)
+        return KernelPlan(ir, "table", **common)
     ivs = [Interval(*(sp.simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
     ivs = sorted(ivs, key=_full_width, reverse=True)
-    return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, notes=tuple(an.notes), **common)
+    common["notes"] = common.get("notes", ()) + tuple(an.notes)
+    return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, **common)

@@ -15,7 +15,8 @@ from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
 from attncc.gradients import partial_shape, reduce_partials
-from attncc.ir import grid_of, grid_sizes, size_values
+from attncc.ir import grid_sizes, size_values
+from attncc.layout import BoxLayout, choose_layout, identity_layout, layout_constexprs, layout_sizes
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -63,6 +64,11 @@ def _sizes(q, k, v, grid=None) -> dict:
             **grid_sizes(grid)}
 
 
+def _kernel_sizes(sizes: dict, layout: list) -> list:
+    """The size arguments of every kernel (``B .. Dv, G0..2, DIL0..2, J0..2``)."""
+    return size_values(sizes) + list(layout_sizes(layout).values())[3:]
+
+
 def _tensor_args(tensors) -> list:
     """Kernel arguments of the spec tensors: pointer, strides, sizes of each."""
     out = []
@@ -71,10 +77,11 @@ def _tensor_args(tensors) -> list:
     return out
 
 
-def _constexprs(dtype, sizes: dict, cfg: "Config") -> dict:
+def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list) -> dict:
     """The compile-time launch parameters shared by every generated kernel."""
     block_d, block_dv = max(16, _next_pow2(sizes["D"])), max(16, _next_pow2(sizes["Dv"]))
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                **layout_constexprs(layout),
                 EVEN_D=(sizes["D"] == block_d), EVEN_DV=(sizes["Dv"] == block_dv), IEEE=(dtype == torch.float32),
                 UPCAST=(dtype == torch.bfloat16 and cache.interpreting()),  # the interpreter has no bf16 dot
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -115,7 +122,7 @@ class CompiledAttention:
         self._tuned = {}
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
-        self.backward_error, self.tensor_grad_errors, self._grad_reads = backward_support(self.ir)
+        self.backward_error, self.tensor_grad_errors, self._grad_reads = backward_support(plan)
         self.op = _make_op(self)
 
     def __repr__(self) -> str:
@@ -149,18 +156,49 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
-        grid_shape = q.shape[2:-1] if isinstance(q, torch.Tensor) else None
         q, k, v, grid = flatten_grid(self.ir, q, k, v)
         sizes, tens = self._check(q, k, v, tensors, grid)
         if torch.is_grad_enabled():
             self._check_grads(q, k, v, tens)
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
-        # the op takes all three grid sizes (1 past the pattern's axes): a fixed-length schema arg
-        out, lse = self.op(q, k, v, [tens[t.name] for t in self.ir.tensors], float(scale), grid_of(sizes))
-        if self.ir.grid:
-            out, lse = out.unflatten(2, grid_shape), lse.unflatten(2, grid_shape)
+        targs = [tens[t.name] for t in self.ir.tensors]
+        if self.plan.path == "box":  # tokens permuted so that every grid box is one contiguous tile
+            lay = self.layout_for(sizes)
+            qp, kp, vp = (lay.permute(x.unflatten(2, grid), side)
+                          for x, side in ((q, "q"), (k, "kv"), (v, "kv")))
+            out, lse = self.op(qp, kp, vp, targs, float(scale), lay.as_list())
+            out, lse = lay.unpermute(out), lay.unpermute(lse)
+        else:
+            # the op takes a fixed-length layout list (grid sizes, 1 past the pattern's axes)
+            out, lse = self.op(q, k, v, targs, float(scale), identity_layout(grid))
+            if self.ir.grid:
+                out, lse = out.unflatten(2, grid), lse.unflatten(2, grid)
         return (out, lse) if return_lse else out
+
+    def layout_for(self, sizes: dict, config: Optional[Config] = None) -> BoxLayout:
+        """Box plans: the token layout (tile shape per axis, chosen by
+        :func:`attncc.layout.choose_layout`) used for these sizes (``B, H, ..., G0..G2``).
+
+        Raises:
+            ValueError: the pattern has no box plan, or a grid axis has no dilation group.
+        """
+        if self.plan.path != "box":
+            raise ValueError(f"pattern {self.ir.name!r} has no box plan (path {self.plan.path!r})")
+        cfg = config or self._box_config()
+        return choose_layout(self.plan, sizes, cfg.block_m, cfg.block_n)
+
+    def _box_config(self) -> Config:
+        """Tile sizes of box plans: fixed, CPU, or the H100-class default (the tile shape
+        per axis, not the block size, is what the cost model chooses)."""
+        return self.config or (CPU_CONFIG if cache.interpreting() else CUDA_CONFIGS[0])
+
+    def _launch_config(self, layout: list, cfg: Optional[Config]) -> Optional[Config]:
+        """Box plans launch with the block sizes of their layout's tile shapes."""
+        if self.plan.path != "box":
+            return cfg
+        base = cfg or self._box_config()
+        return Config(math.prod(layout[9:12]), math.prod(layout[12:15]), base.num_warps, base.num_stages)
 
     # ------------------------------------------------------------------ internals
     def _check_grads(self, q, k, v, tens: dict) -> None:
@@ -215,25 +253,28 @@ class CompiledAttention:
         return {t.name: x for t, x in zip(self.ir.tensors, tensors)}
 
     def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None,
-               grid=None):
+               layout=None):
         """Launch the forward kernel (no argument checks: :meth:`__call__` does them; q, k, v
-        grid-flattened, ``grid`` their grid sizes).
+        grid-flattened, or permuted for box plans, ``layout`` their layout list, see
+        :meth:`attncc.layout.BoxLayout.as_list`).
 
         Returns:
             ``(out, lse)``.
         """
-        sizes = _sizes(q, k, v, grid)
+        layout = list(layout or identity_layout(None))
+        sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
+        cfg = self._launch_config(layout, cfg)
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
-                                  self._autotune(q, k, v, tensors, scale, sizes, grid))
+                                  self._autotune(q, k, v, tensors, scale, sizes, layout))
         out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
         self.module(q.device).attn_fwd[(-(-Lq // cfg.block_m), B * Hq)](
             q, k, v, out, lse, *_tensor_args(tensors), *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
-            *sizes.values(), scale, **_constexprs(q.dtype, sizes, cfg))
+            *_kernel_sizes(sizes, layout), scale, **_constexprs(q.dtype, sizes, cfg, layout))
         return out, lse
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -246,11 +287,15 @@ class CompiledAttention:
             return CPU_CONFIG
         q, k, v, grid = flatten_grid(self.ir, q, k, v)
         sizes, tens = self._check(q, k, v, tensors, grid)
+        if self.plan.path == "box":
+            lay = self.layout_for(sizes)
+            return self._launch_config(lay.as_list(), None)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
-        return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes, grid)
+        return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes,
+                              identity_layout(grid))
 
     def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
-                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, grid=None):
+                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, layout=None):
         """Launch the fused backward kernels (FlashAttention-2 style).
 
         Args:
@@ -267,10 +312,18 @@ class CompiledAttention:
         if self.backward_error:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {self.backward_error}")
         mod = self.module(q.device)
-        sizes = _sizes(q, k, v, grid)
+        layout = list(layout or identity_layout(None))
+        sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
+        cfg = self._launch_config(layout, cfg)
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else BWD_CUDA_CONFIG)
+        n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
+        # partial buffers and their reduction use the original token indices (box plans: the
+        # kernel sees permuted tokens but writes partials at the grid's row-major indices)
+        osizes = dict(sizes)
+        if self.plan.path == "box":
+            osizes["Lq"] = osizes["Lk"] = math.prod(layout[:3])
         delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
         lse = lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -301,32 +354,32 @@ class CompiledAttention:
             if atomic and g.kind != "row":
                 partials.append(added[g.tensor])
             else:
-                partials.append(torch.zeros(partial_shape(g.kind, sizes, cfg.block_m), dtype=torch.float32,
+                partials.append(torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32,
                                             device=q.device))
         targs = _tensor_args(tensors)
-        consts = _constexprs(q.dtype, sizes, cfg)
-        n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
+        consts = _constexprs(q.dtype, sizes, cfg, layout)
+        ksizes = _kernel_sizes(sizes, layout)
         mod.attn_bwd_dq[(n_m, B * Hq)](
             q, k, v, dout, lse, delta, dq, *partials, *targs, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            *sizes.values(), scale, ATOMIC=atomic, GMASK=gmask, **consts)
+            *ksizes, scale, ATOMIC=atomic, GMASK=gmask, **consts)
         mod.attn_bwd_dkdv[(n_n, B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *targs, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            *sizes.values(), scale, n_m, **consts)
+            *ksizes, scale, n_m, **consts)
         for j, g in enumerate(reads):
             if g.tensor in wanted and partials[j] is not added.get(g.tensor):
-                reduce_partials(g, partials[j], sums[g.tensor], sizes, named)
+                reduce_partials(g, partials[j], sums[g.tensor], osizes, named)
         for n, x in added.items():
             sums[n] += x
         return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted]
 
-    def _autotune(self, q, k, v, tensors, scale, sizes, grid=None) -> Config:
+    def _autotune(self, q, k, v, tensors, scale, sizes, layout) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
         the choice is remembered on disk (``autotune.json`` in the cache dir)."""
         dev = torch.cuda.get_device_name(q.device)
         bucket = (f"{dev}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
-                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{grid or ''}")
+                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{layout[:3]}")
         if bucket in self._tuned:
             return self._tuned[bucket]
         with _LOCK:
@@ -339,7 +392,7 @@ class CompiledAttention:
                 best, best_t = None, float("inf")
                 for cfg in CUDA_CONFIGS:
                     try:
-                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, grid),
+                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, layout),
                                                     warmup=5, rep=20, return_mode="median")
                     except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                         continue
@@ -373,8 +426,9 @@ class CompiledAttention:
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
-            ``{"total", "visited", "full", "partial", "block_m", "block_n"}``: counts
-            summed over all (batch, head) pairs; ``partial = visited - full``.
+            ``{"total", "visited", "full", "partial", "block_m", "block_n", "layout"}``: counts
+            summed over all (batch, head) pairs; ``partial = visited - full``; ``layout``: the
+            :class:`~attncc.layout.BoxLayout` whose tiles were counted (box plans), else None.
         """
         cfg = config or self.config or CPU_CONFIG
         Hkv = Hkv or H
@@ -389,16 +443,23 @@ class CompiledAttention:
         tensors = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in tensors.items()}
         named = check_tensors(self.ir, tensors, sizes, device, only=self.plan.mask_tensors, shapes=self._shapes)
         check_reads(self._read_checks, sizes, named)
+        lay = None
+        layout = identity_layout(grid)
+        if self.plan.path == "box":  # counted on the permuted layout the kernel runs on
+            lay = self.layout_for(sizes, config)
+            layout = lay.as_list()
+            cfg = self._launch_config(layout, cfg)
+            Lq = Lk = lay.length
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
         fn = self.module(device).count_tiles
-        fn[(n_m, B * H)](counts, *tables, *tstrides, *size_values(sizes), n_m,
-                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        fn[(n_m, B * H)](counts, *tables, *tstrides, *_kernel_sizes(sizes, layout), n_m,
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **layout_constexprs(layout))
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())
         out = {"total": B * H * n_m * n_n, "visited": visited, "full": full, "partial": visited - full,
-               "block_m": cfg.block_m, "block_n": cfg.block_n}
+               "block_m": cfg.block_m, "block_n": cfg.block_n, "layout": lay}
         if per_query_tile:
             out["per_query_tile"] = counts.to(torch.int64).cpu()
         return out
@@ -418,12 +479,12 @@ def _make_op(kern: CompiledAttention):
             return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
-                 scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-            return kern.launch(q, k, v, tensors, scale, grid=grid)
+                 scale: float, layout: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+            return kern.launch(q, k, v, tensors, scale, layout=layout)
 
         op = torch.library.custom_op(name, mutates_args=())(impl)
 
-        def fake(q, k, v, tensors, scale, grid):
+        def fake(q, k, v, tensors, scale, layout):
             B, Hq, Lq, _ = q.shape
             return (q.new_empty((B, Hq, Lq, v.shape[-1])),
                     q.new_empty((B, Hq, Lq), dtype=torch.float32))
@@ -432,22 +493,22 @@ def _make_op(kern: CompiledAttention):
 
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
-                     scale: float, want: List[bool], grid: List[int]) -> List[torch.Tensor]:
-            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, grid=grid)
+                     scale: float, want: List[bool], layout: List[int]) -> List[torch.Tensor]:
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
-        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want, grid):
+        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout):
             return ([torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
                     + [torch.empty_like(t) for t, w in zip(tensors, want) if w])
 
         bwd.register_fake(bwd_fake)
 
         def setup_context(ctx, inputs, output):
-            q, k, v, tensors, scale, grid = inputs
+            q, k, v, tensors, scale, layout = inputs
             out, lse = output
             ctx.save_for_backward(q, k, v, out, lse, *tensors)
-            ctx.scale, ctx.grid = scale, grid
+            ctx.scale, ctx.layout = scale, layout
             has_grad = set(kern.grad_tensor_names())
             ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
 
@@ -457,7 +518,7 @@ def _make_op(kern: CompiledAttention):
                 dlse = torch.zeros_like(lse)
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want, ctx.grid)
+            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout)
             it = iter(grads)
             return dq, dk, dv, [next(it) if w else None for w in ctx.want], None, None
 

@@ -66,6 +66,15 @@ def test_benchmark_dry_run():
     assert "| causal | 128 |" in r.stdout and "MISMATCH" not in r.stdout
 
 
+def test_grid_benchmark_dry_run():
+    # attncc (box plan) vs an independent NATTEN-rule flex mask_mod (and NATTEN when installed)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_grid.py"), "--dry-run",
+                        "--cases", "flux2d_dilated,video3d_causal"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| flux2d_dilated |") or ln.startswith("| video3d_causal |")]
+    assert len(rows) >= 2 and all(ln.rstrip().endswith("| ok |") and "| box," in ln for ln in rows), r.stdout
+
+
 def test_benchmark_backward_dry_run():
     # forward + backward: attncc's gradients (q, k, v, ALiBi slopes) checked against the float64
     # reference; flex has no CPU backward, so its cell records the exception

@@ -3,6 +3,8 @@ patterns and 2-D relative-position bias, vs the dense reference, vs an independe
 brute-force implementation of NATTEN's window rule, and vs NATTEN itself when installed."""
 
 import itertools
+import math
+import random
 
 import pytest
 import torch
@@ -40,10 +42,16 @@ def test_grid_library_matches_reference(name):
         ref, rlse = attncc.reference(path, q, k, v, pattern=name, return_lse=True, **_params(name), **tens)
         assert max_err(out, ref) < 5e-5, (name, grid)
         assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
-        # the kernel visits exactly the non-empty tiles of the flattened mask
+        # closed-form key boxes (no block table); the kernel visits exactly the non-empty
+        # tiles of the mask in its permuted token layout, and runs the full ones mask-free
+        assert kern.plan.path == "box", kern.plan.describe()
         stats = kern.tile_stats(sizes["Lq"], sizes["Lk"], H=2, Hkv=1, grid=grid)
-        ne = nonempty_tiles(dense_mask(kern.ir, sizes, tens, "cpu")[:1, :1], stats["block_m"], stats["block_n"])
+        mask = stats["layout"].permute_mask(dense_mask(kern.ir, sizes, tens, "cpu")[:1, :1])
+        ne = nonempty_tiles(mask, stats["block_m"], stats["block_n"])
+        full = nonempty_tiles(~mask, stats["block_m"], stats["block_n"])
+        n_tiles = (mask.shape[2] // stats["block_m"]) * (mask.shape[3] // stats["block_n"])
         assert stats["visited"] == 2 * ne, (name, grid, stats, ne)
+        assert stats["full"] == 2 * (n_tiles - full), (name, grid, stats, n_tiles - full)
 
 
 def _natten_window(i, L, k, d, s, causal):
@@ -114,21 +122,77 @@ def test_neighborhood_property(cfg, seed):
     out = kern(q, k, v)
     ref = attncc.reference(src, q, k, v)
     assert max_err(out, ref) < 5e-5, cfg
+    # closed-form key boxes: exactly the non-empty tiles of the permuted layout
+    assert kern.plan.path == "box"
+    stats = kern.tile_stats(sizes["Lq"], sizes["Lk"], grid=grid)
+    pm = stats["layout"].permute_mask(want[None, None])
+    assert stats["visited"] == nonempty_tiles(pm, stats["block_m"], stats["block_n"]), cfg
 
 
-def test_neighborhood_matches_natten():
+def test_box_layout_permutation():
+    from attncc.layout import BoxLayout
+
+    x = torch.randn(2, 3, 7, 10, 5)
+    for lay in [BoxLayout((7, 10), (2, 3), (4, 8), (8, 4)), BoxLayout((7, 10), (1, 1), (1, 32), (2, 16)),
+                BoxLayout((8, 16), (1, 1), (2, 16), (1, 16))]:
+        for side in ("q", "kv"):
+            p = lay.permute(x if lay.grid == (7, 10) else torch.randn(2, 3, 8, 16, 5), side)
+            assert p.shape == (2, 3, lay.length, 5)
+            idx = lay.token_index(side)
+            assert sorted(i for i in idx.tolist() if i >= 0) == list(range(math.prod(lay.grid)))
+    lay = BoxLayout((7, 10), (2, 3), (4, 8), (8, 4))
+    p = lay.permute(x, "q")
+    idx = lay.token_index("q")
+    # position i of the permuted sequence holds grid token idx[i] (zeros at padding)
+    assert torch.equal(p[:, :, idx >= 0], x.flatten(2, 3)[:, :, idx[idx >= 0]])
+    assert (p[:, :, idx < 0] == 0).all()
+    assert torch.equal(lay.unpermute(p), x)
+    # dilation group g of axis x: tokens x = g + 3 j of one tile are consecutive
+    first = idx[:32].tolist()
+    assert all((t % 10) % 3 == (first[0] % 10) % 3 and (t // 10) % 2 == (first[0] // 10) % 2 for t in first if t >= 0)
+    assert BoxLayout((8, 16), (1, 1), (2, 16), (1, 16)).is_identity()
+    assert not BoxLayout((8, 16), (1, 1), (2, 8), (1, 16)).is_identity()
+
+
+def test_maxvit_needs_a_group():
+    kern = attncc.compile(attncc.pattern_path("maxvit_grid"), G=8)
+    q, k, v, _, _ = example_inputs(kern.ir, 1, 1, 1, D=16, grid=(6, 16))
+    with pytest.raises(ValueError, match=r"axis 'y' \(size 6\) has floor\(G0/8\) = 0 dilation groups"):
+        kern(q, k, v)
+
+
+def _random_na_configs(n, count, seed):
+    """Random NATTEN configurations (grid, kernel, dilation, stride, causal) for an n-D grid."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        grid, kern, dil, stride, causal = [], [], [], [], []
+        for _ in range(n):
+            L = rng.randint(4, {1: 40, 2: 12, 3: 7}[n])
+            d = rng.randint(1, max(1, L // 3))
+            k = rng.randint(2, max(2, min(7, L // d)))
+            grid.append(L), dil.append(d), kern.append(k)
+            stride.append(rng.randint(1, k)), causal.append(rng.random() < 0.3)
+        out.append((tuple(grid), tuple(kern), tuple(dil), tuple(stride), tuple(causal)))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_neighborhood_matches_natten(n):
     natten = pytest.importorskip("natten")  # optional test dependency (CPU build runs its flex backend)
-    src = ("pattern na2:\n    grid: y, x\n    param k: int = 5\n    param d: int = 1\n    param st: int = 1\n"
-           "    param c: bool = False\n    mask: neighborhood(q, kv, kernel=k, dilation=d, stride=st, causal=(c, False))\n")
-    g = torch.Generator().manual_seed(0)
-    for p in [dict(), dict(d=2), dict(k=4, st=2), dict(c=True, k=3), dict(k=4, st=3, d=2), dict(k=5, st=5)]:
-        kern = attncc.compile(src, **p)
-        q, k, v = (torch.randn(1, 2, 11, 13, 32, generator=g) for _ in range(3))
+    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[n]
+    g = torch.Generator().manual_seed(n)
+    for grid, kern_, dil, stride, causal in _random_na_configs(n, 6, seed=n):
+        src = (_na_spec(n).replace("KER", _tuple(kern_)).replace("DIL", _tuple(dil))
+               .replace("STR", _tuple(stride)).replace("CAU", _tuple(causal)))
+        kern = attncc.compile(src)
+        q, k, v = (torch.randn(1, 2, *grid, 32, generator=g) for _ in range(3))
         out = kern(q, k, v)
-        nat = natten.na2d(*(x.permute(0, 2, 3, 1, 4).contiguous() for x in (q, k, v)), kernel_size=p.get("k", 5),
-                          stride=p.get("st", 1), dilation=p.get("d", 1),
-                          is_causal=(p.get("c", False), False)).permute(0, 3, 1, 2, 4)
-        assert max_err(out, nat) < 5e-5, p
+        heads_last = [0, *range(2, 2 + n), 1, 2 + n]  # natten: (B, *grid, H, D)
+        back = [0, n + 1, *range(1, n + 1), n + 2]
+        nat = fn(*(x.permute(heads_last).contiguous() for x in (q, k, v)), kernel_size=kern_, stride=stride,
+                 dilation=dil, is_causal=causal).permute(back)
+        assert max_err(out, nat) < 5e-5, (grid, kern_, dil, stride, causal)
 
 
 def test_grid_rpb_gradients():

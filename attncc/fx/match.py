@@ -566,15 +566,16 @@ def _select_last(x: torch.Tensor) -> torch.Tensor:
 
 def _erase_dead(g: fx.Graph, n: fx.Node) -> None:
     """Erase ``n`` and, recursively, the producers only it used (known pure ops only)."""
-    todo = [n]
+    todo, erased = [n], set()
     while todo:
         x = todo.pop()
-        if x.users or x.op != "call_function" and x.op != "call_method" or x.graph is not g:
+        if x in erased or x.users or x.op not in ("call_function", "call_method"):
             continue
         if op_of(x) is None and x.target is not S.attention:
             continue
         ins = list(x.all_input_nodes)
         g.erase_node(x)
+        erased.add(x)
         todo += ins
 
 

@@ -69,7 +69,8 @@ class Site:
 
     def describe(self) -> str:
         """One-line summary: the inferred pattern name and its clauses."""
-        bits = [pattern_name(self).replace(mask_name(self.mask).split("(")[0], mask_name(self.mask), 1)]
+        full = mask_name(self.mask)
+        bits = [pattern_name(self) + (full[full.index("("):] if "(" in full else "")]
         if self.mask is not None:
             bits.append(f"mask: {print_mask(self.mask)}")
         if self.mask_tensor:

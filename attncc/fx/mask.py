@@ -257,7 +257,7 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None):
     e = v.expr
     if isinstance(e, sympy.Piecewise):  # additive: where(keep, 0, -big)
         pieces = e.args
-        if len(pieces) != 2 or pieces[0].expr != 0 or pieces[1].cond is not sympy.true:
+        if len(pieces) != 2 or not pieces[0].expr.is_zero or pieces[1].cond is not sympy.true:
             raise Opaque("an additive mask with values other than 0 and a large negative number")
         big = pieces[1].expr
         if not (big == -sympy.oo or (big.is_number and float(big) <= -1e30)):

@@ -282,6 +282,8 @@ def _walk_scores(g: Graph, n: fx.Node, steps: list, depth: int = 0):
         for x, step in rule(g, n):
             allowed = step.value if step.kind == "shift" else ()
             if not g.single_use(x, allowed):
+                if step.kind == "add" and g.depends(step.value, x):
+                    raise LeaveAlone(f"the added term {step.value.name} depends on the scores")
                 continue
             got = _walk_scores(g, x, steps + [step], depth + 1)
             if got:
@@ -418,8 +420,11 @@ def _check_qkv(q, k, v):
     dts = {x.dtype for x in vals}
     if len(dts) != 1 or next(iter(dts)) not in (torch.float32, torch.float16, torch.bfloat16):
         raise LeaveAlone(f"q, k, v dtypes {sorted(map(str, dts))} (the kernel takes one of float32/16, bfloat16)")
-    if not isinstance(vals[0].shape[-1], int) or vals[0].shape[-1] > 256 or vals[2].shape[-1] > 256:
-        raise LeaveAlone("head dim above 256")
+    for x in (vals[0], vals[2]):
+        d = x.shape[-1]
+        d = d.node.hint if isinstance(d, torch.SymInt) else d
+        if d is None or d > 256:
+            raise LeaveAlone("head dim above 256 (or unknown)")
 
 
 def _gqa(k: fx.Node, v: fx.Node, q: fx.Node):

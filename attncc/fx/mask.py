@@ -222,6 +222,11 @@ class Evaluator:
         raise Opaque(f"unsupported argument {a!r}")
 
     def node(self, n: fx.Node) -> Index:
+        """The symbolic value of node ``n``.
+
+        Raises:
+            Opaque: ``n`` reads an input tensor or uses an op outside :data:`RULES`.
+        """
         if n in self.memo:
             return self.memo[n]
         val = value_of(n)

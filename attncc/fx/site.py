@@ -153,6 +153,7 @@ def _mask_values(mask, Lq_: int, Lk_: int):
     return np.broadcast_to(np.asarray(f(qq, kk, Lq_, Lk_), dtype=bool), qq.shape)
 
 
+@functools.lru_cache(maxsize=1024)
 def mask_name(mask) -> str:
     """A library-style name for a recovered mask, found by comparing it with causal
     (top-left / bottom-right) and causal sliding windows on a few shapes; ``"masked"``

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import attncc.hf
-from tiny_models import ARCHS, input_ids, tiny_model
+
+pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e '.[test]'")
+from tiny_models import ARCHS, input_ids, tiny_model  # noqa: E402
 
 attncc.hf.register()
 

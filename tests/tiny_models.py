@@ -9,8 +9,6 @@ graph pass (top-left: the prompt's own graph) and for ``attn_implementation="att
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e '.[test]'")
-
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 
@@ -38,6 +36,7 @@ ARCHS = {
 def tiny_model(arch: str, impl: str = None):
     """``(model in eval mode, its reference attention implementation)``; skips when the
     installed transformers lacks the architecture."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e '.[test]'")
     cfg_name, model_name, extra, ref_impl, _, _ = ARCHS[arch]
     if not hasattr(transformers, model_name):
         pytest.skip(f"transformers {transformers.__version__} has no {model_name}")

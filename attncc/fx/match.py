@@ -1,0 +1,634 @@
+"""Find attention sites in an FX graph and replace them with compiled attncc kernels.
+
+Two kinds of site:
+
+* ``scaled_dot_product_attention`` calls (``attn_mask``, ``is_causal``, ``scale``,
+  ``enable_gqa``);
+* hand-written chains, matched from the softmax outwards by declarative rules::
+
+      matmul(q, k^T) [* scale | / c] [softcap] [+ mask/bias]... [cat sink column]
+        [- rowmax] softmax(dim=-1) [.to] [dropout p=0 / eval] [drop sink column] matmul(., v)
+
+In both, ``k``/``v`` produced by a GQA ``repeat_kv`` (``[:, :, None].expand().reshape()``)
+or ``repeat_interleave(n, dim=1)`` are taken from before the repeat (the kernel does
+GQA natively). Masks are recovered symbolically (:mod:`attncc.fx.mask`) or passed as
+tensors. Each rule is a small function in :data:`SCORE_RULES` / :data:`PROB_RULES`;
+the matcher tries them in order, so a new motif is one more entry.
+
+The graph is also held as a networkx DiGraph: single-use checks on chain
+intermediates (``out_degree``) and the check that a mask or bias does not depend on
+the scores (``has_path``) are graph queries there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+
+from . import site as S
+from .mask import Opaque, recover
+from .ops import arg, op_of, value_of
+
+log = logging.getLogger("attncc")
+
+
+class LeaveAlone(Exception):
+    """The site was recognised but is not replaced; the message says why."""
+
+
+# ---------------------------------------------------------------------- reports
+@dataclass
+class SiteReport:
+    """One attention site: where, what was inferred, and whether it was replaced.
+
+    Attributes:
+        node: name of the FX node whose value the site computes (the output matmul or
+            the SDPA call).
+        kind: ``"sdpa"`` or ``"chain"`` (a hand-written matmul-softmax-matmul).
+        replaced: True when the site now calls an attncc kernel.
+        pattern: the inferred pattern (name and clauses), when one was inferred.
+        reason: why the site was left alone (empty when replaced).
+        spec: the generated ``.attn`` text (replaced sites).
+    """
+
+    node: str
+    kind: str
+    replaced: bool
+    pattern: str = ""
+    reason: str = ""
+    spec: str = ""
+
+    def line(self) -> str:
+        """The one log line of this site."""
+        if self.replaced:
+            return f"attncc: replaced {self.kind} site {self.node}: {self.pattern}"
+        return f"attncc: left {self.kind} site {self.node} alone: {self.reason}"
+
+
+@dataclass
+class Report:
+    """The sites :func:`rewrite` found in one graph (in graph order)."""
+
+    sites: List[SiteReport] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> List[SiteReport]:
+        """Sites that now call attncc kernels."""
+        return [s for s in self.sites if s.replaced]
+
+    @property
+    def left_alone(self) -> List[SiteReport]:
+        """Sites left as they were, each with its reason."""
+        return [s for s in self.sites if not s.replaced]
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "attncc: no attention sites found"
+        return "\n".join(s.line() for s in self.sites)
+
+
+# ---------------------------------------------------------------------- helpers
+def _shape(n):
+    v = value_of(n)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    sa = a.node.expr if isinstance(a, torch.SymInt) else a
+    sb = b.node.expr if isinstance(b, torch.SymInt) else b
+    try:
+        return bool(sympy.simplify(sympy.sympify(sa) - sympy.sympify(sb)) == 0)
+    except (TypeError, sympy.SympifyError):
+        return False
+
+
+def _number(x) -> Optional[float]:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def _dim_is_last(dim, rank) -> bool:
+    return dim == -1 or dim == rank - 1
+
+
+class Graph:
+    """The FX graph as a networkx DiGraph (edges producer -> consumer)."""
+
+    def __init__(self, g: fx.Graph):
+        self.nx = nx.DiGraph()
+        for n in g.nodes:
+            self.nx.add_node(n)
+            for p in n.all_input_nodes:
+                self.nx.add_edge(p, n)
+
+    def single_use(self, n: fx.Node, allowed=()) -> bool:
+        """``n`` feeds exactly one consumer outside ``allowed``."""
+        return len([u for u in self.nx.successors(n) if u not in allowed]) == 1
+
+    def depends(self, n, on: fx.Node) -> bool:
+        """``n`` is computed from ``on``."""
+        return isinstance(n, fx.Node) and nx.has_path(self.nx, on, n)
+
+
+# ---------------------------------------------------------------------- GQA
+def strip_repeat(n: fx.Node):
+    """``(base, n_rep)``: the KV tensor before a GQA head repeat, or ``(n, 1)``.
+
+    Recognises ``x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv*n, L, D)`` (and
+    ``unsqueeze(2)``) and ``repeat_interleave(n, dim=1)``; the shapes recorded on the
+    nodes must agree."""
+    op = op_of(n)
+    if op == "repeat_interleave":
+        rep, dim = arg(n, 1, "repeats"), arg(n, 2, "dim")
+        if isinstance(rep, int) and dim in (1, -3) and isinstance(n.args[0], fx.Node):
+            return n.args[0], rep
+        return n, 1
+    if op not in ("reshape", "view") or not isinstance(n.args[0], fx.Node):
+        return n, 1
+    e = n.args[0]
+    if op_of(e) != "expand" or not isinstance(e.args[0], fx.Node):
+        return n, 1
+    u = e.args[0]
+    base = None
+    if op_of(u) == "unsqueeze" and arg(u, 1, "dim") in (2, -3):
+        base = u.args[0]
+    elif op_of(u) == "getitem":
+        idx = u.args[1]
+        if isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None and all(i == slice(None) for i in idx[:2]) \
+                and all(i == slice(None) or i is Ellipsis for i in idx[3:]):
+            base = u.args[0]
+    if not isinstance(base, fx.Node):
+        return n, 1
+    bs, es, rs = _shape(base), _shape(e), _shape(n)
+    if not (bs and es and rs) or len(bs) != 4 or len(es) != 5 or len(rs) != 4:
+        return n, 1
+    if not all(_same(es[i], bs[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
+        return n, 1
+    if not (_same(rs[1], es[1] * es[2]) and _same(rs[2], bs[2]) and _same(rs[3], bs[3])):
+        return n, 1
+    rep = es[2]
+    return base, (int(rep) if not isinstance(rep, torch.SymInt) else rep)
+
+
+# ---------------------------------------------------------------------- chain rules
+@dataclass
+class Step:
+    """One recognised step of a score chain: ``kind`` in ``scale, softcap, add, sinks,
+    shift, cast``; ``value`` its constant or tensor node."""
+
+    kind: str
+    value: object = None
+
+
+def _rule_scale(g, n):
+    if op_of(n) == "mul":
+        a, b = n.args[:2]
+        for x, c in ((a, b), (b, a)):
+            if isinstance(x, fx.Node) and _number(c) is not None:
+                yield x, Step("scale", _number(c))
+    if op_of(n) == "div":
+        x, c = n.args[:2]
+        if isinstance(x, fx.Node) and _number(c):
+            yield x, Step("scale", 1.0 / _number(c))
+
+
+def _rule_softcap(g, n):
+    """``cap * tanh(x / cap)`` (Gemma 2)."""
+    if op_of(n) != "mul":
+        return
+    a, b = n.args[:2]
+    for t, c in ((a, b), (b, a)):
+        if isinstance(t, fx.Node) and op_of(t) == "tanh" and _number(c) and g.single_use(t):
+            d = t.args[0]
+            if isinstance(d, fx.Node) and op_of(d) == "div" and _number(d.args[1]) == _number(c) \
+                    and isinstance(d.args[0], fx.Node) and g.single_use(d):
+                yield d.args[0], Step("softcap", _number(c))
+
+
+def _rule_add(g, n):
+    if op_of(n) == "add" and len(n.args) == 2 and not n.kwargs:
+        a, b = n.args
+        for x, m in ((a, b), (b, a)):
+            if isinstance(x, fx.Node) and isinstance(m, fx.Node):
+                yield x, Step("add", m)
+
+
+def _rule_sinks(g, n):
+    """``cat([x, sinks], dim=-1)`` (gpt-oss): one extra logit column per row."""
+    if op_of(n) == "cat":
+        parts, dim = n.args[0], arg(n, 1, "dim", 0)
+        if isinstance(parts, (list, tuple)) and len(parts) == 2 and _dim_is_last(dim, len(_shape(n) or ())):
+            x, s = parts
+            ss = _shape(s)
+            if isinstance(x, fx.Node) and ss is not None and ss[-1] == 1:
+                yield x, Step("sinks", s)
+
+
+def _rule_shift(g, n):
+    """``x - x.max(dim=-1, keepdim=True).values``: softmax is shift invariant."""
+    if op_of(n) == "sub" and isinstance(n.args[1], fx.Node):
+        x, mx = n.args[:2]
+        m = mx.args[0] if op_of(mx) == "getitem" and mx.args[1] == 0 else mx
+        if op_of(m) in ("max", "amax") and m.args[0] is x and arg(m, 1, "dim") in (-1, len(_shape(x)) - 1) \
+                and arg(m, 2, "keepdim", False):
+            yield x, Step("shift", (m, mx))
+
+
+def _rule_cast(g, n):
+    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node):
+        yield n.args[0], Step("cast")
+
+
+#: steps between matmul(q, k^T) and the softmax, tried in this order
+SCORE_RULES: List[Callable] = [_rule_softcap, _rule_scale, _rule_add, _rule_sinks, _rule_shift, _rule_cast]
+
+
+def _qk(n: fx.Node):
+    """``(q, k)`` when ``n`` is ``matmul(q, k.transpose(-2, -1))`` of 4-D tensors."""
+    if op_of(n) != "matmul" or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    q, kt = n.args
+    if op_of(kt) == "transpose":
+        dims = sorted(d % 4 for d in kt.args[1:3])
+        if dims != [2, 3]:
+            return None
+    elif op_of(kt) == "permute":
+        p = kt.args[1:] if len(kt.args) > 2 else kt.args[1]
+        if tuple(p) not in ((0, 1, 3, 2), (0, 1, -1, -2)):
+            return None
+    else:
+        return None
+    k = kt.args[0]
+    if not isinstance(k, fx.Node) or len(_shape(q) or ()) != 4 or len(_shape(k) or ()) != 4:
+        return None
+    return q, k
+
+
+def _walk_scores(g: Graph, n: fx.Node, steps: list, depth: int = 0):
+    """Back from the softmax input to matmul(q, k^T): ``(qk_node, steps outer-first)``."""
+    if _qk(n):
+        return n, steps
+    if depth > 16:
+        return None
+    for rule in SCORE_RULES:
+        for x, step in rule(g, n):
+            allowed = step.value if step.kind == "shift" else ()
+            if not g.single_use(x, allowed):
+                if step.kind == "add" and g.depends(step.value, x):
+                    raise LeaveAlone(f"the added term {step.value.name} depends on the scores")
+                continue
+            got = _walk_scores(g, x, steps + [step], depth + 1)
+            if got:
+                return got
+    return None
+
+
+def _walk_probs(g: Graph, sm: fx.Node):
+    """Forward from the softmax to matmul(p, v): ``(pv_node, v, notes)``."""
+    n, dropped_col, notes = sm, False, []
+    for _ in range(8):
+        users = list(n.users)
+        if len(users) != 1:
+            raise LeaveAlone("the attention probabilities are used elsewhere (e.g. returned as attention weights)")
+        u = users[0]
+        op = op_of(u)
+        if op == "matmul" and u.args[0] is n:
+            return u, u.args[1], dropped_col, notes
+        if op in ("to", "contiguous"):
+            pass
+        elif op == "dropout":
+            p, training = arg(u, 1, "p", 0.5), arg(u, 2, "training", True)
+            if training is not False and p != 0:
+                raise LeaveAlone(f"dropout p={p} in training mode (attention dropout is not fused)")
+        elif op == "getitem" and u.args[1] in ((Ellipsis, slice(None, -1, None)),
+                                               (slice(None),) * 3 + (slice(None, -1, None),)):
+            dropped_col = True
+        else:
+            raise LeaveAlone(f"the probabilities go through {op or u.target}, not matmul(p, v)")
+        n = u
+    raise LeaveAlone("no matmul(p, v) after the softmax")
+
+
+def _feeds_matmul(sm: fx.Node) -> bool:
+    n = sm
+    for _ in range(8):
+        if len(n.users) != 1:
+            return any(op_of(u) == "matmul" for u in n.users)
+        n = next(iter(n.users))
+        if op_of(n) == "matmul":
+            return True
+        if op_of(n) not in ("to", "contiguous", "dropout", "getitem"):
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------- site building
+@dataclass
+class Found:
+    """A matched site before it becomes a :class:`~attncc.fx.site.Site`."""
+
+    out: fx.Node
+    kind: str
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float
+    causal: bool = False
+    masks: list = field(default_factory=list)    # (node, additive: bool, position in score_ops or None)
+    score_ops: list = field(default_factory=list)  # ("softcap", c) | ("bias", node)
+    sink: Optional[fx.Node] = None
+    scores: Optional[fx.Node] = None  # matmul(q, k^T) of a chain
+
+
+def _tensor_dims(n: fx.Node, sizes: dict) -> tuple:
+    shp = _shape(n)
+    if shp is None or len(shp) > 4:
+        raise LeaveAlone(f"a mask/bias {n.name} of unknown or >4-D shape")
+    shp = (1,) * (4 - len(shp)) + shp
+    dims = []
+    for s, name in zip(shp, ("B", "H", "Lq", "Lk")):
+        if not isinstance(s, torch.SymInt) and s == 1:
+            dims.append("1")
+        elif _same(s, sizes[name]):
+            dims.append(name)
+        else:
+            raise LeaveAlone(f"the mask/bias {n.name} has shape {shp}, which does not broadcast to (B, H, Lq, Lk)")
+    return tuple(dims)
+
+
+def _site_of(f: Found, sizes: dict, g: Graph):
+    """``(Site, tensors)``: the symbolic masks folded in, the rest passed as tensors."""
+    mask = sympy.true
+    if f.causal:
+        mask = S.kv_idx <= S.q_idx
+    tensors, mask_tensor, ops = [], None, []
+    notes = []
+    for node, additive, movable in f.masks:
+        if f.scores is not None and g.depends(node, f.scores):
+            raise LeaveAlone(f"the added term {node.name} depends on the scores")
+        try:
+            if not movable:
+                raise Opaque("it is added before a non-linear score step")
+            mask = sympy.And(mask, recover(node, sizes))
+        except Opaque as e:
+            notes.append(f"mask {node.name} passed as a tensor ({e})")
+            dims = _tensor_dims(node, sizes)
+            if additive:
+                ops.append(("bias", dims, node))
+            else:
+                if mask_tensor is not None:
+                    raise LeaveAlone("two opaque boolean masks")
+                mask_tensor = dims
+                tensors.insert(0, node)
+    for op in f.score_ops:
+        if op[0] == "softcap":
+            ops.append(op)
+        else:
+            ops.append(("bias", _tensor_dims(op[1], sizes), op[1]))
+    # score ops in application order; bias tensors in declaration order
+    score_ops, biases = [], []
+    for op in ops:
+        if op[0] == "bias":
+            score_ops.append(("bias", op[1]))
+            biases.append(op[2])
+        else:
+            score_ops.append(op)
+    mask = sympy.simplify_logic(mask) if mask is not sympy.true else None
+    if mask is sympy.false:
+        raise LeaveAlone("the recovered mask drops every pair")
+    site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None)
+    return site, tensors + biases, notes
+
+
+def _sizes(q: fx.Node, k: fx.Node) -> dict:
+    qs, ks = _shape(q), _shape(k)
+    return {"B": qs[0], "H": qs[1], "Lq": qs[2], "Lk": ks[2]}
+
+
+def _check_qkv(q, k, v):
+    vals = [value_of(x) for x in (q, k, v)]
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in vals):
+        raise LeaveAlone("q, k, v are not 4-D tensors (B, H, L, D)")
+    dts = {x.dtype for x in vals}
+    if len(dts) != 1 or next(iter(dts)) not in (torch.float32, torch.float16, torch.bfloat16):
+        raise LeaveAlone(f"q, k, v dtypes {sorted(map(str, dts))} (the kernel takes one of float32/16, bfloat16)")
+    for x in (vals[0], vals[2]):
+        d = x.shape[-1]
+        d = d.node.hint if isinstance(d, torch.SymInt) else d
+        if d is None or d > 256:
+            raise LeaveAlone("head dim above 256 (or unknown)")
+
+
+def _gqa(k: fx.Node, v: fx.Node, q: fx.Node):
+    (kb, kr), (vb, vr) = strip_repeat(k), strip_repeat(v)
+    if kr != 1 and _same(kr, vr) and _same(_shape(kb)[1], _shape(vb)[1]):
+        return kb, vb
+    return k, v
+
+
+def match_sdpa(g: Graph, n: fx.Node) -> Found:
+    """An SDPA call as a :class:`Found` (raises :class:`LeaveAlone`)."""
+    q, k, v = (arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+    m, p = arg(n, 3, "attn_mask"), arg(n, 4, "dropout_p", 0.0)
+    causal, scale, gqa = arg(n, 5, "is_causal", False), arg(n, 6, "scale"), arg(n, 7, "enable_gqa", False)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        raise LeaveAlone("q, k, v are not graph values")
+    if p != 0:
+        raise LeaveAlone(f"dropout_p={p} (attention dropout is not fused)")
+    if not isinstance(causal, bool):
+        raise LeaveAlone("is_causal is not a constant")
+    _check_qkv(q, k, v)
+    if scale is None:
+        d = _shape(q)[-1]
+        if isinstance(d, torch.SymInt):
+            raise LeaveAlone("symbolic head dim")
+        scale = 1.0 / math.sqrt(d)
+    if _number(scale) is None:
+        raise LeaveAlone("scale is not a constant")
+    if not gqa:
+        k, v = _gqa(k, v, q)
+    f = Found(n, "sdpa", q, k, v, float(scale), causal=causal)
+    if isinstance(m, fx.Node):
+        mv = value_of(m)
+        additive = isinstance(mv, torch.Tensor) and mv.dtype != torch.bool
+        f.masks.append((m, additive, True))
+    elif m is not None:
+        raise LeaveAlone("attn_mask is not a graph value")
+    return f
+
+
+def match_chain(g: Graph, sm: fx.Node) -> Found:
+    """A hand-written softmax attention chain ending in ``sm``'s consumers."""
+    x = sm.args[0]
+    dim = arg(sm, 1, "dim")
+    rank = len(_shape(x) or ())
+    if not _dim_is_last(dim, rank):
+        raise LeaveAlone(f"softmax over dim {dim}, not the key axis (-1)")
+    out, v, dropped_col, _ = _walk_probs(g, sm)
+    walked = _walk_scores(g, x, []) if isinstance(x, fx.Node) else None
+    if walked is None:
+        raise LeaveAlone("the softmax input is not matmul(q, k^T) followed by scale/softcap/bias/sink steps")
+    qk, steps = walked
+    steps = steps[::-1]  # application order: from the matmul outwards
+    q, k = _qk(qk)
+    if not g.single_use(qk):
+        raise LeaveAlone("the raw scores are used elsewhere")
+    if not isinstance(v, fx.Node):
+        raise LeaveAlone("v is not a graph value")
+    _check_qkv(q, k, v)
+    k, v = _gqa(k, v, q)
+    f = Found(out, "chain", q, k, v, 1.0, scores=qk)
+    nonlinear_after = [i for i, s in enumerate(steps) if s.kind == "softcap"]
+    seen_other = False
+    for i, s in enumerate(steps):
+        if s.kind == "scale":
+            if seen_other:
+                raise LeaveAlone("a scale applied after a bias or softcap")
+            f.scale *= s.value
+            continue
+        if s.kind in ("cast", "shift"):
+            continue
+        seen_other = True
+        if s.kind == "softcap":
+            f.score_ops.append(("softcap", s.value))
+        elif s.kind == "add":
+            mv = value_of(s.value)
+            if not isinstance(mv, torch.Tensor) or not mv.is_floating_point():
+                raise LeaveAlone(f"the added term {s.value.name} is not a float tensor")
+            movable = not any(j > i for j in nonlinear_after)
+            if movable:
+                f.masks.append((s.value, True, True))
+            else:
+                f.score_ops.append(("bias", s.value))
+        elif s.kind == "sinks":
+            if not dropped_col:
+                raise LeaveAlone("a column is appended to the scores but not dropped after the softmax")
+            if any(t.kind in ("add", "softcap") for t in steps[i + 1:]):
+                raise LeaveAlone("score steps after the sink column is appended")
+            f.sink = s.value
+    if dropped_col and f.sink is None:
+        raise LeaveAlone("the last probability column is dropped but no sink column was appended")
+    return f
+
+
+def _gate_after(out: fx.Node) -> bool:
+    """``out`` (through transpose / reshape / contiguous) is multiplied by a sigmoid."""
+    n = out
+    for _ in range(6):
+        if len(n.users) != 1:
+            return False
+        u = next(iter(n.users))
+        if op_of(u) == "mul":
+            other = u.args[1] if u.args[0] is n else u.args[0]
+            return isinstance(other, fx.Node) and op_of(other) == "sigmoid"
+        if op_of(u) not in ("transpose", "reshape", "view", "contiguous", "to"):
+            return False
+        n = u
+    return False
+
+
+# ---------------------------------------------------------------------- rewrite
+def _ensure_values(gm: fx.GraphModule, example_inputs) -> None:
+    """Record example values on every node (fake tensors) when the graph has none."""
+    if any(value_of(n) is not None for n in gm.graph.nodes if n.op != "output"):
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                                         for x in example_inputs])
+
+
+def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list) -> str:
+    kern = S.kernel_for(site)
+    g = gm.graph
+    out_dtype = value_of(f.out).dtype
+    with g.inserting_before(f.out):
+        sink = None
+        if f.sink is not None:
+            sink = g.call_function(_select_last, (f.sink,))
+        new = g.call_function(S.attention, (f.q, f.k, f.v),
+                              {"key": kern.key, "scale": f.scale, "tensors": list(tensors), "sink": sink,
+                               "out_dtype": out_dtype})
+    new.meta.update({k: v for k, v in f.out.meta.items() if k in ("example_value", "val", "stack_trace")})
+    f.out.replace_all_uses_with(new)
+    return kern.text
+
+
+def _select_last(x: torch.Tensor) -> torch.Tensor:
+    """``x[..., 0]``: the sink column ``(B, H, Lq, 1)`` as ``(B, H, Lq)``."""
+    return x[..., 0]
+
+
+def _erase_dead(g: fx.Graph, n: fx.Node) -> None:
+    """Erase ``n`` and, recursively, the producers only it used (known pure ops only)."""
+    todo, erased = [n], set()
+    while todo:
+        x = todo.pop()
+        if x in erased or x.users or x.op not in ("call_function", "call_method"):
+            continue
+        if op_of(x) is None and x.target is not S.attention:
+            continue
+        ins = list(x.all_input_nodes)
+        g.erase_node(x)
+        erased.add(x)
+        todo += ins
+
+
+def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
+    """Replace every attention site of ``gm`` that attncc can compute exactly.
+
+    Args:
+        gm: an FX graph module (dynamo's, ``symbolic_trace``'s, ...); modified in place.
+        example_inputs: its inputs (used to record shapes when the nodes carry none).
+
+    Returns:
+        ``(gm, report)``: the rewritten module and a :class:`Report` with one entry
+        per site (replaced, with the inferred pattern; or left alone, with the reason).
+        One INFO line per site goes to the ``attncc`` logger.
+
+    Sites that are not understood stay exactly as they were.
+    """
+    _ensure_values(gm, example_inputs)
+    g = Graph(gm.graph)
+    report = Report()
+    dead = []
+    for n in list(gm.graph.nodes):
+        op = op_of(n)
+        if op == "sdpa":
+            kind = "sdpa"
+        elif op == "softmax" and _feeds_matmul(n):
+            kind = "chain"
+        else:
+            continue
+        try:
+            f = match_sdpa(g, n) if kind == "sdpa" else match_chain(g, n)
+            site, tensors, notes = _site_of(f, _sizes(f.q, f.k), g)
+            site = S.Site(site.mask, site.mask_tensor, site.score_ops, site.sinks, gate=_gate_after(f.out))
+            desc = site.describe() + "".join(f"; {x}" for x in notes) + \
+                (f"; GQA from {f.k.name}" if _shape(f.k)[1] != _shape(f.q)[1] else "")
+            try:
+                text = _replace(gm, f, site, tensors)
+            except Exception as e:  # noqa: BLE001 - a spec attncc rejects: leave the site alone
+                raise LeaveAlone(f"attncc cannot compile the inferred pattern ({type(e).__name__}: {e})")
+            rep = SiteReport(f.out.name, kind, True, desc, spec=text)
+            dead.append(f.out)
+        except LeaveAlone as e:
+            rep = SiteReport(n.name, kind, False, reason=str(e))
+        report.sites.append(rep)
+        log.info(rep.line())
+    if report.replaced:
+        for n in dead:
+            _erase_dead(gm.graph, n)
+        gm.graph.lint()
+        gm.recompile()
+    return gm, report

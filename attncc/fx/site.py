@@ -1,0 +1,255 @@
+"""An attention site, as the graph pass and the transformers integration infer it, and
+the one function that turns it into ``.attn`` spec text.
+
+Both front ends (:mod:`attncc.fx` reading FX graphs, :mod:`attncc.hf` reading model
+configs) describe what they found as a :class:`Site`; :func:`spec_text` writes the
+pattern, :func:`kernel_for` compiles it once per distinct text, and :func:`attention`
+is the call the rewritten graph (or the transformers attention function) makes.
+
+Semantics (the eager code the site replaces defines them):
+
+* ``score = q·k * scale``, then ``score_ops`` in order: ``("softcap", cap)`` is
+  ``cap * tanh(score / cap)`` (Gemma 2), ``("bias", name)`` adds a float tensor
+  ``(B|1, H|1, Lq|1, Lk|1)`` read at ``[b, h, q, kv]`` (size-1 dims read at 0).
+* ``mask`` is a sympy boolean in ``q, kv, b, h, Lq, Lk`` (``q``/``kv`` the query / key
+  index, ``Lq``/``Lk`` the lengths); ``mask_tensor`` a bool tensor read like a bias
+  (True = the pair exists). Pairs outside the mask get probability 0.
+* ``sinks``: a learned sink logit per (b, h, q) joins the softmax denominator (gpt-oss,
+  StreamingLLM). Without a ``sink:`` clause in the language this is applied exactly from
+  the kernel's LSE: ``out * sigmoid(lse - sink)`` = ``out * Z / (Z + exp(sink))``.
+* A query row with no allowed key gives 0 (eager with an additive ``finfo.min`` mask
+  would average all values there; such rows do not occur in causal / sliding-window
+  models).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import sympy
+import torch
+
+#: index and size symbols of the recovered masks (the spec language's names)
+q_idx, kv_idx, b_idx, h_idx = sympy.symbols("q kv b h", integer=True)
+Lq, Lk = sympy.symbols("Lq Lk", integer=True, positive=True)
+MASK_NAMES = {"q": q_idx, "kv": kv_idx, "b": b_idx, "h": h_idx, "Lq": Lq, "Lk": Lk}
+
+_DIMS = ("B", "H", "Lq", "Lk")
+_INDEX = ("b", "h", "q", "kv")
+
+
+@dataclass(frozen=True)
+class Site:
+    """What an attention site computes, independent of where it was found.
+
+    Attributes:
+        mask: sympy boolean over ``q, kv`` (and ``b, h, Lq, Lk``), or None (all pairs).
+        mask_tensor: shape of a bool mask tensor ``(B|1, H|1, Lq|1, Lk|1)`` as dim names
+            (``"B"``, ``"H"``, ``"Lq"``, ``"Lk"`` or ``"1"``), or None.
+        score_ops: ``(("softcap", cap) | ("bias", dims)), ...`` applied to ``s`` in order;
+            ``dims`` like ``mask_tensor``.
+        sinks: a sink logit per (b, h, q) joins the softmax denominator.
+        gate: an output gate ``* sigmoid(g)`` follows the site (left as it is in the
+            graph: the language has no gate clause yet; noted in the report).
+    """
+
+    mask: Optional[sympy.Basic] = None
+    mask_tensor: Optional[tuple] = None
+    score_ops: tuple = ()
+    sinks: bool = False
+    gate: bool = False
+
+    def tensor_names(self) -> List[str]:
+        """Names of the run-time tensors the spec declares, in call order."""
+        names = ["allowed"] if self.mask_tensor else []
+        return names + [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
+
+    def describe(self) -> str:
+        """One-line summary: the inferred pattern name and its clauses."""
+        full = mask_name(self.mask)
+        bits = [pattern_name(self) + (full[full.index("("):] if "(" in full else "")]
+        if self.mask is not None:
+            bits.append(f"mask: {print_mask(self.mask)}")
+        if self.mask_tensor:
+            bits.append(f"mask tensor [{', '.join(self.mask_tensor)}]")
+        for op, arg in self.score_ops:
+            bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
+        if self.sinks:
+            bits.append("sinks (applied from the LSE)")
+        if self.gate:
+            bits.append("output gate left unfused (no gate clause yet)")
+        return "; ".join(bits)
+
+
+def _read(dims: tuple) -> str:
+    return ", ".join("0" if d == "1" else i for d, i in zip(dims, _INDEX))
+
+
+def print_mask(e) -> str:
+    """A sympy boolean as ``.attn`` expression text (``and``/``or``/``not``)."""
+    if e is sympy.true or e is True:
+        return "True"
+    if e is sympy.false or e is False:
+        return "False"
+    if isinstance(e, sympy.And):
+        return " and ".join(f"({print_mask(a)})" for a in e.args)
+    if isinstance(e, sympy.Or):
+        return " or ".join(f"({print_mask(a)})" for a in e.args)
+    if isinstance(e, sympy.Not):
+        return f"not ({print_mask(e.args[0])})"
+    if isinstance(e, sympy.Rel):
+        return f"{sympy.sstr(e.lhs)} {e.rel_op} {sympy.sstr(e.rhs)}"
+    raise ValueError(f"cannot print {e!r} as a mask")
+
+
+def spec_text(site: Site, name: Optional[str] = None) -> str:
+    """The ``.attn`` pattern a site computes (one ``pattern`` block).
+
+    The scale is not part of the text: it is passed at call time.
+
+    Raises:
+        ValueError: a mask expression that has no ``.attn`` spelling.
+    """
+    lines = [f"pattern {name or pattern_name(site)}:"]
+    if site.mask_tensor:
+        lines.append(f"    tensor allowed: bool[{', '.join(site.mask_tensor)}]")
+    score = "s"
+    for i, (op, arg) in enumerate(site.score_ops):
+        if op == "softcap":
+            score = f"{float(arg)!r} * tanh(({score}) / {float(arg)!r})"
+        elif op == "bias":
+            lines.append(f"    tensor bias{i}: float32[{', '.join(arg)}]")
+            score = f"({score}) + bias{i}[{_read(arg)}]"
+        else:
+            raise ValueError(f"unknown score op {op!r}")
+    masks = []
+    if site.mask is not None and site.mask is not sympy.true:
+        masks.append(f"({print_mask(site.mask)})")
+    if site.mask_tensor:
+        masks.append(f"allowed[{_read(site.mask_tensor)}]")
+    if masks:
+        lines.append(f"    mask: {' and '.join(masks)}")
+    if score != "s":
+        lines.append(f"    score: {score}")
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(Lq_: int, Lk_: int):
+    import numpy as np
+
+    qq, kk = np.meshgrid(np.arange(Lq_), np.arange(Lk_), indexing="ij")
+    return qq, kk
+
+
+def _mask_values(mask, Lq_: int, Lk_: int):
+    import numpy as np
+
+    qq, kk = _candidates(Lq_, Lk_)
+    f = sympy.lambdify((q_idx, kv_idx, Lq, Lk), mask, modules="numpy")
+    return np.broadcast_to(np.asarray(f(qq, kk, Lq_, Lk_), dtype=bool), qq.shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def mask_name(mask) -> str:
+    """A library-style name for a recovered mask, found by comparing it with causal
+    (top-left / bottom-right) and causal sliding windows on a few shapes; ``"masked"``
+    when it is none of these. Only used for reports: the kernel uses the mask itself."""
+    if mask is None or mask is sympy.true:
+        return "dense"
+    if mask.free_symbols & {b_idx, h_idx}:
+        return "masked"
+    shapes = [(1, 1), (7, 7), (5, 37), (37, 37), (3, 70)]
+    try:
+        got = [_mask_values(mask, a, c) for a, c in shapes]
+    except Exception:  # noqa: BLE001 - a mask numpy cannot evaluate is just not named
+        return "masked"
+    big = _mask_values(mask, 200, 200)
+    window = int(big[-1].sum())
+    for nm, form in (("causal", kv_idx <= q_idx), ("causal_bottom_right", kv_idx <= q_idx + Lk - Lq),
+                     (f"sliding_window(window={window})", sympy.And(kv_idx <= q_idx, q_idx - kv_idx < window)),
+                     (f"sliding_window_bottom_right(window={window})",
+                      sympy.And(kv_idx <= q_idx + Lk - Lq, q_idx + Lk - Lq - kv_idx < window))):
+        if all((g == _mask_values(form, a, c)).all() for g, (a, c) in zip(got, shapes)):
+            return nm
+    return "masked"
+
+
+def pattern_name(site: Site) -> str:
+    """An identifier naming the site's pattern (``causal``, ``sliding_window_softcap``,
+    ``causal_bias`` ...): the report's label and the spec's ``pattern`` name."""
+    parts = [mask_name(site.mask).split("(")[0]]
+    if site.mask_tensor:
+        parts.append("mask_tensor")
+    parts += ["softcap" if op == "softcap" else "bias" for op, _ in site.score_ops]
+    if site.sinks:
+        parts.append("sinks")
+    return "_".join(parts)
+
+
+# ---------------------------------------------------------------------- kernels
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+@dataclass
+class Kernel:
+    """A compiled site: the :class:`~attncc.runtime.CompiledAttention` and its spec."""
+
+    key: str
+    text: str
+    site: Site
+    kern: object = field(repr=False)
+
+
+def kernel_for(site: Site) -> Kernel:
+    """Compile the site's pattern once per distinct spec text (process-wide cache).
+
+    Raises:
+        attncc.SpecError / ValueError: the site has no valid spec (callers leave the
+            site alone and report why).
+    """
+    import attncc
+
+    text = spec_text(site)
+    with _LOCK:
+        k = _KERNELS.get(text)
+        if k is None:
+            k = Kernel(key=text, text=text, site=site, kern=attncc.compile(text))
+            _KERNELS[text] = k
+    return k
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float,
+              tensors: List[torch.Tensor], sink: Optional[torch.Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Run a compiled site (the call a rewritten graph makes).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k ``(B, Hkv, Lk, D)``; v ``(B, Hkv, Lk, Dv)`` (GQA native).
+        key: the site's spec text (see :func:`kernel_for`; it must have been compiled).
+        scale: the score scale.
+        tensors: the spec's tensors in :meth:`Site.tensor_names` order (rank < 4 is
+            padded with leading size-1 dims).
+        sink: ``(B|1, Hq|1, Lq|1)`` sink logits (sites with sinks).
+        out_dtype: dtype of the result (default ``q.dtype``).
+
+    Returns:
+        ``(B, Hq, Lq, Dv)``.
+    """
+    kern = _KERNELS[key].kern
+    names = _KERNELS[key].site.tensor_names()
+    named = {n: _as4d(t) for n, t in zip(names, tensors)}
+    if sink is None:
+        out = kern(q, k, v, scale=scale, **named)
+    else:
+        out, lse = kern(q, k, v, scale=scale, return_lse=True, **named)
+        out = out.float() * torch.sigmoid(lse - sink.float()).unsqueeze(-1)
+    return out.to(out_dtype or q.dtype)

@@ -1,0 +1,239 @@
+"""The torch.compile graph pass (attncc.fx): matcher unit tests on hand-written modules
+(including near-misses that must stay untouched) and real transformers architectures at
+tiny random-weight configs, compared with their eager models."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attncc.fx
+from attncc.fx import make_backend
+
+EAGER = make_backend("eager")
+
+
+def _compile(fn, *args, dynamic=False):
+    """Run ``fn`` through the attncc backend (inner eager); returns (output, report of the
+    one graph compiled)."""
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    out = torch.compile(fn, backend=EAGER, fullgraph=True, dynamic=dynamic)(*args)
+    reps = attncc.fx.reports()
+    assert len(reps) == 1
+    return out, reps[0]
+
+
+def _qkv(B=1, Hq=4, Hkv=2, Lq=24, Lk=24, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g),
+            torch.randn(B, Hkv, Lk, D, generator=g))
+
+
+def repeat_kv(x, n):
+    """transformers' GQA repeat."""
+    B, H, L, D = x.shape
+    return x[:, :, None, :, :].expand(B, H, n, L, D).reshape(B, H * n, L, D)
+
+
+# ------------------------------------------------------------------ hand-written chains
+def causal_chain(q, k, v):
+    k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+    s = torch.matmul(q, k.transpose(2, 3)) * (1 / math.sqrt(q.shape[-1]))
+    i = torch.arange(q.shape[2])
+    j = torch.arange(k.shape[2])
+    s = s + torch.where(j[None, :] <= i[:, None], 0.0, float("-inf"))
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def test_chain_causal_gqa():
+    q, k, v = _qkv()
+    out, rep = _compile(causal_chain, q, k, v)
+    assert len(rep.replaced) == 1 and not rep.left_alone, str(rep)
+    assert rep.sites[0].pattern.startswith("causal;") and "GQA" in rep.sites[0].pattern
+    torch.testing.assert_close(out, causal_chain(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def windowed_bottom_right(q, k, v):
+    """Mistral-style window, bottom-right aligned (a KV-cache step): query i sits at key
+    position i + Lk - Lq."""
+    s = q @ k.transpose(-2, -1) / 4.0
+    qi = torch.arange(q.shape[2]) + (k.shape[2] - q.shape[2])
+    kj = torch.arange(k.shape[2])
+    keep = (kj[None, :] <= qi[:, None]) & (kj[None, :] > qi[:, None] - 5)
+    s = s + torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    return F.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_chain_window_bottom_right(dynamic):
+    q, k, v = _qkv(Hkv=4, Lq=8, Lk=40)
+    out, rep = _compile(windowed_bottom_right, q, k, v, dynamic=dynamic)
+    assert len(rep.replaced) == 1, str(rep)
+    if dynamic:  # sizes are symbols: the offset is recognised as Lk - Lq
+        assert rep.sites[0].pattern.startswith("sliding_window_bottom_right(window=5)"), str(rep)
+        assert "Lk" in rep.sites[0].spec
+    torch.testing.assert_close(out, windowed_bottom_right(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def softcap_sinks(q, k, v, sinks):
+    s = torch.matmul(q, k.transpose(2, 3)) * 0.25
+    s = torch.tanh(s / 3.0) * 3.0
+    s = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], -1)], dim=-1)
+    s = s - s.max(dim=-1, keepdim=True).values
+    p = F.softmax(s, dim=-1)[..., :-1]
+    return torch.matmul(p, v)
+
+
+def test_chain_softcap_and_sinks():
+    q, k, v = _qkv(Hkv=4)
+    sinks = torch.randn(4)
+    out, rep = _compile(softcap_sinks, q, k, v, sinks)
+    assert len(rep.replaced) == 1, str(rep)
+    assert rep.sites[0].pattern.startswith("dense_softcap_sinks"), str(rep)
+    torch.testing.assert_close(out, softcap_sinks(q, k, v, sinks), atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ SDPA sites
+def test_sdpa_causal_and_opaque_masks():
+    q, k, v = _qkv()
+
+    def f(q, k, v, allowed, bias):
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        b = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=allowed)
+        c = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=bias, scale=0.3)
+        return a, b, c
+
+    allowed = torch.rand(1, 1, 24, 24) > 0.3
+    allowed[..., 0] = True  # no fully masked row
+    bias = torch.randn(1, 4, 24, 24)
+    out, rep = _compile(f, q, k, v, allowed, bias)
+    assert [s.replaced for s in rep.sites] == [True] * 3, str(rep)
+    assert rep.sites[0].pattern.startswith("causal;")
+    assert "mask tensor [1, 1, Lq, Lk]" in rep.sites[1].pattern and "reads the input tensor" in rep.sites[1].pattern
+    assert "bias [1, H, Lq, Lk]" in rep.sites[2].pattern
+    for o, r in zip(out, f(q, k, v, allowed, bias)):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ near-misses: left alone
+def softmax_wrong_dim(q, k, v):
+    return torch.matmul(F.softmax(q @ k.transpose(-2, -1), dim=-2), v)
+
+
+def mask_from_scores(q, k, v):
+    s = q @ k.transpose(-2, -1)
+    s = s + torch.where(s > 0, 0.0, float("-inf")).detach()
+    return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def dropout_training(q, k, v):
+    return torch.matmul(F.dropout(F.softmax(q @ k.transpose(-2, -1), dim=-1), p=0.1, training=True), v)
+
+
+def weights_returned(q, k, v):
+    p = F.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+    return torch.matmul(p, v), p
+
+
+@pytest.mark.parametrize("fn,reason", [
+    (softmax_wrong_dim, "softmax over dim -2"),
+    (mask_from_scores, "depends on the scores"),
+    (dropout_training, "dropout p=0.1 in training"),
+    (weights_returned, "used elsewhere"),
+])
+def test_near_misses_left_alone(fn, reason):
+    q, k, v = _qkv(Hkv=4, Lq=16, Lk=16)
+    gm = torch.fx.symbolic_trace(fn)
+    before = gm.code
+    gm, rep = attncc.fx.rewrite(gm, (q, k, v))
+    assert len(rep.sites) == 1 and not rep.replaced, str(rep)
+    assert reason in rep.sites[0].reason, str(rep)
+    assert gm.code == before  # untouched
+    if fn is not dropout_training:
+        out = gm(q, k, v)
+        ref = fn(q, k, v)
+        for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+            assert torch.equal(o, r)
+
+
+def test_no_attention_no_sites():
+    gm = torch.fx.symbolic_trace(lambda x: F.softmax(x, dim=-1) * 2)
+    gm, rep = attncc.fx.rewrite(gm, (torch.randn(3, 4),))
+    assert rep.sites == [] and "no attention sites" in str(rep)
+
+
+def test_rewrite_symbolic_trace_and_log(caplog):
+    q, k, v = _qkv(Hkv=4)
+    gm = torch.fx.symbolic_trace(windowed_bottom_right)
+    with caplog.at_level(logging.INFO, logger="attncc"):
+        gm, rep = attncc.fx.rewrite(gm, (q, k, v))
+    assert len(rep.replaced) == 1
+    assert any("replaced chain site" in r.message and "sliding_window" in r.message for r in caplog.records)
+    assert "attention" in gm.code
+    torch.testing.assert_close(gm(q, k, v), windowed_bottom_right(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+def test_backend_registered():
+    assert "attncc" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("attncc") is attncc.fx.backend
+
+
+# ------------------------------------------------------------------ real architectures
+from tiny_models import ARCHS, input_ids, tiny_model  # noqa: E402
+
+
+# gemma2 and gpt-oss have no SDPA path in transformers (softcap / sinks): eager only
+@pytest.mark.parametrize("arch,impl", [(a, i) for a in ARCHS for i in ("eager", "sdpa")
+                                       if i == "eager" or ARCHS[a][3] == "sdpa"])
+def test_transformers_models(arch, impl):
+    """Logits match the eager model; every attention site replaced with the expected pattern."""
+    model, _ = tiny_model(arch, impl)
+    ids = input_ids()
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=EAGER)(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    sites = [s for r in attncc.fx.reports() for s in r.sites]
+    assert sites and all(s.replaced for s in sites), "\n".join(s.line() for s in sites)
+    names = [s.pattern.split(";")[0] for s in sites]
+    assert names == ARCHS[arch][4], names
+    if arch == "qwen3_next":
+        assert all("output gate" in s.pattern for s in sites)
+
+
+def test_mistral_generate_kv_cache():
+    """Greedy generation with a KV cache (Lq = 1, Lq != Lk, dynamic shapes) through the backend."""
+    model, _ = tiny_model("mistral", "sdpa")
+    ids = input_ids(10)
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+        eager_forward = model.forward
+        model.forward = torch.compile(model.forward, backend=EAGER)
+        try:
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        finally:
+            model.forward = eager_forward
+    assert out.tolist() == ref.tolist()
+    reps = attncc.fx.reports()
+    assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)
+
+
+def test_default_backend_inductor():
+    """``backend="attncc"``: the rewritten graph goes on to inductor."""
+    model, _ = tiny_model("mistral", "sdpa")
+    ids = input_ids()
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend="attncc")(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert all(s.replaced for r in attncc.fx.reports() for s in r.sites)

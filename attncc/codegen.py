@@ -24,7 +24,7 @@ from .passes import BQ_HI, BQ_LO, GQ, LG, KernelPlan, q_hi, q_lo, read_in_bounds
 #: names of IR symbols inside the generated kernels
 KERNEL_NAMES = {
     I.q: "q_idx", I.kv: "kv_idx", I.h: "off_h", I.b: "off_b", I.s: "s",
-    I.B: "B", I.H: "Hq", I.Hkv: "Hkv", I.Lq: "Lq", I.Lk: "Lk", I.D: "D", I.Dv: "Dv",
+    I.dv: "dv_idx", I.B: "B", I.H: "Hq", I.Hkv: "Hkv", I.Lq: "Lq", I.Lk: "Lk", I.D: "D", I.Dv: "Dv",
     q_lo: "q_lo", q_hi: "q_hi",
     **{g: f"G{i}" for i, g in enumerate(I.GRID_SIZES)},
 }
@@ -242,7 +242,7 @@ class TritonPrinter:
 
 
 #: symbols that vary over the elements of a tile
-_TILE_SYMBOLS = {I.q, I.kv, I.s, *I.QC, *I.KC}
+_TILE_SYMBOLS = {I.q, I.kv, I.s, I.dv, *I.QC, *I.KC}
 
 
 def _is_scalar(e) -> bool:
@@ -399,7 +399,15 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             d["idx"] = i
             d["pieces"] = _pieces(i)
             intervals.append(d)
+    # the epilogue: sink logit and output gate
+    sink_lines, sk = _block(TritonPrinter(names, tensors, prefix="sk"),
+                            {"sink": ir.sink if ir.sink is not None else sp.Integer(0)})
+    gate_lines, gt = _block(TritonPrinter(names, tensors, prefix="gt"),
+                            {"gate": ir.gate if ir.gate is not None else sp.Integer(1)})
     ctx = dict(_box_context(plan, names, tensors) if box else _box_context(None, names, tensors))
+    ctx.update(sigmoid=(ir.normalize == "sigmoid"), sink_lines=sink_lines, gate_lines=gate_lines,
+               sink_code=sk["sink"] if ir.sink is not None else "",
+               gate_code=gt["gate"] if ir.gate is not None else "")
     ctx.update(
         version=version,
         ir=ir,

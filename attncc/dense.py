@@ -148,6 +148,39 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
     return ev(sp.sympify(expr))
 
 
+def gate_values(ir: I.AttentionIR, tensors: dict, sizes: dict, device, float_dtype=torch.float64) -> torch.Tensor:
+    """The gate of ``ir`` evaluated for every output element: ``(B, H, Lq, Dv)`` (``Lq`` the
+    flattened grid for grid patterns)."""
+    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], 1, sizes["Hkv"], sizes["D"], sizes["Dv"], device,
+                    grid=[sizes.get(f"G{i}", 1) for i in range(3)])
+    env[I.dv] = torch.arange(sizes["Dv"], device=device, dtype=torch.int64).view(1, 1, 1, -1)
+    g = eval_expr(ir.gate, env, tensors, float_dtype=float_dtype).to(float_dtype)
+    return torch.broadcast_to(g, (sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]))
+
+
+def expand_factor(x: torch.Tensor, idx: tuple, order: tuple, shape: tuple) -> torch.Tensor:
+    """A low-rank factor ``x`` (axes ``idx`` then the rank axis) as ``(*shape, R)`` with axes
+    ``order`` (missing axes broadcast)."""
+    perm = [idx.index(o) for o in order if o in idx]
+    x = x.permute(*perm, len(idx))
+    for pos, o in enumerate(order):
+        if o not in idx:
+            x = x.unsqueeze(pos)
+    return x.expand(*shape, x.shape[-1])
+
+
+def lowrank_factors(ir: I.AttentionIR, tensors: dict, sizes: dict) -> list:
+    """``[(U, W), ...]`` of the ``dot()`` terms: ``U`` ``(B, H, Lq, R)``, ``W`` ``(B, H, Lk, R)``
+    (query heads; broadcast views of the spec tensors)."""
+    B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
+    out = []
+    for lr in ir.lowrank:
+        U = expand_factor(tensors[lr.a], lr.a_idx, (I.b, I.h, I.q), (B, H, Lq))
+        W = expand_factor(tensors[lr.b], lr.b_idx, (I.b, I.h, I.kv), (B, H, Lk))
+        out.append((U, W))
+    return out
+
+
 def _exact_floor(x, ev, fn, float_dtype=torch.float64):
     """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
     num_, den = sp.fraction(sp.together(x))
@@ -292,6 +325,11 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         kd = kd.repeat_interleave(group, dim=1)
         vd = vd.repeat_interleave(group, dim=1)
     sc = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    for U, W in lowrank_factors(ir, tensors, sizes):  # dot() terms, materialised here
+        sc = sc + torch.matmul(U.double(), W.double().transpose(-1, -2))
+    if return_lse and ir.normalize == "sigmoid":
+        raise ValueError(f"pattern {ir.name!r} uses normalize: sigmoid, which has no log-sum-exp: "
+                         "call without return_lse")
     mask = dense_mask(ir, sizes, tensors, q.device)
     env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device, grid=grid)
     env[I.s] = sc
@@ -300,10 +338,21 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     _check_reads(reads_s, mask, "score")
     neg = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
     score = torch.where(mask, score, neg)
-    lse = torch.logsumexp(score, dim=-1)
-    p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    p = torch.where(mask, p, torch.zeros_like(p))
-    out = torch.matmul(p, vd).to(q.dtype).unflatten(2, grid_shape)
+    if ir.normalize == "sigmoid":  # independent per pair, no row normalization
+        lse = None
+        p = torch.where(mask, torch.sigmoid(score), torch.zeros_like(score))
+    else:
+        full = score
+        if ir.sink is not None:  # exp(sink) joins the denominator; the sink has no value
+            sink = torch.broadcast_to(eval_expr(ir.sink, env, tensors).to(torch.float64), (B, Hq, Lq, 1))
+            full = torch.cat([score, sink], dim=-1)
+        lse = torch.logsumexp(full, dim=-1)
+        p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        p = torch.where(mask, p, torch.zeros_like(p))
+    out = torch.matmul(p, vd)
+    if ir.gate is not None:
+        out = out * gate_values(ir, tensors, sizes, q.device)
+    out = out.to(q.dtype).unflatten(2, grid_shape)
     if return_lse:
         return out, lse.to(torch.float32).unflatten(2, grid_shape)
     return out

@@ -32,6 +32,9 @@ CLAUSES = {
     "grid": "1 to 3 spatial axis names, e.g. 'grid: y, x' (q, k, v are then (B, H, *grid, D))",
     "mask": "a boolean expression of b, h, q, kv (which query/key pairs exist)",
     "score": "an expression of s (the scaled dot product) giving the new score",
+    "normalize": "softmax (default) or sigmoid (p = sigmoid(score), no row normalization)",
+    "sink": "a sink logit (an expression of b, h and q): exp(sink) joins the softmax denominator",
+    "gate": "an expression of b, h, q, dv (output feature) multiplying the normalized output",
 }
 DECLARATIONS = ("param", "tensor")
 PARAM_TYPES = {"int": int, "float": float, "bool": bool}

@@ -28,12 +28,20 @@ def flex_mods(ir: I.AttentionIR, sizes: dict, tensors: dict, device=None, float_
         float_dtype: float arithmetic of the mods: float32 (like the kernels, and
             fast under compiled flex) or float64.
 
+    Raises:
+        NotImplementedError: the pattern uses sigmoid normalization, a sink, a gate or
+            dot() terms, which flex's score_mod / mask_mod cannot express.
+
     Returns:
         ``score_mod(score, b, h, q_idx, kv_idx)`` (``None`` when the score is ``s``;
         returns at least float32: a bfloat16 score_mod result is wrong under compiled
         flex on CPU with torch 2.13) and ``mask_mod(b, h, q_idx, kv_idx)`` (``None``
         when the mask is all-true).
     """
+    beyond = [w for w, on in (("normalize: sigmoid", ir.normalize == "sigmoid"), ("a sink", ir.sink is not None),
+                              ("an output gate", ir.gate is not None), ("dot() terms", bool(ir.lowrank))) if on]
+    if beyond:
+        raise NotImplementedError(f"FlexAttention cannot express {', '.join(beyond)} (pattern {ir.name!r})")
     consts = {I.SIZES[n]: int(v) for n, v in sizes.items()}
 
     def env_of(b, h, q_idx, kv_idx):

@@ -38,7 +38,7 @@ import sympy as sp
 import torch
 
 from . import ir as I
-from .dense import eval_expr
+from .dense import eval_expr, index_env
 
 #: partial-buffer layouts (see the module docstring)
 KINDS = ("row", "col", "full")
@@ -139,8 +139,9 @@ def reduce_partials(g: GradRead, partial: torch.Tensor, target: torch.Tensor, si
     """
     if g.kind == "col":
         partial = partial.sum(dim=2)  # over query tiles: a fixed-order reduction
-    axes = {"row": (I.b, I.h, I.q), "col": (I.b, I.h, I.kv), "full": (I.b, I.h, I.q, I.kv)}[g.kind]
-    extent = {I.b: sizes["B"], I.h: sizes["H"], I.q: sizes["Lq"], I.kv: sizes["Lk"]}
+    axes = {"row": (I.b, I.h, I.q), "col": (I.b, I.h, I.kv), "full": (I.b, I.h, I.q, I.kv),
+            "out": (I.b, I.h, I.q, I.dv)}[g.kind]
+    extent = {I.b: sizes["B"], I.h: sizes["H"], I.q: sizes["Lq"], I.kv: sizes["Lk"], I.dv: sizes["Dv"]}
     # fast path: each index is a distinct bare b/h/q/kv spanning the dim: a sum over the other axes
     idx = [sp.sympify(i) for i in g.read.indices]
     if (all(i in axes for i in idx) and len(set(idx)) == len(idx)
@@ -200,3 +201,42 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.T
     tot = tot - torch.cat([tot.new_zeros(1), tot[:-1]])
     out[ix[last]] = tot
     return out
+
+
+def epilogue_tensors(ir: I.AttentionIR) -> tuple[str, ...]:
+    """Names of the float tensors the sink or the gate reads with a non-zero derivative."""
+    names = set()
+    for expr in (ir.sink, ir.gate):
+        if expr is not None:
+            names |= {g.tensor for g in grad_reads(ir, expr)}
+    return tuple(t.name for t in ir.tensors if t.name in names)
+
+
+def epilogue_grads(ir: I.AttentionIR, which: str, upstream: torch.Tensor, targets: dict, sizes: dict,
+                   tensors: dict) -> None:
+    """Add the gradients of the tensors read by the sink or the gate into ``targets``.
+
+    Args:
+        which: ``"sink"`` (``upstream``: dL/d sink logit per row, ``(B, H, Lq)``) or ``"gate"``
+            (``upstream``: dL/d gate value, ``(B, H, Lq, Dv)`` = dL/d out * ungated out).
+        targets: tensor name -> float64 gradient (shaped like the tensor), added in place
+            for the names present.
+        sizes / tensors: as :func:`reduce_partials` (row-major token order).
+
+    The derivative of the clause in each read is taken with sympy and evaluated densely
+    (these are O(rows) / O(outputs) element-wise products, done with torch), then reduced
+    to the tensor in a fixed order (:func:`reduce_partials`).
+    """
+    expr = ir.sink if which == "sink" else ir.gate
+    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], 1, sizes["Hkv"], sizes["D"], sizes["Dv"],
+                    upstream.device, grid=[sizes.get(f"G{i}", 1) for i in range(3)])
+    if which == "gate":
+        env[I.dv] = torch.arange(sizes["Dv"], device=upstream.device, dtype=torch.int64).view(1, 1, 1, -1)
+    for g in grad_reads(ir, expr):
+        if g.tensor not in targets:
+            continue
+        d = torch.broadcast_to(eval_expr(g.deriv, env, tensors).to(torch.float64),
+                               upstream.shape + ((1,) if which == "sink" else ()))
+        partial = upstream.double() * (d[..., 0] if which == "sink" else d)
+        reduce_partials(GradRead(g.tensor, g.read, g.deriv, "row" if which == "sink" else "out"),
+                        partial, targets[g.tensor], sizes, tensors)

@@ -24,6 +24,8 @@ b, h, q, kv = (sp.Symbol(n, integer=True, nonnegative=True) for n in INDEX_NAMES
 s = sp.Symbol("s", real=True)
 SIZES = {n: sp.Symbol(n, integer=True, positive=True) for n in SIZE_NAMES + GRID_SIZE_NAMES}
 INDEX = {"b": b, "h": h, "q": q, "kv": kv}
+#: the output feature index (gate clauses only)
+dv = sp.Symbol("dv", integer=True, nonnegative=True)
 B, H, Hkv, Lq, Lk, D, Dv = (SIZES[n] for n in SIZE_NAMES)
 GRID_SIZES = tuple(SIZES[n] for n in GRID_SIZE_NAMES)
 #: grid coordinates of the query / key token on axis i (the coordinate form of grid patterns)
@@ -110,6 +112,23 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """A score term ``dot(A[a_idx], B[b_idx])``: the last axes of two tensors contracted.
+
+    ``a_idx`` uses ``b, h, q`` only (the query-side factor), ``b_idx`` ``b, h, kv`` only
+    (the key-side factor); each is a tuple of index symbols naming which of those the
+    tensor's leading axes are (FlashBias, Wu et al. 2025: a rank-R bias ``U W^T``)."""
+
+    a: str
+    a_idx: tuple
+    b: str
+    b_idx: tuple
+
+    def __str__(self) -> str:
+        return f"dot({self.a}[{', '.join(map(str, self.a_idx))}], {self.b}[{', '.join(map(str, self.b_idx))}])"
+
+
+@dataclass(frozen=True)
 class AttentionIR:
     """A pattern with params specialised: what every later stage consumes.
 
@@ -129,6 +148,17 @@ class AttentionIR:
             tokens instead of ``floor``/``Mod`` of the flattened ``q``/``kv`` (bare ``q``,
             ``kv`` remain where the spec uses them); ``None`` for 1-D patterns. The
             box-tiling analysis and kernels use this form.
+        normalize: ``"softmax"`` or ``"sigmoid"`` (``p = sigmoid(score)`` per pair, no row
+            normalization, masked pairs 0; Ramapuram et al. 2024, "Theory, Analysis, and Best
+            Practices for Sigmoid Self-Attention").
+        sink: the sink logit (expression of ``b, h, q``) whose ``exp`` joins the softmax
+            denominator (attention sinks as in gpt-oss / "Efficient Streaming Language Models
+            with Attention Sinks", Xiao et al. 2023); ``None`` = no sink.
+        gate: the output gate (expression of ``b, h, q, dv``) multiplying the normalized
+            output (Qiu et al. 2025, "Gated Attention for Large Language Models"); ``None``.
+        lowrank: the :class:`LowRank` terms ``dot(A[...], B[...])`` of the score, folded into
+            the QK^T product (FlashBias, Wu et al. 2025): ``score`` is written in the folded
+            score, i.e. its ``s`` stands for ``s + sum of the dot terms``.
     """
 
     name: str
@@ -142,6 +172,10 @@ class AttentionIR:
     checks: tuple = ()
     coord_mask: sp.Basic = None
     coord_score: sp.Expr = None
+    normalize: str = "softmax"
+    sink: sp.Expr = None
+    gate: sp.Expr = None
+    lowrank: tuple = ()
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -164,7 +198,8 @@ class AttentionIR:
         parts = [self.name, repr(self.params),
                  repr([(t.name, t.dtype, [sp.srepr(d) for d in t.shape]) for t in self.tensors]),
                  sp.srepr(self.mask), sp.srepr(self.score), repr(self.grid),
-                 sp.srepr(self.coord_mask), sp.srepr(self.coord_score),
+                 sp.srepr(self.coord_mask), sp.srepr(self.coord_score), self.normalize,
+                 sp.srepr(self.sink), sp.srepr(self.gate), repr(self.lowrank),
                  repr([(sp.srepr(c), m) for c, m in self.checks])]
         return "\n".join(parts)
 
@@ -181,7 +216,15 @@ class AttentionIR:
         for t in self.tensors:
             lines.append(f"  tensor {t.name}: {t.dtype}[{', '.join(str(d) for d in t.shape)}]")
         lines.append(f"  mask:   {self.mask}")
-        lines.append(f"  score:  {self.score}")
+        for lr in self.lowrank:
+            lines.append(f"  low-rank term (folded into QK^T): {lr}")
+        lines.append(f"  score:  {self.score}" + ("   (s = s + the low-rank terms)" if self.lowrank else ""))
+        if self.normalize != "softmax":
+            lines.append(f"  normalize: {self.normalize}")
+        if self.sink is not None:
+            lines.append(f"  sink:   {self.sink}")
+        if self.gate is not None:
+            lines.append(f"  gate:   {self.gate}")
         return "\n".join(lines)
 
 
@@ -223,6 +266,8 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
     score = s
     if "score" in pat.clauses:
         score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
+        score = lw.fold_lowrank(score, pat.clauses["score"])
+    normalize, sink, gate = lw.epilogue_clauses(pat)
     checks = list(lw.checks)
     coord_mask = coord_score = None
     if lw.grid:  # the same clauses again, with coordinates as symbols
@@ -238,7 +283,8 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
         checks += [(sp.Eq(Lq, n), "the query grid must be the declared grid"),
                    (sp.Eq(Lk, n), "the key grid must be the query grid")]
     return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
-                       tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score)
+                       tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score,
+                       normalize, sink, gate, tuple(lw.lowrank))
 
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
@@ -278,6 +324,8 @@ class _Lowerer:
         self.grid: list[str] = []
         self.checks: list = []
         self.coord_symbols = False  # coord() gives QC/KC symbols (the coordinate form)
+        self.lowrank: list = []  # LowRank terms of the score (dot(...) calls)
+        self.allow_dv = False  # the gate clause may use dv
 
     # -- grids
     def set_grid(self, expr: SpecExpr) -> None:
@@ -365,6 +413,8 @@ class _Lowerer:
         n = node.id
         if n in INDEX and not self.dims_mode:
             return INDEX[n], "int"
+        if n == "dv" and self.allow_dv:
+            return dv, "int"
         if n == "s" and not self.dims_mode:
             if not self.allow_s:
                 self.err(node, "'s' (the score) cannot be used in a mask: masks depend on b, h, q, kv, sizes, "
@@ -517,6 +567,8 @@ class _Lowerer:
         name = node.func.id
         if name == "neighborhood":
             return self.neighborhood(node)
+        if name == "dot":
+            return self.dot(node)
         if name not in FUNCTIONS:
             self.err(node.func, f"unknown function {name!r} (expected one of: {', '.join(FUNCTIONS)})")
         if node.keywords:
@@ -535,6 +587,90 @@ class _Lowerer:
             args.append(e)
             kinds.append(k)
         return build(args, kinds)
+
+    # -- epilogue clauses and low-rank terms
+    def epilogue_clauses(self, pat) -> tuple:
+        """``(normalize, sink, gate)`` of the pattern (see :class:`AttentionIR`)."""
+        normalize = "softmax"
+        if "normalize" in pat.clauses:
+            self.expr = pat.clauses["normalize"]
+            node = self.expr.node
+            if not isinstance(node, ast.Name) or node.id not in ("softmax", "sigmoid"):
+                self.err(node, "normalize: must be softmax or sigmoid")
+            normalize = node.id
+        sink = gate = None
+        if "sink" in pat.clauses:
+            if normalize == "sigmoid":
+                self.expr = pat.clauses["sink"]
+                self.err(self.expr.node, "a sink joins the softmax denominator: it needs normalize: softmax")
+            sink = self.lower_clause(pat.clauses["sink"], "sink", want="num", allow_s=False)
+            self._only(pat.clauses["sink"], sink, {b, h, q}, "the sink is one logit per row: it may use b, h, q")
+        if "gate" in pat.clauses:
+            self.allow_dv = True
+            try:
+                gate = self.lower_clause(pat.clauses["gate"], "gate", want="num", allow_s=False)
+            finally:
+                self.allow_dv = False
+            self._only(pat.clauses["gate"], gate, {b, h, q, dv},
+                       "the gate multiplies the output row: it may use b, h, q and dv (the output feature)")
+        if self.grid and (sink is not None and q in sink.free_symbols):
+            self.err(pat.clauses["sink"].node, "with a grid, the sink may use b and h only")
+        return normalize, sink, gate
+
+    def _only(self, expr: SpecExpr, e, allowed: set, msg: str) -> None:
+        bad = (e.free_symbols & ({b, h, q, kv, dv, s} | set(QC) | set(KC))) - allowed
+        for r in e.atoms(sp.Indexed):
+            for ix in r.indices:
+                bad |= (sp.sympify(ix).free_symbols & ({b, h, q, kv, dv} | set(QC) | set(KC))) - allowed
+        if bad:
+            self.err(expr.node, f"{msg} (got {', '.join(sorted(map(str, bad)))})")
+
+    def dot(self, node):
+        """``dot(A[...], B[...])``: a low-rank score term (see :class:`LowRank`)."""
+        if self.clause != "score":
+            self.err(node, "dot() is a low-rank score term: use it in the score clause")
+        if self.grid:
+            self.err(node, "dot() is not supported with a grid yet")
+        if len(node.args) != 2 or node.keywords:
+            self.err(node, "dot() takes two tensor reads, e.g. dot(U[b, h, q], W[b, h, kv])")
+        sides = []
+        for a, allowed, side in zip(node.args, ({b, h, q}, {b, h, kv}), ("query", "key")):
+            if not (isinstance(a, ast.Subscript) and isinstance(a.value, ast.Name) and a.value.id in self.tensor_decls):
+                self.err(a, "dot() takes tensor reads, e.g. dot(U[b, h, q], W[b, h, kv])")
+            t = self.tensors[a.value.id]
+            if t.kind != "float":
+                self.err(a, f"dot() needs float tensors; {t.name!r} is {t.dtype}")
+            idx_nodes = a.slice.elts if isinstance(a.slice, ast.Tuple) else [a.slice]
+            if len(idx_nodes) != t.ndim - 1:
+                self.err(a, f"dot() contracts the last axis of {t.name!r} ({t.ndim} dims): index the other "
+                            f"{t.ndim - 1}, e.g. {t.name}[{', '.join(['b', 'h', 'q' if side == 'query' else 'kv'][:t.ndim - 1])}]")
+            idx = []
+            for i in idx_nodes:
+                if not (isinstance(i, ast.Name) and INDEX.get(i.id) in allowed):
+                    self.err(i, f"the {side}-side factor of dot() is indexed by "
+                                f"{', '.join(sorted(map(str, allowed)))} names only")
+                idx.append(INDEX[i.id])
+            if (q if side == "query" else kv) not in idx or len(set(idx)) != len(idx):
+                self.err(a, f"the {side}-side factor must be indexed by {'q' if side == 'query' else 'kv'} "
+                            f"(and optionally b, h), each once")
+            sides.append((t.name, tuple(idx)))
+        self.lowrank.append(LowRank(sides[0][0], sides[0][1], sides[1][0], sides[1][1]))
+        return sp.Symbol(f"lowrank{len(self.lowrank) - 1}", real=True), "float"
+
+    def fold_lowrank(self, score, expr: SpecExpr):
+        """The score written in the folded score ``s' = s + sum of dot() terms``.
+
+        Raises:
+            SpecError: a dot() term that is not added to ``s`` (it could not be folded into QK^T).
+        """
+        if not self.lowrank:
+            return score
+        syms = [sp.Symbol(f"lowrank{i}", real=True) for i in range(len(self.lowrank))]
+        folded = sp.simplify(score.subs(s, s - sp.Add(*syms)))
+        if folded.free_symbols & set(syms):
+            self.err(expr.node, "dot() terms must be added to s (score: s + dot(U[...], W[...]), possibly inside "
+                                "a function of that sum): they are folded into the QK^T product")
+        return folded
 
     def visit_Attribute(self, node):
         if not self.grid:

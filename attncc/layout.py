@@ -156,6 +156,11 @@ def identity_layout(grid) -> list:
     return g + [1] * 12
 
 
+def layout_from_list(layout: list, n: int) -> BoxLayout:
+    """The :class:`BoxLayout` of an ``n``-axis layout list (inverse of :meth:`BoxLayout.as_list`)."""
+    return BoxLayout(tuple(layout[:n]), tuple(layout[3:3 + n]), tuple(layout[9:9 + n]), tuple(layout[12:12 + n]))
+
+
 def layout_sizes(layout: list) -> dict:
     """Kernel size arguments of a layout list: ``G0..2, DIL0..2, J0..2``."""
     names = [f"G{i}" for i in range(3)] + [f"DIL{i}" for i in range(3)] + [f"J{i}" for i in range(3)]

@@ -601,6 +601,25 @@ def _full_width(iv: Interval) -> float:
         return 0.0
 
 
+def lowrank_notes(ir: AttentionIR) -> tuple:
+    """Explain lines about low-rank score terms: the ``dot()`` terms folded into QK^T, and
+    additive biases with an exact low-rank form that are left to the kernel (e.g. ALiBi
+    ``slope[h] * (kv - q)`` = ``slope[h] * kv - slope[h] * q``: rank 2)."""
+    out = []
+    if ir.lowrank:
+        out.append(f"low-rank: {len(ir.lowrank)} dot() term(s) folded into the QK^T product (q' = [q, A / scale], "
+                   f"k' = [k, B]: head dim D + rank; no Lq x Lk bias is materialised or read)")
+    bias = sp.expand(ir.score - s)
+    if bias != 0 and s not in bias.free_symbols:
+        terms = sp.Add.make_args(bias)
+        both = [t for t in terms if {q, kv} <= t.free_symbols]
+        if not both and any(t.free_symbols & {q, kv} for t in terms):
+            rank = sum(1 for t in terms if t.free_symbols & {q, kv})
+            out.append(f"low-rank: the bias {ir.score - s} has an exact rank-{rank} form (its terms each depend on q "
+                       f"or on kv only); not folded: the kernel computes it from indices at no memory cost")
+    return tuple(out)
+
+
 def plan(ir: AttentionIR) -> KernelPlan:
     """Analyse ``ir`` and choose how the kernel finds its key tiles.
 
@@ -613,7 +632,7 @@ def plan(ir: AttentionIR) -> KernelPlan:
                   score_is_identity=(ir.score == s),
                   mask_uses_b=sp.Symbol("b", integer=True, nonnegative=True) in ir.mask.free_symbols,
                   mask_uses_h=h in ir.mask.free_symbols,
-                  mask_read_checks=read_checks(ir, ir.mask))
+                  mask_read_checks=read_checks(ir, ir.mask), notes=lowrank_notes(ir))
     if mask_tensors:
         return KernelPlan(ir, "table", **common)
     if ir.grid:
@@ -621,7 +640,7 @@ def plan(ir: AttentionIR) -> KernelPlan:
         if boxes is not None:
             return KernelPlan(ir, "box", groups=tuple(groups), boxes=tuple(boxes),
                               box_mask=drop_residues(ir.coord_mask, groups), **common)
-        common["notes"] = (f"no box plan: {why}",)
+        common["notes"] = common["notes"] + (f"no box plan: {why}",)
     an = _Analysis()
     norm = rewrite(ir.mask)
     ivs = kv_sets(norm, an)

@@ -14,9 +14,11 @@ import torch
 from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, compile_read_checks,
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
-from attncc.gradients import partial_shape, reduce_partials
+from attncc.dense import eval_expr, gate_values, index_env, lowrank_factors
+from attncc.gradients import epilogue_grads, epilogue_tensors, partial_shape, reduce_partials
 from attncc.ir import grid_sizes, size_values
-from attncc.layout import BoxLayout, choose_layout, identity_layout, layout_constexprs, layout_sizes
+from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs, layout_from_list,
+                           layout_sizes)
 from attncc.passes import KernelPlan
 
 from . import cache
@@ -160,21 +162,45 @@ class CompiledAttention:
         sizes, tens = self._check(q, k, v, tensors, grid)
         if torch.is_grad_enabled():
             self._check_grads(q, k, v, tens)
+        if return_lse and self.ir.normalize == "sigmoid":
+            raise ValueError(f"pattern {self.ir.name!r} uses normalize: sigmoid, which has no log-sum-exp: "
+                             "call without return_lse")
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
         targs = [tens[t.name] for t in self.ir.tensors]
+        if self.ir.lowrank:
+            q, k, v = self._fold_lowrank(q, k, v, tens, sizes, scale)
         if self.plan.path == "box":  # tokens permuted so that every grid box is one contiguous tile
             lay = self.layout_for(sizes)
             qp, kp, vp = (lay.permute(x.unflatten(2, grid), side)
                           for x, side in ((q, "q"), (k, "kv"), (v, "kv")))
-            out, lse = self.op(qp, kp, vp, targs, float(scale), lay.as_list())
+            out, lse, _ = self.op(qp, kp, vp, targs, float(scale), lay.as_list())
             out, lse = lay.unpermute(out), lay.unpermute(lse)
         else:
             # the op takes a fixed-length layout list (grid sizes, 1 past the pattern's axes)
-            out, lse = self.op(q, k, v, targs, float(scale), identity_layout(grid))
+            out, lse, _ = self.op(q, k, v, targs, float(scale), identity_layout(grid))
             if self.ir.grid:
                 out, lse = out.unflatten(2, grid), lse.unflatten(2, grid)
         return (out, lse) if return_lse else out
+
+    def _fold_lowrank(self, q, k, v, tens: dict, sizes: dict, scale: float):
+        """FlashBias folding: ``q' = [q, U / scale]``, ``k' = [k, W]`` so that ``q' k'^T * scale =
+        q k^T * scale + U W^T`` (one GEMM, no ``Lq x Lk`` bias); autograd splits the gradients.
+        A key-side factor per query head under GQA expands k and v to the query heads first.
+
+        Raises:
+            ValueError: a folded head dim above 256.
+        """
+        Hq, Hkv = sizes["H"], sizes["Hkv"]
+        if Hq != Hkv and any(str(i) == "h" for lr in self.ir.lowrank for i in lr.b_idx):
+            k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+            Hkv = Hq
+        facs = lowrank_factors(self.ir, tens, sizes)
+        if sizes["D"] + sum(U.shape[-1] for U, _ in facs) > 256:
+            raise ValueError(f"pattern {self.ir.name!r}: head dim {sizes['D']} plus the dot() ranks exceeds 256")
+        q = torch.cat([q] + [(U / scale).to(q.dtype) for U, _ in facs], dim=-1)
+        k = torch.cat([k] + [W[:, :Hkv].to(k.dtype) for _, W in facs], dim=-1)
+        return q, k, v
 
     def layout_for(self, sizes: dict, config: Optional[Config] = None) -> BoxLayout:
         """Box plans: the token layout (tile shape per axis, chosen by
@@ -215,7 +241,7 @@ class CompiledAttention:
 
     def grad_tensor_names(self) -> tuple:
         """Names of the spec tensors this kernel computes gradients for (declaration order)."""
-        names = {g.tensor for g in self._grad_reads}
+        names = {g.tensor for g in self._grad_reads} | set(epilogue_tensors(self.ir))
         return tuple(t.name for t in self.ir.tensors if t.name in names)
 
     def _check(self, q, k, v, tensors: dict, grid=None) -> tuple:
@@ -270,12 +296,14 @@ class CompiledAttention:
                                   self._autotune(q, k, v, tensors, scale, sizes, layout))
         out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        # gated patterns also keep the ungated output (the backward needs it)
+        out_u = torch.empty_like(out) if self.ir.gate is not None else out.new_empty(0)
         tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
         self.module(q.device).attn_fwd[(-(-Lq // cfg.block_m), B * Hq)](
-            q, k, v, out, lse, *_tensor_args(tensors), *tables,
+            q, k, v, out, lse, out_u if self.ir.gate is not None else out, *_tensor_args(tensors), *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
             *_kernel_sizes(sizes, layout), scale, **_constexprs(q.dtype, sizes, cfg, layout))
-        return out, lse
+        return out, lse, out_u
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                    **tensors) -> Config:
@@ -295,12 +323,14 @@ class CompiledAttention:
                               identity_layout(grid))
 
     def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
-                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, layout=None):
+                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, layout=None, aux=None):
         """Launch the fused backward kernels (FlashAttention-2 style).
 
         Args:
             out / lse: the forward's outputs; dout ``(B, Hq, Lq, Dv)`` and dlse
                 ``(B, Hq, Lq)``: the gradients flowing into them.
+            aux: gated patterns: the ungated output the forward kept. The gate's own
+                gradient (and a sink's) are element-wise products reduced with torch.
             want: per spec tensor (declaration order), whether to return its gradient
                 (only tensors in :meth:`grad_tensor_names` can have one).
 
@@ -324,10 +354,21 @@ class CompiledAttention:
         osizes = dict(sizes)
         if self.plan.path == "box":
             osizes["Lq"] = osizes["Lk"] = math.prod(layout[:3])
+        named = self._named(tensors)
+        lay = layout_from_list(layout, len(self.ir.grid)) if self.plan.path == "box" else None
+
+        def from_kernel(x):  # kernel row order -> row-major tokens (B, H, L, ...)
+            return x if lay is None else lay.unpermute(x).flatten(2, 1 + lay.n)
+
+        up_gate = None
+        if self.ir.gate is not None:  # out = gate * o: dL/do = dout * gate, dL/dgate = dout * o
+            gv = gate_values(self.ir, named, osizes, q.device, torch.float32)
+            gk = gv if lay is None else lay.permute(gv.unflatten(2, lay.grid), "q")
+            up_gate = from_kernel(dout.float() * aux.float())
+            dout, out = (dout.float() * gk).to(dout.dtype), aux
         delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
         lse = lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        named = self._named(tensors)
         fwd_tables, fwd_strides = self._tables(sizes, named, cfg, q.device)
         t_tables, t_strides = self._tables(sizes, named, cfg, q.device, transposed=True)
         want = [False] * len(tensors) if want is None else list(want)
@@ -372,6 +413,13 @@ class CompiledAttention:
                 reduce_partials(g, partials[j], sums[g.tensor], osizes, named)
         for n, x in added.items():
             sums[n] += x
+        if self.ir.sink is not None and wanted:  # dL/dsink = -P_sink * (rowsum(dO * O) - dlse)
+            env = index_env(B, Hq, osizes["Lq"], 1, Hkv, sizes["D"], sizes["Dv"], q.device, grid=layout[:3])
+            sink = torch.broadcast_to(eval_expr(self.ir.sink, env, named).to(torch.float32), (B, Hq, osizes["Lq"], 1))
+            sink = sink[..., 0] if lay is None else sink[..., :1, 0]  # grids: the sink has no q
+            epilogue_grads(self.ir, "sink", from_kernel(-torch.exp(sink - lse) * delta), sums, osizes, named)
+        if up_gate is not None and wanted:
+            epilogue_grads(self.ir, "gate", up_gate, sums, osizes, named)
         return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted]
 
     def _autotune(self, q, k, v, tensors, scale, sizes, layout) -> Config:
@@ -479,26 +527,27 @@ def _make_op(kern: CompiledAttention):
             return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
-                 scale: float, layout: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, layout: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return kern.launch(q, k, v, tensors, scale, layout=layout)
 
         op = torch.library.custom_op(name, mutates_args=())(impl)
 
         def fake(q, k, v, tensors, scale, layout):
             B, Hq, Lq, _ = q.shape
-            return (q.new_empty((B, Hq, Lq, v.shape[-1])),
-                    q.new_empty((B, Hq, Lq), dtype=torch.float32))
+            out = q.new_empty((B, Hq, Lq, v.shape[-1]))
+            return (out, q.new_empty((B, Hq, Lq), dtype=torch.float32),
+                    torch.empty_like(out) if kern.ir.gate is not None else q.new_empty(0))
 
         op.register_fake(fake)
 
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                     dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
+                     aux: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
                      scale: float, want: List[bool], layout: List[int]) -> List[torch.Tensor]:
-            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout)
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout, aux=aux)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
-        def bwd_fake(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout):
+        def bwd_fake(q, k, v, out, lse, aux, dout, dlse, tensors, scale, want, layout):
             return ([torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
                     + [torch.empty_like(t) for t, w in zip(tensors, want) if w])
 
@@ -506,19 +555,19 @@ def _make_op(kern: CompiledAttention):
 
         def setup_context(ctx, inputs, output):
             q, k, v, tensors, scale, layout = inputs
-            out, lse = output
-            ctx.save_for_backward(q, k, v, out, lse, *tensors)
+            out, lse, aux = output
+            ctx.save_for_backward(q, k, v, out, lse, aux, *tensors)
             ctx.scale, ctx.layout = scale, layout
             has_grad = set(kern.grad_tensor_names())
             ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
 
-        def backward(ctx, dout, dlse):
-            q, k, v, out, lse, *tensors = ctx.saved_tensors
+        def backward(ctx, dout, dlse, daux):
+            q, k, v, out, lse, aux, *tensors = ctx.saved_tensors
             if dlse is None:
                 dlse = torch.zeros_like(lse)
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv, *grads = bwd(q, k, v, out, lse, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout)
+            dq, dk, dv, *grads = bwd(q, k, v, out, lse, aux, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout)
             it = iter(grads)
             return dq, dk, dv, [next(it) if w else None for w in ctx.want], None, None
 

@@ -75,6 +75,15 @@ def test_grid_benchmark_dry_run():
     assert len(rows) >= 2 and all(ln.rstrip().endswith("| ok |") and "| box," in ln for ln in rows), r.stdout
 
 
+def test_epilogue_benchmark_dry_run():
+    # fused gate / sink / sigmoid / folded low-rank vs their unfused torch compositions
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epilogue.py"), "--dry-run"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("| gate | 64 |", "| sink | 64 |", "| sigmoid | 64 |", "| lowrank (rank 16) | 64 |"):
+        assert row in r.stdout, r.stdout
+
+
 def test_benchmark_backward_dry_run():
     # forward + backward: attncc's gradients (q, k, v, ALiBi slopes) checked against the float64
     # reference; flex has no CPU backward, so its cell records the exception

@@ -1,0 +1,201 @@
+"""Beyond score_mod: sigmoid attention, attention sinks, fused output gates, low-rank bias
+folding (FlashBias). Each pattern is checked against attncc.reference and against an
+unfused torch composition written here (SDPA then * sigmoid(g); explicit sigmoid
+attention; softmax with an extra sink column then dropped; SDPA with the materialised
+U @ W^T bias), with gradients vs autograd of the composition."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attncc
+from attncc.errors import SpecError
+from attncc.inputs import example_inputs
+
+from conftest import max_err
+
+#: (B, Hq, Hkv, Lq, Lk, D, Dv): ragged, GQA, Lq != Lk both ways, decode row, Dv != D
+SHAPES = [(1, 2, 2, 45, 45, 16, 16), (2, 4, 2, 33, 70, 32, 24), (1, 2, 1, 1, 37, 16, 16), (1, 2, 2, 50, 20, 16, 16)]
+
+
+def _causal_br(Lq, Lk):
+    """Bottom-right causal mask (the library's sink/gate patterns use top-left kv <= q)."""
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    return j <= i
+
+
+def _expand_kv(x, Hq):
+    return x.repeat_interleave(Hq // x.shape[1], dim=1)
+
+
+def _sdpa(q, k, v, mask=None, bias=None):
+    """Plain masked softmax attention in float64 with GQA (rows with no key: 0)."""
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    sc = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        sc = sc + bias
+    if mask is not None:
+        sc = sc.masked_fill(~mask, -math.inf)
+    p = torch.softmax(sc, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def _composition(name, q, k, v, tens):
+    """The unfused torch version of each pattern (float64)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    m = _causal_br(Lq, Lk)
+    if name == "gated_causal":
+        return _sdpa(q, k, v, m) * torch.sigmoid(tens["g"].permute(0, 2, 1, 3))
+    if name == "moh_output_weight":
+        return _sdpa(q, k, v, m) * tens["w"].permute(0, 2, 1)[..., None]
+    if name == "sigmoid_attention":
+        kk, vv = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        return torch.sigmoid(q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1]) - math.log(Lk)) @ vv
+    if name == "sink_window":
+        kk, vv = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+        sc = (q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~((j <= i) & (i - j < 24)), -math.inf)
+        sink = tens["sink"].view(1, -1, 1, 1).expand(*sc.shape[:3], 1)
+        return torch.softmax(torch.cat([sc, sink], -1), -1)[..., :-1] @ vv
+    if name == "lowrank_bias":
+        return _sdpa(q, k, v, None, tens["U"] @ tens["W"].transpose(-1, -2))
+    raise KeyError(name)
+
+
+NAMES = ["gated_causal", "moh_output_weight", "sigmoid_attention", "sink_window", "lowrank_bias"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_epilogue_pattern_matches_composition_and_reference(name):
+    path = attncc.pattern_path(name)
+    params = {"window": 24} if name == "sink_window" else {}
+    kern = attncc.compile(path, name, **params)
+    for i, (B, H, Hkv, Lq, Lk, D, Dv) in enumerate(SHAPES):
+        q, k, v, tens, _ = example_inputs(kern.ir, B, H, Hkv, Lq, Lk, D, Dv, seed=i)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        ts = {n: t.clone().requires_grad_() for n, t in tens.items()}
+        out = kern(*xs, **ts)
+        ref = attncc.reference(path, q, k, v, pattern=name, **params, **tens)
+        ys = [x.double().requires_grad_() for x in (q, k, v)]
+        us = {n: t.double().requires_grad_() for n, t in tens.items()}
+        comp = _composition(name, *ys, us)
+        assert not torch.isnan(out).any()
+        assert max_err(out, ref) < 2e-5, (name, i)
+        assert max_err(out, comp) < 2e-5, (name, i)
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        comp.backward(dout.double())
+        for a, b_ in zip(xs + list(ts.values()), ys + list(us.values())):
+            assert a.grad is not None, name
+            assert max_err(a.grad, b_.grad) < 1e-4 * (1 + b_.grad.abs().max().item()), (name, i)
+
+
+def test_sink_fully_masked_rows_and_lse():
+    """A row with no allowed key gives 0 output and LSE = the sink logit (never NaN)."""
+    src = ("pattern s:\n    tensor sink: float32[H]\n    mask: kv <= q - 5\n    sink: sink[h]\n")
+    kern = attncc.compile(src)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 20, 20, 16)
+    out, lse = kern(q, k, v, return_lse=True, **tens)
+    assert (out[:, :, :5] == 0).all() and not torch.isnan(out).any()
+    assert torch.allclose(lse[0, :, :5], tens["sink"][:, None].expand(2, 5))
+    ref, rlse = attncc.reference(src, q, k, v, return_lse=True, **tens)
+    assert max_err(out, ref) < 2e-5 and max_err(lse, rlse) < 1e-5
+
+
+def test_sigmoid_rejects_lse_and_masks_to_zero():
+    src = "pattern s:\n    normalize: sigmoid\n    mask: kv <= q - 3\n"
+    kern = attncc.compile(src)
+    q, k, v, _, _ = example_inputs(kern.ir, 1, 1, 1, 10, 10, 16)
+    with pytest.raises(ValueError, match="no log-sum-exp"):
+        kern(q, k, v, return_lse=True)
+    out = kern(q, k, v)
+    assert (out[:, :, :3] == 0).all()
+    assert max_err(out, attncc.reference(src, q, k, v)) < 2e-5
+
+
+def test_lowrank_fold_is_explained_and_lowrank_spec_errors():
+    kern = attncc.compile(attncc.pattern_path("lowrank_bias"), R=4)
+    assert "dot(U[b, h, q], W[b, h, kv])" in kern.ir.pretty() and "folded into QK^T" in kern.ir.pretty()
+    assert "folded" in attncc.explain(attncc.pattern_path("lowrank_bias"), R=4)
+    with pytest.raises(SpecError, match="must be added to s"):
+        attncc.lower("pattern e:\n    tensor U: float32[B, H, Lq, 2]\n    tensor W: float32[B, H, Lk, 2]\n"
+                     "    score: s * dot(U[b, h, q], W[b, h, kv])\n")
+    with pytest.raises(SpecError, match="indexed by"):
+        attncc.lower("pattern e:\n    tensor U: float32[B, H, Lq, 2]\n    tensor W: float32[B, H, Lk, 2]\n"
+                     "    score: s + dot(U[b, h, kv], W[b, h, kv])\n")
+    with pytest.raises(SpecError, match="gate multiplies the output row"):
+        attncc.lower("pattern e:\n    tensor g: float32[Lk]\n    gate: g[kv]\n")
+    with pytest.raises(SpecError, match="needs normalize: softmax"):
+        attncc.lower("pattern e:\n    normalize: sigmoid\n    sink: 1.0\n")
+    with pytest.raises(SpecError, match="softmax or sigmoid"):
+        attncc.lower("pattern e:\n    normalize: relu\n")
+
+
+def test_lowrank_under_softcap_folds():
+    """dot() inside a function of s + dot() (softcap of the biased score) still folds."""
+    src = ("pattern e:\n    tensor U: float32[B, H, Lq, 3]\n    tensor W: float32[B, H, Lk, 3]\n"
+           "    mask: kv <= q\n    score: 20.0 * tanh((s + dot(U[b, h, q], W[b, h, kv])) / 20.0)\n")
+    kern = attncc.compile(src)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 30, 30, 16)
+    assert max_err(kern(q, k, v, **tens), attncc.reference(src, q, k, v, **tens)) < 2e-5
+
+
+@st.composite
+def epilogue_specs(draw):
+    mask = draw(st.sampled_from(["kv <= q", "q - kv < 9 and kv <= q", "kv >= 4", "True"]))
+    extra = draw(st.sampled_from(["none", "sink", "gate", "sigmoid", "lowrank", "sink+gate"]))
+    lines = ["pattern p:", "    tensor sink: float32[H]", "    tensor g: float32[B, Lq, H, Dv]",
+             "    tensor U: float32[B, Lq, 2]", "    tensor W: float32[B, H, Lk, 2]", f"    mask: {mask}"]
+    if "sink" in extra:
+        lines.append("    sink: sink[h]")
+    if "gate" in extra:
+        lines.append("    gate: sigmoid(g[b, q, h, dv])")
+    if extra == "sigmoid":
+        lines.append("    normalize: sigmoid")
+    if extra == "lowrank":
+        lines.append("    score: s + dot(U[b, q], W[b, h, kv])")
+    shape = draw(st.sampled_from(SHAPES))
+    return "\n".join(lines) + "\n", shape
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=epilogue_specs(), seed=st.integers(0, 1000))
+def test_epilogue_property(case, seed):
+    """Random mixes of masks with sinks, gates, sigmoid and dot(): kernel == reference, with gradients."""
+    src, (B, H, Hkv, Lq, Lk, D, Dv) = case
+    kern = attncc.compile(src)
+    q, k, v, tens, _ = example_inputs(kern.ir, B, H, Hkv, Lq, Lk, D, Dv, seed=seed)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ts = {n: t.clone().requires_grad_() for n, t in tens.items()}
+    out = kern(*xs, **ts)
+    ys = [x.double().requires_grad_() for x in (q, k, v)]
+    us = {n: t.double().requires_grad_() for n, t in tens.items()}
+    ref = attncc.reference(src, *ys, **us)
+    assert max_err(out, ref) < 2e-5, src
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for a, b_ in zip(xs + list(ts.values()), ys + list(us.values())):
+        if b_.grad is None:
+            assert a.grad is None or not a.grad.abs().any()
+            continue
+        ga = a.grad if a.grad is not None else torch.zeros_like(b_.grad)
+        assert max_err(ga, b_.grad) < 1e-4 * (1 + b_.grad.abs().max().item()), src
+
+
+def test_gated_training_under_torch_compile():
+    """A gated-attention forward compiles with fullgraph=True and trains like eager."""
+    kern = attncc.compile(attncc.pattern_path("gated_causal"))
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 24, 24, 16, seed=3)
+    g = tens["g"].clone().requires_grad_()
+
+    def f(q, k, v, g):
+        return kern(q, k, v, g=g).square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v, g), g)[0]
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g), g)[0]
+    assert max_err(eager, compiled) < 1e-5

@@ -571,8 +571,8 @@ class KernelPlan:
                 for i, iv in enumerate(bx.axes):
                     out.append(f"  key box {j}, axis {ax[i]}: j in [{iv.lo}, {iv.hi})  full for all rows: "
                                f"[{iv.flo}, {iv.fhi})")
-            out.append(f"  (q_lo<i>, q_hi<i> = first and last valid group coordinate of the query box on axis i; "
-                       f"g<i> = its dilation group)")
+            out.append("  (q_lo<i>, q_hi<i> = first and last valid group coordinate of the query box on axis i; "
+                       "g<i> = its dilation group)")
             out.append("  layout: tokens permuted before the kernel to (groups, tiles, rows of a tile) on every axis "
                        "(padded to whole tiles), and back after, so every box is contiguous "
                        "(the permutation is skipped when it is the identity); tile shapes per axis are chosen "

@@ -31,16 +31,14 @@ if "--dry-run" in sys.argv[1:] and "triton" not in sys.modules:  # see bench_for
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import attncc  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
+from results_file import write_results  # noqa: E402  (benchmarks/, the script's folder)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 F = torch.nn.functional
 
 
@@ -118,15 +116,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not dry:
-        dev = torch.cuda.get_device_name(device)
-        date = datetime.date.today().isoformat()
-        RESULTS_DIR.mkdir(exist_ok=True)
-        slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
-        path = RESULTS_DIR / f"epilogue_{slug}_{date}.md"
-        path.write_text(f"# Epilogue benchmark, {date}, {dev}\n\n`python benchmarks/bench_epilogue.py "
-                        f"{' '.join(sys.argv[1:])}` (torch {torch.__version__}, triton {triton.__version__}, bf16)\n\n"
-                        f"{text}\n")
-        print(f"wrote {path}")
+        write_results("epilogue", "Epilogue benchmark", text, "bf16")
     return 0 if ok else 1
 
 

@@ -38,20 +38,18 @@ if "--dry-run" in sys.argv[1:] and "triton" not in sys.modules:  # see bench_for
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import attncc  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 from attncc.ir import grid_sizes  # noqa: E402
+from results_file import write_results  # noqa: E402  (benchmarks/, the script's folder)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
@@ -266,16 +264,7 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if not args.dry_run:
-        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        date = datetime.date.today().isoformat()
-        RESULTS_DIR.mkdir(exist_ok=True)
-        slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
-        path = RESULTS_DIR / f"grid_{slug}_{date}.md"
-        path.write_text(f"# Grid attention benchmark, {date}, {dev}\n\n"
-                        f"`python benchmarks/bench_grid.py {' '.join(sys.argv[1:])}` "
-                        f"(torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, batch {args.batch})\n\n"
-                        f"{text}\n")
-        print(f"wrote {path}")
+        write_results("grid", "Grid attention benchmark", text, f"{args.dtype}, batch {args.batch}")
     return 0 if all(r.get("ok") for r in rows) else 1
 
 

@@ -404,7 +404,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
                             {"sink": ir.sink if ir.sink is not None else sp.Integer(0)})
     gate_lines, gt = _block(TritonPrinter(names, tensors, prefix="gt"),
                             {"gate": ir.gate if ir.gate is not None else sp.Integer(1)})
-    ctx = dict(_box_context(plan, names, tensors) if box else _box_context(None, names, tensors))
+    ctx = _box_context(plan if box else None, names, tensors)
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), sink_lines=sink_lines, gate_lines=gate_lines,
                sink_code=sk["sink"] if ir.sink is not None else "",
                gate_code=gt["gate"] if ir.gate is not None else "")

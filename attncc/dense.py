@@ -148,14 +148,26 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
     return ev(sp.sympify(expr))
 
 
-def gate_values(ir: I.AttentionIR, tensors: dict, sizes: dict, device, float_dtype=torch.float64) -> torch.Tensor:
-    """The gate of ``ir`` evaluated for every output element: ``(B, H, Lq, Dv)`` (``Lq`` the
-    flattened grid for grid patterns)."""
+def output_env(sizes: dict, device) -> dict:
+    """Index grids of the output elements: ``b, h, q`` as in :func:`index_env` and the output
+    feature ``dv`` on the last axis (the names a sink or a gate may use)."""
     env = index_env(sizes["B"], sizes["H"], sizes["Lq"], 1, sizes["Hkv"], sizes["D"], sizes["Dv"], device,
                     grid=[sizes.get(f"G{i}", 1) for i in range(3)])
     env[I.dv] = torch.arange(sizes["Dv"], device=device, dtype=torch.int64).view(1, 1, 1, -1)
-    g = eval_expr(ir.gate, env, tensors, float_dtype=float_dtype).to(float_dtype)
+    return env
+
+
+def gate_values(ir: I.AttentionIR, tensors: dict, sizes: dict, device, float_dtype=torch.float64) -> torch.Tensor:
+    """The gate of ``ir`` evaluated for every output element: ``(B, H, Lq, Dv)`` (``Lq`` the
+    flattened grid for grid patterns)."""
+    g = eval_expr(ir.gate, output_env(sizes, device), tensors, float_dtype=float_dtype).to(float_dtype)
     return torch.broadcast_to(g, (sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]))
+
+
+def sink_values(ir: I.AttentionIR, tensors: dict, sizes: dict, device, float_dtype=torch.float64) -> torch.Tensor:
+    """The sink logit of ``ir`` for every row: ``(B, H, Lq)``."""
+    g = eval_expr(ir.sink, output_env(sizes, device), tensors, float_dtype=float_dtype).to(float_dtype)
+    return torch.broadcast_to(g, (sizes["B"], sizes["H"], sizes["Lq"], 1))[..., 0]
 
 
 def expand_factor(x: torch.Tensor, idx: tuple, order: tuple, shape: tuple) -> torch.Tensor:
@@ -344,8 +356,7 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     else:
         full = score
         if ir.sink is not None:  # exp(sink) joins the denominator; the sink has no value
-            sink = torch.broadcast_to(eval_expr(ir.sink, env, tensors).to(torch.float64), (B, Hq, Lq, 1))
-            full = torch.cat([score, sink], dim=-1)
+            full = torch.cat([score, sink_values(ir, tensors, sizes, q.device)[..., None]], dim=-1)
         lse = torch.logsumexp(full, dim=-1)
         p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
         p = torch.where(mask, p, torch.zeros_like(p))

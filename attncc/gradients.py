@@ -38,7 +38,7 @@ import sympy as sp
 import torch
 
 from . import ir as I
-from .dense import eval_expr, index_env
+from .dense import eval_expr, output_env
 
 #: partial-buffer layouts (see the module docstring)
 KINDS = ("row", "col", "full")
@@ -228,10 +228,7 @@ def epilogue_grads(ir: I.AttentionIR, which: str, upstream: torch.Tensor, target
     to the tensor in a fixed order (:func:`reduce_partials`).
     """
     expr = ir.sink if which == "sink" else ir.gate
-    env = index_env(sizes["B"], sizes["H"], sizes["Lq"], 1, sizes["Hkv"], sizes["D"], sizes["Dv"],
-                    upstream.device, grid=[sizes.get(f"G{i}", 1) for i in range(3)])
-    if which == "gate":
-        env[I.dv] = torch.arange(sizes["Dv"], device=upstream.device, dtype=torch.int64).view(1, 1, 1, -1)
+    env = output_env(sizes, upstream.device)
     for g in grad_reads(ir, expr):
         if g.tensor not in targets:
             continue

@@ -14,7 +14,7 @@ import torch
 from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, compile_read_checks,
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
-from attncc.dense import eval_expr, gate_values, index_env, lowrank_factors
+from attncc.dense import gate_values, lowrank_factors, sink_values
 from attncc.gradients import epilogue_grads, epilogue_tensors, partial_shape, reduce_partials
 from attncc.ir import grid_sizes, size_values
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs, layout_from_list,
@@ -414,9 +414,8 @@ class CompiledAttention:
         for n, x in added.items():
             sums[n] += x
         if self.ir.sink is not None and wanted:  # dL/dsink = -P_sink * (rowsum(dO * O) - dlse)
-            env = index_env(B, Hq, osizes["Lq"], 1, Hkv, sizes["D"], sizes["Dv"], q.device, grid=layout[:3])
-            sink = torch.broadcast_to(eval_expr(self.ir.sink, env, named).to(torch.float32), (B, Hq, osizes["Lq"], 1))
-            sink = sink[..., 0] if lay is None else sink[..., :1, 0]  # grids: the sink has no q
+            sink = sink_values(self.ir, named, osizes, q.device, torch.float32)
+            sink = sink if lay is None else sink[..., :1]  # grids: the sink has no q (rows are permuted)
             epilogue_grads(self.ir, "sink", from_kernel(-torch.exp(sink - lse) * delta), sums, osizes, named)
         if up_gate is not None and wanted:
             epilogue_grads(self.ir, "gate", up_gate, sums, osizes, named)

@@ -82,10 +82,43 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> dict:
 
 
 def shape_functions(ir: I.AttentionIR) -> dict:
-    """name -> plain Python function of the sizes giving the tensor's expected shape
-    (no sympy at call time, so torch.compile can trace the checks)."""
-    syms = [I.SIZES[n] for n in I.SIZES]
+    """name -> plain Python function of the sizes, then the free dimensions (``ir.free_dims``
+    order), giving the tensor's expected shape (no sympy at call time, so torch.compile
+    can trace the checks)."""
+    syms = [I.SIZES[n] for n in I.SIZES] + [sp.Symbol(n, integer=True, positive=True) for n in ir.free_dims]
     return {t.name: sp.lambdify(syms, sp.Tuple(*t.shape), modules="math") for t in ir.tensors}
+
+
+def bind_free_dims(ir: I.AttentionIR, tensors: dict) -> tuple[int, ...]:
+    """The values of the free tensor dimensions (``ir.free_dims``, e.g. the rank ``R`` of
+    ``float32[B, H, Lq, R]``), read from the tensors passed.
+
+    Args:
+        tensors: spec tensor name -> tensor (those absent are skipped; a dim no tensor
+            binds defaults to 1, so that the shape check names the tensor instead).
+
+    Raises:
+        ValueError: a tensor with the wrong number of dims, or two tensors binding one
+            free dimension to different sizes (naming both).
+    """
+    if not ir.free_dims:
+        return ()
+    bound: dict = {}
+    for t in ir.tensors:
+        x = tensors.get(t.name)
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.dim() != t.ndim:
+            raise ValueError(f"tensor {t.name!r} must have {t.ndim} dims ({_Decl(t)}), got shape {_shape_str(x.shape)}")
+        for axis, d in enumerate(t.shape):
+            if isinstance(d, sp.Symbol) and d.name in ir.free_dims:
+                n = int(x.shape[axis])
+                if d.name in bound and bound[d.name][0] != n:
+                    other, oaxis = bound[d.name][1:]
+                    raise ValueError(f"free dimension {d.name} is {bound[d.name][0]} in tensor {other!r} (dim {oaxis}) "
+                                     f"but {n} in tensor {t.name!r} (dim {axis}): tensors sharing {d.name} must agree")
+                bound.setdefault(d.name, (n, t.name, axis))
+    return tuple(bound.get(n, (1,))[0] for n in ir.free_dims)
 
 
 def flatten_grid(ir: I.AttentionIR, q, k, v) -> tuple:
@@ -135,9 +168,10 @@ def check_sizes(ir: I.AttentionIR, compiled: list, sizes: dict) -> None:
             raise ValueError(f"pattern {ir.name!r}: {msg} (sizes: {have})")
 
 
-def expected_shape(shapes: dict, name: str, sizes: dict) -> tuple[int, ...]:
-    """Concrete shape of spec tensor ``name`` for ``sizes``, from :func:`shape_functions`."""
-    return tuple(int(x) for x in shapes[name](*I.size_values(sizes)))
+def expected_shape(shapes: dict, name: str, sizes: dict, free: tuple = ()) -> tuple[int, ...]:
+    """Concrete shape of spec tensor ``name`` for ``sizes`` and the free dimension values
+    ``free`` (:func:`bind_free_dims`), from :func:`shape_functions`."""
+    return tuple(int(x) for x in shapes[name](*I.size_values(sizes), *free))
 
 
 def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=None, shapes=None) -> dict:
@@ -160,6 +194,7 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
             known = ", ".join(declared) or "none"
             raise TypeError(f"pattern {ir.name!r} has no tensor or param {name!r} (its tensors: {known})")
     out = {}
+    free = bind_free_dims(ir, tensors)
     for t in ir.tensors:
         if only is not None and t.name not in only and t.name not in tensors:
             continue
@@ -169,7 +204,7 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
         x = tensors[t.name]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tensor {t.name!r} must be a torch.Tensor ({decl}), got {type(x).__name__}")
-        want = expected_shape(shapes, t.name, sizes)
+        want = expected_shape(shapes, t.name, sizes, free)
         if tuple(x.shape) != want:
             raise ValueError(f"tensor {t.name!r} must have shape {decl} = {_shape_str(want)}, got {_shape_str(x.shape)}")
         if x.dtype not in _KIND_DTYPES[t.kind]:

@@ -183,10 +183,18 @@ def expand_factor(x: torch.Tensor, idx: tuple, order: tuple, shape: tuple) -> to
 
 def lowrank_factors(ir: I.AttentionIR, tensors: dict, sizes: dict) -> list:
     """``[(U, W), ...]`` of the ``dot()`` terms: ``U`` ``(B, H, Lq, R)``, ``W`` ``(B, H, Lk, R)``
-    (query heads; broadcast views of the spec tensors)."""
+    (query heads; broadcast views of the spec tensors).
+
+    Raises:
+        ValueError: the two factors of a term have different ranks (last dims).
+    """
     B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
     out = []
     for lr in ir.lowrank:
+        ra, rb = tensors[lr.a].shape[-1], tensors[lr.b].shape[-1]
+        if ra != rb:
+            raise ValueError(f"pattern {ir.name!r}: {lr} contracts {lr.a!r} (last dim {ra}) with {lr.b!r} "
+                             f"(last dim {rb}): the ranks must be equal")
         U = expand_factor(tensors[lr.a], lr.a_idx, (I.b, I.h, I.q), (B, H, Lq))
         W = expand_factor(tensors[lr.b], lr.b_idx, (I.b, I.h, I.kv), (B, H, Lk))
         out.append((U, W))

@@ -16,7 +16,12 @@ from .checks import expected_shape, shape_functions
 from .ir import AttentionIR, grid_sizes
 
 
-def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch.Generator | None = None) -> dict:
+#: the value given to free tensor dimensions (``ir.free_dims``) by :func:`example_tensors`
+FREE_DIM_DEFAULT = 4
+
+
+def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch.Generator | None = None,
+                    free: dict | None = None) -> dict:
     """Plausible values for every ``tensor`` of ``ir``.
 
     Args:
@@ -24,14 +29,17 @@ def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch
         sizes: ``{"B", "H", "Hkv", "Lq", "Lk", "D", "Dv"}``.
         device: where to put them.
         generator: a CPU ``torch.Generator`` for reproducibility.
+        free: values of the free tensor dimensions by name (default
+            :data:`FREE_DIM_DEFAULT` each).
 
     Returns:
         name -> tensor with the declared shape and dtype.
     """
     out = {}
     shapes = shape_functions(ir)
+    fvals = tuple((free or {}).get(n, FREE_DIM_DEFAULT) for n in ir.free_dims)
     for t in ir.tensors:
-        shape = expected_shape(shapes, t.name, sizes)
+        shape = expected_shape(shapes, t.name, sizes, fvals)
         dtype = getattr(torch, t.dtype)
         if t.kind == "float":
             if len(shape) == 1:

@@ -159,6 +159,9 @@ class AttentionIR:
         lowrank: the :class:`LowRank` terms ``dot(A[...], B[...])`` of the score, folded into
             the QK^T product (FlashBias, Wu et al. 2025): ``score`` is written in the folded
             score, i.e. its ``s`` stands for ``s + sum of the dot terms``.
+        free_dims: names of the free tensor dimensions (a new name used as a whole
+            dimension, e.g. ``R`` in ``float32[B, H, Lq, R]``): their values are bound at
+            call time from the tensors passed, and must agree across tensors.
     """
 
     name: str
@@ -176,6 +179,7 @@ class AttentionIR:
     sink: sp.Expr = None
     gate: sp.Expr = None
     lowrank: tuple = ()
+    free_dims: tuple = ()
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -200,7 +204,7 @@ class AttentionIR:
                  sp.srepr(self.mask), sp.srepr(self.score), repr(self.grid),
                  sp.srepr(self.coord_mask), sp.srepr(self.coord_score), self.normalize,
                  sp.srepr(self.sink), sp.srepr(self.gate), repr(self.lowrank),
-                 repr([(sp.srepr(c), m) for c, m in self.checks])]
+                 repr([(sp.srepr(c), m) for c, m in self.checks]), repr(self.free_dims)]
         return "\n".join(parts)
 
     def pretty(self) -> str:
@@ -215,6 +219,8 @@ class AttentionIR:
             lines.append(f"  param  {n} = {v!r}")
         for t in self.tensors:
             lines.append(f"  tensor {t.name}: {t.dtype}[{', '.join(str(d) for d in t.shape)}]")
+        if self.free_dims:
+            lines.append(f"  free dims: {', '.join(self.free_dims)} (bound by the tensors passed)")
         lines.append(f"  mask:   {self.mask}")
         for lr in self.lowrank:
             lines.append(f"  low-rank term (folded into QK^T): {lr}")
@@ -276,7 +282,10 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
         if "mask" in pat.clauses:
             coord_mask = lw.lower_clause(pat.clauses["mask"], "mask", want="bool", allow_s=False)
         if "score" in pat.clauses:
-            coord_score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
+            terms, lw.lowrank = lw.lowrank, []  # dot() terms index tokens by the flat q / kv
+            coord_score = lw.fold_lowrank(lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True),
+                                          pat.clauses["score"])
+            lw.lowrank = terms
         lw.coord_symbols = False
     if lw.grid:
         n = sp.Mul(*GRID_SIZES[:len(lw.grid)])
@@ -284,7 +293,7 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
                    (sp.Eq(Lk, n), "the key grid must be the query grid")]
     return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
                        tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score,
-                       normalize, sink, gate, tuple(lw.lowrank))
+                       normalize, sink, gate, tuple(lw.lowrank), tuple(lw.free_dims))
 
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
@@ -326,6 +335,7 @@ class _Lowerer:
         self.coord_symbols = False  # coord() gives QC/KC symbols (the coordinate form)
         self.lowrank: list = []  # LowRank terms of the score (dot(...) calls)
         self.allow_dv = False  # the gate clause may use dv
+        self.free_dims: dict = {}  # name -> symbol of the free tensor dimensions
 
     # -- grids
     def set_grid(self, expr: SpecExpr) -> None:
@@ -439,8 +449,13 @@ class _Lowerer:
         if n in FUNCTIONS:
             self.err(node, f"{n!r} is a function: call it, e.g. {n}(...)")
         if self.dims_mode:
+            if self.expr.node is node and n not in INDEX and n not in ("s", "dv") and n not in self.grid:
+                # a whole dimension named by a new name: a free dimension, bound at call time
+                self.free_dims.setdefault(n, sp.Symbol(n, integer=True, positive=True))
+                return self.free_dims[n], "int"
             self.err(node, f"unknown name {n!r} in a tensor dimension (expected an integer, a size name "
-                           f"{', '.join(SIZE_NAMES)} or an int param)")
+                           f"{', '.join(SIZE_NAMES)}, an int param, or a new name as a whole dimension: a "
+                           f"free dimension such as R in float32[B, H, Lq, R])")
         self.err(node, f"unknown name {n!r} (expected one of: {self._expected_names(self.allow_s)})")
 
     def _num(self, node, e, kind, what):
@@ -629,8 +644,6 @@ class _Lowerer:
         """``dot(A[...], B[...])``: a low-rank score term (see :class:`LowRank`)."""
         if self.clause != "score":
             self.err(node, "dot() is a low-rank score term: use it in the score clause")
-        if self.grid:
-            self.err(node, "dot() is not supported with a grid yet")
         if len(node.args) != 2 or node.keywords:
             self.err(node, "dot() takes two tensor reads, e.g. dot(U[b, h, q], W[b, h, kv])")
         sides = []

@@ -87,7 +87,7 @@ def cases(L: int, H: int, D: int, device, dtype):
                 lambda: F.scaled_dot_product_attention(q, k, v)))
     R = 16
     U, W = rnd(1, H, L, R).float() * 0.3, rnd(1, H, L, R).float() * 0.3
-    klr = attncc.compile(attncc.pattern_path("lowrank_bias"), R=R)
+    klr = attncc.compile(attncc.pattern_path("lowrank_bias"))  # R: free dim, read from U and W
     out.append(("lowrank (rank 16)", lambda: klr(q, k, v, U=U, W=W),
                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=(U @ W.transpose(-1, -2)).to(dtype))))
     return out

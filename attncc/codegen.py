@@ -18,7 +18,7 @@ import jinja2
 import sympy as sp
 
 from . import ir as I
-from .gradients import derivative, grad_reads
+from .gradients import derivative, epilogue_reads, grad_reads
 from .passes import BQ_HI, BQ_LO, GQ, LG, KernelPlan, q_hi, q_lo, read_in_bounds
 
 #: names of IR symbols inside the generated kernels
@@ -332,21 +332,58 @@ def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
     return dscore, backward_error, [x for x in printed if x[0].tensor not in tgrad_errors], tgrad_errors
 
 
+def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
+    """The sink / gate reads' derivatives for the backward preprocessing kernel.
+
+    Returns:
+        ``(ereads, lines, tensor_grad_errors)``: per printable read of
+        :func:`~attncc.gradients.epilogue_reads` a dict ``j, clause, tensor, kind, read,
+        code`` (``j``: its ``PE<j>`` buffer); ``lines``: ``{"sink": [...], "gate": [...]}``,
+        the loads of each clause's value and derivatives (the value as ``sink_val`` /
+        ``gate_val``); errors: tensor name -> why it gets no gradient.
+    """
+    ereads, lines, errors = [], {}, {}
+    for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
+        pr = TritonPrinter(names, tensors, prefix="se" if clause == "sink" else "ge")
+        value = pr(expr) if expr is not None else "0.0"
+        for c, g in epilogue_reads(ir):
+            if c != clause:
+                continue
+            try:
+                code = pr(g.deriv)
+            except NotImplementedError as e:
+                errors.setdefault(g.tensor, f"the derivative of the {clause} in {g.read} cannot be generated: {e}")
+                continue
+            ereads.append(dict(clause=clause, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, g=g))
+        lines[clause] = list(pr.lines) + [f"{clause}_val = {value}"]
+    return ereads, lines, errors
+
+
+def _keep_reads(ereads: list, tensor_grad_errors: dict) -> list:
+    """The epilogue reads of tensors that get a gradient, numbered ``j`` (their ``PE<j>``)."""
+    return [dict(e, j=j) for j, e in enumerate(x for x in ereads if x["tensor"] not in tensor_grad_errors)]
+
+
 def backward_support(plan: KernelPlan) -> tuple:
     """What the generated backward of ``plan`` can do, without rendering a module.
 
     Returns:
-        ``(backward_error, tensor_grad_errors, grad_reads)``: ``""`` or why there is no
-        backward; tensor name -> why it gets no gradient; the
+        ``(backward_error, tensor_grad_errors, grad_reads, epilogue_reads)``: ``""`` or why
+        there is no backward; tensor name -> why it gets no gradient; the
         :class:`~attncc.gradients.GradRead` s whose partials the dQ kernel writes, in
-        kernel argument order.
+        kernel argument order; those of the sink / gate reads whose partials the
+        preprocessing kernel writes (``PE<j>`` order).
     """
     ir = plan.ir
     names, _, score = _kernel_forms(plan)
     ps = TritonPrinter(names, {t.name: t for t in ir.tensors}, prefix="sc")
     ps(score)
     _, err, printed, terr = _backward_parts(ir, ps, score)
-    return err, terr, tuple(x[0] for x in printed)
+    ereads, _, eerr = _epilogue_parts(ir, names, {t.name: t for t in ir.tensors})
+    for n, why in eerr.items():
+        terr.setdefault(n, why)
+    printed = [x for x in printed if x[0].tensor not in terr]
+    return err, terr, tuple(x[0] for x in printed), tuple(e["g"] for e in _keep_reads(ereads, terr))
 
 
 def _kernel_forms(plan: KernelPlan) -> tuple:
@@ -385,6 +422,12 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     # the score and its derivative in s (for the backward) share their tensor loads
     score_lines, sc = _block(ps, {"score": score})
     sc["dscore"], backward_error, printed, tgrad_errors = _backward_parts(ir, ps, score)
+    # the epilogue's reads (sink / gate) and their derivatives for the backward preprocessing
+    ereads, epi_lines, eerr = _epilogue_parts(ir, names, tensors)
+    for n, why in eerr.items():
+        tgrad_errors.setdefault(n, why)
+    printed = [x for x in printed if x[0].tensor not in tgrad_errors]
+    ereads = _keep_reads(ereads, tgrad_errors)
     greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
                    inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
     score_lines = list(ps.lines)
@@ -407,7 +450,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     ctx = _box_context(plan if box else None, names, tensors)
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), sink_lines=sink_lines, gate_lines=gate_lines,
                sink_code=sk["sink"] if ir.sink is not None else "",
-               gate_code=gt["gate"] if ir.gate is not None else "")
+               gate_code=gt["gate"] if ir.gate is not None else "",
+               ereads=ereads, epi_lines=epi_lines, epi_meta=[[e["tensor"], e["kind"]] for e in ereads],
+               eargs="".join(f"PE{e['j']}, " for e in ereads))
     ctx.update(
         version=version,
         ir=ir,

@@ -28,6 +28,14 @@ opt-in ``atomic`` mode (``attncc.compile(..., deterministic=False)``) adds into 
 gradient with ``tl.atomic_add`` from the kernel instead: no partial buffers, but the
 order of the additions, hence the last bits, varies from run to run (as in
 FlexAttention's captured-buffer gradients).
+
+The epilogue clauses (``sink:``, ``gate:``) read tensors too (:func:`epilogue_reads`).
+Their gradients come from the backward's preprocessing kernel (``attn_bwd_pre``),
+which computes delta and, in the same pass over ``dO`` and the ungated output ``O``,
+``dL/d gate * d gate / d read`` (per output element, or summed over ``dv`` per row)
+and ``dL/d sink * d sink / d read`` per row with ``dL/d sink = -exp(sink - LSE) * delta``;
+these ``out`` / ``row`` partials are reduced by :func:`reduce_partials` as well (also in
+atomic mode: they are O(outputs) small).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import sympy as sp
 import torch
 
 from . import ir as I
-from .dense import eval_expr, output_env
+from .dense import eval_expr
 
 #: partial-buffer layouts (see the module docstring)
 KINDS = ("row", "col", "full")
@@ -203,37 +211,23 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.T
     return out
 
 
-def epilogue_tensors(ir: I.AttentionIR) -> tuple[str, ...]:
-    """Names of the float tensors the sink or the gate reads with a non-zero derivative."""
-    names = set()
-    for expr in (ir.sink, ir.gate):
-        if expr is not None:
-            names |= {g.tensor for g in grad_reads(ir, expr)}
-    return tuple(t.name for t in ir.tensors if t.name in names)
+def epilogue_reads(ir: I.AttentionIR) -> tuple[tuple[str, GradRead], ...]:
+    """The reads of float tensors in the sink and gate clauses, with their derivatives, in the
+    order of the backward preprocessing kernel's partial buffers (``PE<j>``).
 
-
-def epilogue_grads(ir: I.AttentionIR, which: str, upstream: torch.Tensor, targets: dict, sizes: dict,
-                   tensors: dict) -> None:
-    """Add the gradients of the tensors read by the sink or the gate into ``targets``.
-
-    Args:
-        which: ``"sink"`` (``upstream``: dL/d sink logit per row, ``(B, H, Lq)``) or ``"gate"``
-            (``upstream``: dL/d gate value, ``(B, H, Lq, Dv)`` = dL/d out * ungated out).
-        targets: tensor name -> float64 gradient (shaped like the tensor), added in place
-            for the names present.
-        sizes / tensors: as :func:`reduce_partials` (row-major token order).
-
-    The derivative of the clause in each read is taken with sympy and evaluated densely
-    (these are O(rows) / O(outputs) element-wise products, done with torch), then reduced
-    to the tensor in a fixed order (:func:`reduce_partials`).
+    Returns:
+        ``((clause, GradRead), ...)``: ``clause`` is ``"sink"`` or ``"gate"``; the read's kind is
+        ``"out"`` (a gate read indexed by ``dv``: partials ``(B, Hq, Lq, Dv)``) or ``"row"``
+        (partials ``(B, Hq, Lq)``: the kernel sums a gate read's terms over ``dv``).
+        The kernel evaluates ``dL/d clause value * derivative`` per element: for the gate
+        ``dL/d gate = dO * O_ungated``; for the sink ``dL/d sink = -exp(sink - LSE) * delta``
+        with ``delta = rowsum(dO_ungated * O_ungated) - dLSE``.
     """
-    expr = ir.sink if which == "sink" else ir.gate
-    env = output_env(sizes, upstream.device)
-    for g in grad_reads(ir, expr):
-        if g.tensor not in targets:
+    out = []
+    for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
+        if expr is None:
             continue
-        d = torch.broadcast_to(eval_expr(g.deriv, env, tensors).to(torch.float64),
-                               upstream.shape + ((1,) if which == "sink" else ()))
-        partial = upstream.double() * (d[..., 0] if which == "sink" else d)
-        reduce_partials(GradRead(g.tensor, g.read, g.deriv, "row" if which == "sink" else "out"),
-                        partial, targets[g.tensor], sizes, tensors)
+        for g in grad_reads(ir, expr):
+            uses_dv = any(I.dv in sp.sympify(ix).free_symbols for ix in g.read.indices)
+            out.append((clause, GradRead(g.tensor, g.read, g.deriv, "out" if uses_dv else "row")))
+    return tuple(out)

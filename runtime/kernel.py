@@ -14,10 +14,10 @@ import torch
 from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, compile_read_checks,
                            compile_size_checks, flatten_grid, shape_functions)
 from attncc.codegen import backward_support
-from attncc.dense import gate_values, lowrank_factors, sink_values
-from attncc.gradients import epilogue_grads, epilogue_tensors, partial_shape, reduce_partials
+from attncc.dense import lowrank_factors
+from attncc.gradients import partial_shape, reduce_partials
 from attncc.ir import grid_sizes, size_values
-from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs, layout_from_list,
+from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
 from attncc.passes import KernelPlan
 
@@ -124,7 +124,7 @@ class CompiledAttention:
         self._tuned = {}
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
-        self.backward_error, self.tensor_grad_errors, self._grad_reads = backward_support(plan)
+        self.backward_error, self.tensor_grad_errors, self._grad_reads, self._epi_reads = backward_support(plan)
         self.op = _make_op(self)
 
     def __repr__(self) -> str:
@@ -241,7 +241,7 @@ class CompiledAttention:
 
     def grad_tensor_names(self) -> tuple:
         """Names of the spec tensors this kernel computes gradients for (declaration order)."""
-        names = {g.tensor for g in self._grad_reads} | set(epilogue_tensors(self.ir))
+        names = {g.tensor for g in self._grad_reads + self._epi_reads}
         return tuple(t.name for t in self.ir.tensors if t.name in names)
 
     def _check(self, q, k, v, tensors: dict, grid=None) -> tuple:
@@ -329,8 +329,10 @@ class CompiledAttention:
         Args:
             out / lse: the forward's outputs; dout ``(B, Hq, Lq, Dv)`` and dlse
                 ``(B, Hq, Lq)``: the gradients flowing into them.
-            aux: gated patterns: the ungated output the forward kept. The gate's own
-                gradient (and a sink's) are element-wise products reduced with torch.
+            aux: gated patterns: the ungated output the forward kept. The preprocessing
+                kernel (``attn_bwd_pre``) computes delta, ``dout * gate`` and the partials of
+                the gate's and the sink's tensors in one pass (fused), reduced here in a
+                fixed order like the score tensors' partials.
             want: per spec tensor (declaration order), whether to return its gradient
                 (only tensors in :meth:`grad_tensor_names` can have one).
 
@@ -355,18 +357,6 @@ class CompiledAttention:
         if self.plan.path == "box":
             osizes["Lq"] = osizes["Lk"] = math.prod(layout[:3])
         named = self._named(tensors)
-        lay = layout_from_list(layout, len(self.ir.grid)) if self.plan.path == "box" else None
-
-        def from_kernel(x):  # kernel row order -> row-major tokens (B, H, L, ...)
-            return x if lay is None else lay.unpermute(x).flatten(2, 1 + lay.n)
-
-        up_gate = None
-        if self.ir.gate is not None:  # out = gate * o: dL/do = dout * gate, dL/dgate = dout * o
-            gv = gate_values(self.ir, named, osizes, q.device, torch.float32)
-            gk = gv if lay is None else lay.permute(gv.unflatten(2, lay.grid), "q")
-            up_gate = from_kernel(dout.float() * aux.float())
-            dout, out = (dout.float() * gk).to(dout.dtype), aux
-        delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
         lse = lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         fwd_tables, fwd_strides = self._tables(sizes, named, cfg, q.device)
@@ -400,6 +390,29 @@ class CompiledAttention:
         targs = _tensor_args(tensors)
         consts = _constexprs(q.dtype, sizes, cfg, layout)
         ksizes = _kernel_sizes(sizes, layout)
+        # preprocessing: delta, and the fused epilogue backward (gate: dO * gate and the gate
+        # tensors' partials; sink: the sink logits' partials)
+        epi = self._epi_reads
+        assert [[g.tensor, g.kind] for g in epi] == mod.EPI_READS, "generated module out of date"
+        epartials, emask = [], 0
+        for j, g in enumerate(epi):
+            if g.tensor in wanted:
+                emask |= 1 << j
+                shape = partial_shape("row", osizes, n_m) + ((sizes["Dv"],) if g.kind == "out" else ())
+                epartials.append(torch.zeros(shape, dtype=torch.float32, device=q.device))
+            else:
+                epartials.append(dummy)
+        delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        if self.ir.gate is not None:  # out = gate * o: the other kernels get dL/do = dout * gate and o
+            out, dout_g = aux, torch.empty_like(dout)
+        else:
+            dout_g = dout
+        mod.attn_bwd_pre[(n_m, B * Hq)](
+            out, dout, lse, dlse.float().contiguous(), delta, dout_g, *epartials, *targs,
+            *out.stride(), *dout.stride(), *dout_g.stride(), *ksizes,
+            BLOCK_M=cfg.block_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
+            num_warps=cfg.num_warps, num_stages=1)
+        dout = dout_g
         mod.attn_bwd_dq[(n_m, B * Hq)](
             q, k, v, dout, lse, delta, dq, *partials, *targs, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
@@ -413,12 +426,9 @@ class CompiledAttention:
                 reduce_partials(g, partials[j], sums[g.tensor], osizes, named)
         for n, x in added.items():
             sums[n] += x
-        if self.ir.sink is not None and wanted:  # dL/dsink = -P_sink * (rowsum(dO * O) - dlse)
-            sink = sink_values(self.ir, named, osizes, q.device, torch.float32)
-            sink = sink if lay is None else sink[..., :1]  # grids: the sink has no q (rows are permuted)
-            epilogue_grads(self.ir, "sink", from_kernel(-torch.exp(sink - lse) * delta), sums, osizes, named)
-        if up_gate is not None and wanted:
-            epilogue_grads(self.ir, "gate", up_gate, sums, osizes, named)
+        for g, part in zip(epi, epartials):
+            if g.tensor in wanted:
+                reduce_partials(g, part, sums[g.tensor], osizes, named)
         return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted]
 
     def _autotune(self, q, k, v, tensors, scale, sizes, layout) -> Config:

@@ -198,3 +198,119 @@ def test_gated_training_under_torch_compile():
     eager = torch.autograd.grad(f(q, k, v, g), g)[0]
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g), g)[0]
     assert max_err(eager, compiled) < 1e-5
+
+
+#: the four patterns of the issue's contract, verbatim (R is a free dimension)
+CONTRACT = '''
+pattern gated_causal:
+    """Gated attention (Qiu et al. 2025): head-specific sigmoid gate after SDPA."""
+    tensor g: float32[B, Lq, H, Dv]
+    mask: kv <= q
+    gate: sigmoid(g[b, q, h, dv])
+
+pattern sigmoid_attention:
+    """Sigmoid attention (Ramapuram et al. 2024, FlashSigmoid), b = -log(n)."""
+    normalize: sigmoid
+    score: s - log(Lk)
+
+pattern sink_window:
+    """Sliding window with a learned sink logit per head (gpt-oss, StreamingLLM)."""
+    tensor sink: float32[H]
+    param window: int = 128
+    mask: kv <= q and q - kv < window
+    sink: sink[h]
+
+pattern lowrank_bias:
+    """FlashBias: bias = U V^T of rank R, folded into the QK^T product."""
+    tensor U: float32[B, H, Lq, R]
+    tensor W: float32[B, H, Lk, R]
+    score: s + dot(U[b, h, q], W[b, h, kv])
+'''
+
+
+@pytest.mark.parametrize("name", ["gated_causal", "sigmoid_attention", "sink_window", "lowrank_bias"])
+def test_contract_text_compiles_and_matches_composition(name):
+    """The issue's spec text as written (free rank R included) against the unfused compositions."""
+    params = {"window": 24} if name == "sink_window" else {}
+    kern = attncc.compile(CONTRACT, name, **params)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 1, 29, 29, 16, seed=7)
+    if name == "lowrank_bias":
+        assert kern.ir.free_dims == ("R",)
+        tens = {"U": torch.randn(1, 2, 29, 6) * 0.3, "W": torch.randn(1, 2, 29, 6) * 0.3}  # R = 6
+    comp = _composition(name, q.double(), k.double(), v.double(), {n: t.double() for n, t in tens.items()})
+    assert max_err(kern(q, k, v, **tens), comp) < 2e-5
+
+
+def test_free_dimension_binding_and_errors():
+    kern = attncc.compile(CONTRACT, "lowrank_bias")
+    q, k, v, _, _ = example_inputs(kern.ir, 1, 2, 2, 12, 12, 16)
+    with pytest.raises(ValueError, match=r"free dimension R is 3 in tensor 'U' \(dim 3\) but 5 in tensor 'W'"):
+        kern(q, k, v, U=torch.randn(1, 2, 12, 3), W=torch.randn(1, 2, 12, 5))
+    with pytest.raises(ValueError, match=r"tensor 'W' must have 4 dims"):
+        kern(q, k, v, U=torch.randn(1, 2, 12, 3), W=torch.randn(2, 12, 3))
+    with pytest.raises(ValueError, match=r"tensor 'U' must have shape"):  # the other dims are still checked
+        kern(q, k, v, U=torch.randn(1, 2, 11, 3), W=torch.randn(1, 2, 12, 3))
+    with pytest.raises(SpecError, match="unknown name 'R' in a tensor dimension") as e:
+        attncc.lower("pattern e:\n    tensor U: float32[B, R + 1]\n    score: s + U[b, 0]\n")
+    assert ":2:" in str(e.value)
+    with pytest.raises(SpecError, match="unknown name 'R'"):  # free dims name dimensions only
+        attncc.lower("pattern e:\n    tensor U: float32[B, H, Lq, R]\n    score: s * R\n")
+
+
+def test_lowrank_on_a_grid_matches_biased_neighborhood():
+    """dot() on a 2-D grid (flattened token indices): the folded kernel (a box plan) vs SDPA
+    with the neighborhood mask and the materialised U W^T bias, gradients included."""
+    src = ("pattern nb:\n    grid: y, x\n    tensor U: float32[B, H, Lq, R]\n    tensor W: float32[B, Lk, R]\n"
+           "    mask: abs(q.y - kv.y) <= 2 and abs(q.x - kv.x) <= 1\n    score: s + dot(U[b, h, q], W[b, kv])\n")
+    kern = attncc.compile(src)
+    assert kern.plan.path == "box"
+    Y, X = 6, 7
+    q, k, v, tens, _ = example_inputs(kern.ir, 2, 2, 1, grid=(Y, X), D=16, seed=2)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ts = {n: t.clone().requires_grad_() for n, t in tens.items()}
+    out = kern(*xs, **ts)
+    ys = [x.double().flatten(2, 3).requires_grad_() for x in (q, k, v)]
+    us = {n: t.double().requires_grad_() for n, t in tens.items()}
+    yy, xx = torch.arange(Y).repeat_interleave(X), torch.arange(X).repeat(Y)
+    mask = ((yy[:, None] - yy[None, :]).abs() <= 2) & ((xx[:, None] - xx[None, :]).abs() <= 1)
+    comp = _sdpa(*ys, mask, us["U"] @ us["W"][:, None].transpose(-1, -2))
+    assert max_err(out.flatten(2, 3), comp) < 2e-5
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    comp.backward(dout.double().flatten(2, 3))
+    for a, b_ in zip(xs + list(ts.values()), ys + list(us.values())):
+        assert max_err(a.grad.reshape(b_.grad.shape), b_.grad) < 1e-4 * (1 + b_.grad.abs().max().item())
+
+
+def test_fused_epilogue_backward_on_grid_and_per_query_sink():
+    """The preprocessing kernel's gate / sink gradients on a box plan (permuted rows; sink per
+    (b, h), gate mixing per-row and per-feature tensors) and on a 1-D pattern with a per-query
+    sink, vs autograd of the float64 reference; repeated backward passes are bitwise equal."""
+    cases = [
+        ("pattern nb:\n    grid: y, x\n    tensor sink: float32[B, H]\n    tensor g: float32[B, H, Lq]\n"
+         "    tensor g2: float32[Dv]\n    mask: abs(q.y - kv.y) <= 2 and abs(q.x - kv.x) <= 1\n"
+         "    sink: 2 * sink[b, h]\n    gate: sigmoid(g[b, h, q]) * g2[dv] + exp(g2[dv] * g[b, h, q])\n",
+         dict(B=2, H=2, Hkv=1, grid=(5, 9), D=16)),
+        ("pattern s:\n    tensor sink: float32[H, Lq]\n    tensor w: float32[B, Lq, H]\n    mask: kv <= q - 2\n"
+         "    sink: sink[h, q]\n    gate: w[b, q, h] ** 2\n", dict(B=2, H=2, Hkv=1, Lq=40, D=16, Dv=24)),
+    ]
+    for src, shape in cases:
+        kern = attncc.compile(src)
+        assert "def attn_bwd_pre(" in kern.source
+        q, k, v, tens, _ = example_inputs(kern.ir, **shape, seed=5)
+        ys = [x.double().requires_grad_() for x in (q, k, v)]
+        us = {n: t.double().requires_grad_() for n, t in tens.items()}
+        ref = attncc.reference(src, *ys, **us)
+        dout = torch.randn(ref.shape, dtype=torch.float64)
+        ref.backward(dout)
+        grads = []
+        for _ in range(2):
+            xs = [x.clone().requires_grad_() for x in (q, k, v)]
+            ts = {n: t.clone().requires_grad_() for n, t in tens.items()}
+            out = kern(*xs, **ts)
+            assert max_err(out, ref) < 2e-5, src
+            out.backward(dout.float())
+            grads.append([a.grad for a in xs + list(ts.values())])
+        for a, a2, b_ in zip(*grads, ys + list(us.values())):
+            assert torch.equal(a, a2)
+            assert max_err(a, b_.grad) < 1e-4 * (1 + b_.grad.abs().max().item()), src

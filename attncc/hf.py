@@ -14,7 +14,7 @@ compiles the layer's pattern from its configuration — causal bottom-right
 (``kv <= q + Lk - Lq``, the KV-cache alignment), ``sliding_window``
 (``q + Lk - Lq - kv < window``, as transformers' ``sliding_window_overlay``),
 ``softcap`` (Gemma 2's ``attn_logit_softcapping``), ``scaling``, GQA (native), and
-gpt-oss sinks (``s_aux``, applied exactly from the kernel's LSE). With padding or any
+gpt-oss sinks (``s_aux``, the spec's ``sink:`` clause, fused). With padding or any
 other mask, transformers' boolean SDPA mask is passed to the kernel as a mask tensor.
 Kernels are compiled once per distinct configuration.
 

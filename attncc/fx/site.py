@@ -15,8 +15,8 @@ Semantics (the eager code the site replaces defines them):
   index, ``Lq``/``Lk`` the lengths); ``mask_tensor`` a bool tensor read like a bias
   (True = the pair exists). Pairs outside the mask get probability 0.
 * ``sinks``: a learned sink logit per (b, h, q) joins the softmax denominator (gpt-oss,
-  StreamingLLM). Without a ``sink:`` clause in the language this is applied exactly from
-  the kernel's LSE: ``out * sigmoid(lse - sink)`` = ``out * Z / (Z + exp(sink))``.
+  StreamingLLM): the spec's ``sink:`` clause, fused in the kernel's epilogue (forward) and
+  its backward preprocessing (the logits' gradient).
 * A query row with no allowed key gives 0 (eager with an additive ``finfo.min`` mask
   would average all values there; such rows do not occur in causal / sliding-window
   models).
@@ -53,7 +53,7 @@ class Site:
             ``dims`` like ``mask_tensor``.
         sinks: a sink logit per (b, h, q) joins the softmax denominator.
         gate: an output gate ``* sigmoid(g)`` follows the site (left as it is in the
-            graph: the language has no gate clause yet; noted in the report).
+            graph, after the replaced attention; noted in the report).
     """
 
     mask: Optional[sympy.Basic] = None
@@ -65,7 +65,8 @@ class Site:
     def tensor_names(self) -> List[str]:
         """Names of the run-time tensors the spec declares, in call order."""
         names = ["allowed"] if self.mask_tensor else []
-        return names + [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
+        names += [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
+        return names + (["sink"] if self.sinks else [])
 
     def describe(self) -> str:
         """One-line summary: the inferred pattern name and its clauses."""
@@ -78,9 +79,9 @@ class Site:
         for op, arg in self.score_ops:
             bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
         if self.sinks:
-            bits.append("sinks (applied from the LSE)")
+            bits.append("sinks (fused sink clause)")
         if self.gate:
-            bits.append("output gate left unfused (no gate clause yet)")
+            bits.append("output gate left unfused (a separate multiply after the kernel)")
         return "; ".join(bits)
 
 
@@ -125,6 +126,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
             score = f"({score}) + bias{i}[{_read(arg)}]"
         else:
             raise ValueError(f"unknown score op {op!r}")
+    if site.sinks:
+        lines.append("    tensor sink: float32[B, H, Lq]")
     masks = []
     if site.mask is not None and site.mask is not sympy.true:
         masks.append(f"({print_mask(site.mask)})")
@@ -134,6 +137,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
         lines.append(f"    mask: {' and '.join(masks)}")
     if score != "s":
         lines.append(f"    score: {score}")
+    if site.sinks:
+        lines.append("    sink: sink[b, h, q]")
     return "\n".join(lines) + "\n"
 
 
@@ -245,11 +250,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
         ``(B, Hq, Lq, Dv)``.
     """
     kern = _KERNELS[key].kern
-    names = _KERNELS[key].site.tensor_names()
+    names = [n for n in _KERNELS[key].site.tensor_names() if n != "sink"]
     named = {n: _as4d(t) for n, t in zip(names, tensors)}
-    if sink is None:
-        out = kern(q, k, v, scale=scale, **named)
-    else:
-        out, lse = kern(q, k, v, scale=scale, return_lse=True, **named)
-        out = out.float() * torch.sigmoid(lse - sink.float()).unsqueeze(-1)
-    return out.to(out_dtype or q.dtype)
+    if sink is not None:  # the sink clause reads sink[b, h, q]
+        named["sink"] = sink.expand(q.shape[0], q.shape[1], q.shape[2])
+    return kern(q, k, v, scale=scale, **named).to(out_dtype or q.dtype)

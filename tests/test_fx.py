@@ -113,6 +113,46 @@ def test_chain_sinks_gradients():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def gated_sdpa(q, k, v, x):
+    """Qwen3-Next-style gated attention: SDPA, heads merged, then * sigmoid(gate)."""
+    B, H, L, D = q.shape
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    o = o.transpose(1, 2).contiguous().reshape(B, L, -1)
+    return o * torch.sigmoid(x)
+
+
+def test_gate_after_site_is_fused_with_gradients():
+    """The output gate becomes the kernel's gate clause (the multiply and the sigmoid leave
+    the graph); outputs and gradients of q, k, v and the gate input match eager."""
+    q, k, v = _qkv(seed=4)
+    x = torch.randn(1, 24, 4 * 16)
+    graphs = []
+    backend = make_backend(lambda gm, ex: (graphs.append(gm), gm.forward)[1])
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    xs = [t.clone().requires_grad_() for t in (q, k, v, x)]
+    out = torch.compile(gated_sdpa, backend=backend, fullgraph=True)(*xs)
+    site = attncc.fx.reports()[0].sites[0]
+    assert site.replaced and "output gate (fused gate clause)" in site.pattern, site.line()
+    assert not [n for n in graphs[0].graph.nodes if "sigmoid" in str(n.target)], graphs[0].code
+    ys = [t.clone().requires_grad_() for t in (q, k, v, x)]
+    ref = gated_sdpa(*ys)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    out.backward(w)
+    ref.backward(w)
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_broadcast_gate_stays_a_multiply():
+    q, k, v = _qkv(seed=5)
+    x = torch.randn(1, 24, 1)  # one gate per token: broadcasts, not fused
+    out, rep = _compile(gated_sdpa, q, k, v, x)
+    assert rep.sites[0].replaced and "output gate left unfused (the gate broadcasts)" in rep.sites[0].pattern
+    torch.testing.assert_close(out, gated_sdpa(q, k, v, x), atol=2e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ SDPA sites
 def test_sdpa_causal_and_opaque_masks():
     q, k, v = _qkv()
@@ -219,8 +259,9 @@ def test_transformers_models(arch, impl):
     assert sites and all(s.replaced for s in sites), "\n".join(s.line() for s in sites)
     names = [s.pattern.split(";")[0] for s in sites]
     assert names == ARCHS[arch][4], names
-    if arch == "qwen3_next":
-        assert all("output gate" in s.pattern for s in sites)
+    if arch == "qwen3_next":  # the sigmoid output gate is fused: no multiply left in the graph
+        assert all("output gate (fused gate clause)" in s.pattern and "gate: sigmoid(g[b, h, q, dv])" in s.spec
+                   for s in sites)
 
 
 def test_mistral_generate_kv_cache():

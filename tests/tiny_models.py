@@ -29,7 +29,7 @@ ARCHS = {
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    {"layer_types": ["full_attention", "full_attention"], "num_experts": 2, "num_experts_per_tok": 1,
                     "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}, "sdpa",
-                   ["causal"] * 2, ["causal_bottom_right"] * 2),
+                   ["causal_gated"] * 2, ["causal_bottom_right"] * 2),
 }
 
 

@@ -9,6 +9,9 @@ Two kinds of site:
       matmul(q, k^T) [* scale | / c] [softcap] [+ mask/bias]... [cat sink column]
         [- rowmax] softmax(dim=-1) [.to] [dropout p=0 / eval] [drop sink column] matmul(., v)
 
+  After either, an output gate ``* sigmoid(x)`` reached through layout-only ops
+  (transpose / permute / reshape / contiguous) is fused as the pattern's ``gate:`` clause.
+
 In both, ``k``/``v`` produced by a GQA ``repeat_kv`` (``[:, :, None].expand().reshape()``)
 or ``repeat_interleave(n, dim=1)`` are taken from before the repeat (the kernel does
 GQA natively). Masks are recovered symbolically (:mod:`attncc.fx.mask`) or passed as
@@ -519,20 +522,72 @@ def match_chain(g: Graph, sm: fx.Node) -> Found:
     return f
 
 
-def _gate_after(out: fx.Node) -> bool:
-    """``out`` (through transpose / reshape / contiguous) is multiplied by a sigmoid."""
-    n = out
-    for _ in range(6):
+@dataclass
+class Gate:
+    """An output gate ``* sigmoid(x)`` after a site, reached from the site's output
+    ``(B, H, Lq, Dv)`` through layout-only ops.
+
+    Attributes:
+        mul: the multiply node; chain_end: its attention-side operand.
+        x: the sigmoid's input (shaped like ``chain_end``).
+        recipe: the layout ops from the site's output to ``chain_end``, as
+            :func:`attncc.fx.site.gate_to_output` takes them.
+    """
+
+    mul: fx.Node
+    chain_end: fx.Node
+    x: fx.Node
+    recipe: tuple
+
+
+def _layout_step(n: fx.Node):
+    """One layout-only op as a recipe step, or None (an op that changes values)."""
+    op = op_of(n)
+    if op in ("contiguous", "clone", "to"):
+        return ("id",)
+    if op == "transpose":
+        return ("transpose", arg(n, 1, "dim0"), arg(n, 2, "dim1"))
+    if op == "permute":
+        dims = n.args[1:] if len(n.args) > 2 else arg(n, 1, "dims")
+        return ("permute", tuple(dims))
+    if op in ("reshape", "view"):
+        shape = n.args[1:] if len(n.args) > 2 else arg(n, 1, "shape")
+        if not isinstance(shape, (tuple, list)):
+            shape = (shape,)
+        return ("reshape", tuple(shape))
+    return None
+
+
+def _gate_after(out: fx.Node, order: dict):
+    """``(Gate or None, note)``: the output gate following ``out`` when it can be fused
+    into the kernel's epilogue (else None, and the note says why it stays a multiply)."""
+    n, recipe = out, []
+    for _ in range(8):
         if len(n.users) != 1:
-            return False
+            return None, ""
         u = next(iter(n.users))
         if op_of(u) == "mul":
             other = u.args[1] if u.args[0] is n else u.args[0]
-            return isinstance(other, fx.Node) and op_of(other) == "sigmoid"
-        if op_of(u) not in ("transpose", "reshape", "view", "contiguous", "to"):
-            return False
+            if not (isinstance(other, fx.Node) and op_of(other) == "sigmoid"):
+                return None, ""
+            x = other.args[0]
+            if not isinstance(x, fx.Node) or _shape(x) is None or _shape(n) is None:
+                return None, "output gate left unfused (its input has no known shape)"
+            if len(_shape(x)) != len(_shape(n)) or not all(_same(a, c) for a, c in zip(_shape(x), _shape(n))):
+                return None, "output gate left unfused (the gate broadcasts)"
+            if order.get(x, len(order)) > order[out]:
+                return None, "output gate left unfused (the gate is computed after the attention)"
+            return Gate(u, n, x, tuple(recipe)), ""
+        step = _layout_step(u)
+        if step is None:
+            return None, ""
+        sizes: list = []  # the nodes among the op's arguments (symbolic sizes)
+        fx.node.map_arg(tuple(u.args[1:]), lambda a: sizes.append(a) or a)
+        if any(order.get(a, len(order)) > order[out] for a in sizes):
+            return None, "output gate left unfused (its layout ops use sizes computed after the attention)"
+        recipe.append(step)
         n = u
-    return False
+    return None, ""
 
 
 # ---------------------------------------------------------------------- rewrite
@@ -548,7 +603,7 @@ def _ensure_values(gm: fx.GraphModule, example_inputs) -> None:
                                          for x in example_inputs])
 
 
-def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list) -> str:
+def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Optional[Gate] = None) -> str:
     kern = S.kernel_for(site)
     g = gm.graph
     out_dtype = value_of(f.out).dtype
@@ -558,9 +613,12 @@ def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list) -> str:
             sink = g.call_function(_select_last, (f.sink,))
         new = g.call_function(S.attention, (f.q, f.k, f.v),
                               {"key": kern.key, "scale": f.scale, "tensors": list(tensors), "sink": sink,
-                               "out_dtype": out_dtype})
+                               "out_dtype": out_dtype, "gate": gate.x if gate else None,
+                               "gate_layout": list(gate.recipe) if gate else None})
     new.meta.update({k: v for k, v in f.out.meta.items() if k in ("example_value", "val", "stack_trace")})
     f.out.replace_all_uses_with(new)
+    if gate is not None:  # the layout chain now carries the gated output: the multiply goes
+        gate.mul.replace_all_uses_with(gate.chain_end)
     return kern.text
 
 
@@ -602,6 +660,7 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
     g = Graph(gm.graph)
     report = Report()
     dead = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in list(gm.graph.nodes):
         op = op_of(n)
         if op == "sdpa":
@@ -613,15 +672,18 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
         try:
             f = match_sdpa(g, n) if kind == "sdpa" else match_chain(g, n)
             site, tensors, notes = _site_of(f, _sizes(f.q, f.k), g)
-            site = S.Site(site.mask, site.mask_tensor, site.score_ops, site.sinks, gate=_gate_after(f.out))
-            desc = site.describe() + "".join(f"; {x}" for x in notes) + \
+            gate, gate_note = _gate_after(f.out, order)
+            site = S.Site(site.mask, site.mask_tensor, site.score_ops, site.sinks, gate=gate is not None)
+            desc = site.describe() + "".join(f"; {x}" for x in notes + [gate_note] if x) + \
                 (f"; GQA from {f.k.name}" if _shape(f.k)[1] != _shape(f.q)[1] else "")
             try:
-                text = _replace(gm, f, site, tensors)
+                text = _replace(gm, f, site, tensors, gate)
             except Exception as e:  # noqa: BLE001 - a spec attncc rejects: leave the site alone
                 raise LeaveAlone(f"attncc cannot compile the inferred pattern ({type(e).__name__}: {e})")
             rep = SiteReport(f.out.name, kind, True, desc, spec=text)
             dead.append(f.out)
+            if gate is not None:
+                dead.append(gate.mul)
         except LeaveAlone as e:
             rep = SiteReport(n.name, kind, False, reason=str(e))
         report.sites.append(rep)

@@ -52,8 +52,9 @@ class Site:
         score_ops: ``(("softcap", cap) | ("bias", dims)), ...`` applied to ``s`` in order;
             ``dims`` like ``mask_tensor``.
         sinks: a sink logit per (b, h, q) joins the softmax denominator.
-        gate: an output gate ``* sigmoid(g)`` follows the site (left as it is in the
-            graph, after the replaced attention; noted in the report).
+        gate: an output gate ``* sigmoid(g)`` follows the site (Qwen3-Next's gated
+            attention), fused as the spec's ``gate:`` clause; ``g`` is passed in the
+            output's layout ``(B, H, Lq, Dv)`` (see :func:`gate_to_output`).
     """
 
     mask: Optional[sympy.Basic] = None
@@ -66,7 +67,7 @@ class Site:
         """Names of the run-time tensors the spec declares, in call order."""
         names = ["allowed"] if self.mask_tensor else []
         names += [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
-        return names + (["sink"] if self.sinks else [])
+        return names + (["sink"] if self.sinks else []) + (["g"] if self.gate else [])
 
     def describe(self) -> str:
         """One-line summary: the inferred pattern name and its clauses."""
@@ -81,7 +82,7 @@ class Site:
         if self.sinks:
             bits.append("sinks (fused sink clause)")
         if self.gate:
-            bits.append("output gate left unfused (a separate multiply after the kernel)")
+            bits.append("output gate (fused gate clause)")
         return "; ".join(bits)
 
 
@@ -128,6 +129,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
             raise ValueError(f"unknown score op {op!r}")
     if site.sinks:
         lines.append("    tensor sink: float32[B, H, Lq]")
+    if site.gate:
+        lines.append("    tensor g: float32[B, H, Lq, Dv]")
     masks = []
     if site.mask is not None and site.mask is not sympy.true:
         masks.append(f"({print_mask(site.mask)})")
@@ -139,6 +142,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
         lines.append(f"    score: {score}")
     if site.sinks:
         lines.append("    sink: sink[b, h, q]")
+    if site.gate:
+        lines.append("    gate: sigmoid(g[b, h, q, dv])")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +197,8 @@ def pattern_name(site: Site) -> str:
     parts += ["softcap" if op == "softcap" else "bias" for op, _ in site.score_ops]
     if site.sinks:
         parts.append("sinks")
+    if site.gate:
+        parts.append("gated")
     return "_".join(parts)
 
 
@@ -232,9 +239,67 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
 
+def _reshape_target(shape: tuple, target) -> tuple:
+    """The shape ``reshape(target)`` gives a tensor of ``shape`` (one ``-1`` resolved)."""
+    target = [int(t) for t in target]
+    if -1 in target:
+        known = 1
+        for t in target:
+            known *= t if t != -1 else 1
+        total = 1
+        for d in shape:
+            total *= int(d)
+        target[target.index(-1)] = total // known
+    return tuple(target)
+
+
+def gate_to_output(x: torch.Tensor, out_shape: tuple, layout: list) -> torch.Tensor:
+    """The gate operand ``x`` (in the layout the graph multiplies it in) brought back to
+    the attention output's layout ``(B, H, Lq, Dv)``.
+
+    Args:
+        x: the gate's input, shaped like the end of the layout chain.
+        out_shape: ``(B, H, Lq, Dv)``.
+        layout: the graph's ops from the attention output to the multiply, in order:
+            ``("id",)`` (contiguous / clone / cast), ``("transpose", d0, d1)``,
+            ``("permute", dims)``, ``("reshape", target)``.
+
+    Returns:
+        ``x`` with each op undone in reverse order (views / reshapes: exact, differentiable).
+
+    Raises:
+        ValueError: ``x`` does not have the chain's final shape.
+    """
+    shapes = [tuple(int(d) for d in out_shape)]
+    for step in layout:  # the shape after each step
+        shp = list(shapes[-1])
+        if step[0] == "transpose":
+            a, c = step[1] % len(shp), step[2] % len(shp)
+            shp[a], shp[c] = shp[c], shp[a]
+        elif step[0] == "permute":
+            shp = [shp[d] for d in step[1]]
+        elif step[0] == "reshape":
+            shp = list(_reshape_target(tuple(shp), step[1]))
+        shapes.append(tuple(shp))
+    if tuple(x.shape) != shapes[-1]:
+        raise ValueError(f"the gate has shape {tuple(x.shape)}, expected {shapes[-1]}")
+    for step, before in zip(reversed(layout), reversed(shapes[:-1])):
+        if step[0] == "transpose":
+            x = x.transpose(step[1], step[2])
+        elif step[0] == "permute":
+            inv = [0] * len(step[1])
+            for i, d in enumerate(step[1]):
+                inv[d % len(step[1])] = i
+            x = x.permute(*inv)
+        elif step[0] == "reshape":
+            x = x.reshape(before)
+    return x
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float,
               tensors: List[torch.Tensor], sink: Optional[torch.Tensor] = None,
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              out_dtype: Optional[torch.dtype] = None, gate: Optional[torch.Tensor] = None,
+              gate_layout: Optional[list] = None) -> torch.Tensor:
     """Run a compiled site (the call a rewritten graph makes).
 
     Args:
@@ -245,13 +310,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
             padded with leading size-1 dims).
         sink: ``(B|1, Hq|1, Lq|1)`` sink logits (sites with sinks).
         out_dtype: dtype of the result (default ``q.dtype``).
+        gate / gate_layout: gated sites: the gate's input ``x`` (the output is multiplied
+            by ``sigmoid(x)`` in the kernel's epilogue) in the layout the graph used, and
+            the ops that led there (:func:`gate_to_output`).
 
     Returns:
         ``(B, Hq, Lq, Dv)``.
     """
     kern = _KERNELS[key].kern
-    names = [n for n in _KERNELS[key].site.tensor_names() if n != "sink"]
+    names = [n for n in _KERNELS[key].site.tensor_names() if n not in ("sink", "g")]
     named = {n: _as4d(t) for n, t in zip(names, tensors)}
     if sink is not None:  # the sink clause reads sink[b, h, q]
         named["sink"] = sink.expand(q.shape[0], q.shape[1], q.shape[2])
+    if gate is not None:  # the gate clause reads g[b, h, q, dv]
+        named["g"] = gate_to_output(gate, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), gate_layout or [])
     return kern(q, k, v, scale=scale, **named).to(out_dtype or q.dtype)

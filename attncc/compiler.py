@@ -84,14 +84,20 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
 def describe(kp: KernelPlan) -> str:
     """The IR, the analysis and the backward (score derivatives, spec tensor gradients)
     of a plan, as ``attncc explain`` prints them."""
-    from .gradients import derivative, grad_reads
+    from .gradients import derivative, epilogue_reads, grad_reads
     from .ir import s
 
     back = [f"d score / d s = {derivative(kp.ir.score, s)}"]
+    if kp.ir.normalize == "sigmoid":
+        back.append("normalize: sigmoid: dS = dP * p * (1 - p) per pair (no row statistics, no delta)")
     layout = {"row": "row sums per query", "col": "column sums per (query tile, key)",
-              "full": "dS * derivative per (query, key)"}
+              "full": "dS * derivative per (query, key)", "out": "per output element (query, dv)"}
     for g in grad_reads(kp.ir):
         back.append(f"gradient of {g.tensor}: read {g.read}, d score / d read = {g.deriv}; partials: {layout[g.kind]}")
+    upstream = {"gate": "dL/d gate = dO * O_ungated", "sink": "dL/d sink = -exp(sink - LSE) * delta"}
+    for clause, g in epilogue_reads(kp.ir):
+        back.append(f"gradient of {g.tensor} (fused in the backward preprocessing, {upstream[clause]}): read {g.read}, "
+                    f"d {clause} / d read = {g.deriv}; partials: {layout[g.kind]}")
     return "\n".join(["== IR", kp.ir.pretty(), "", "== analysis", kp.describe(), "", "== backward", *back])
 
 

@@ -120,6 +120,8 @@ def test_lowrank_fold_is_explained_and_lowrank_spec_errors():
     kern = attncc.compile(attncc.pattern_path("lowrank_bias"))
     assert "dot(U[b, h, q], W[b, h, kv])" in kern.ir.pretty() and "folded into QK^T" in kern.ir.pretty()
     assert "folded" in attncc.explain(attncc.pattern_path("lowrank_bias"))
+    text = attncc.explain(attncc.pattern_path("gated_causal"))
+    assert "gradient of g (fused in the backward preprocessing" in text and "per output element" in text
     with pytest.raises(SpecError, match="must be added to s"):
         attncc.lower("pattern e:\n    tensor U: float32[B, H, Lq, 2]\n    tensor W: float32[B, H, Lk, 2]\n"
                      "    score: s * dot(U[b, h, q], W[b, h, kv])\n")

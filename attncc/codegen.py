@@ -333,7 +333,8 @@ def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
 
 
 def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
-    """The sink / gate reads' derivatives for the backward preprocessing kernel.
+    """The sink and gate clauses as the forward's epilogue and the backward preprocessing
+    kernel evaluate them (value and the derivatives in its reads, sharing one set of loads).
 
     Returns:
         ``(ereads, lines, tensor_grad_errors)``: per printable read of
@@ -443,14 +444,8 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             d["pieces"] = _pieces(i)
             intervals.append(d)
     # the epilogue: sink logit and output gate
-    sink_lines, sk = _block(TritonPrinter(names, tensors, prefix="sk"),
-                            {"sink": ir.sink if ir.sink is not None else sp.Integer(0)})
-    gate_lines, gt = _block(TritonPrinter(names, tensors, prefix="gt"),
-                            {"gate": ir.gate if ir.gate is not None else sp.Integer(1)})
     ctx = _box_context(plan if box else None, names, tensors)
-    ctx.update(sigmoid=(ir.normalize == "sigmoid"), sink_lines=sink_lines, gate_lines=gate_lines,
-               sink_code=sk["sink"] if ir.sink is not None else "",
-               gate_code=gt["gate"] if ir.gate is not None else "",
+    ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,
                ereads=ereads, epi_lines=epi_lines, epi_meta=[[e["tensor"], e["kind"]] for e in ereads],
                eargs="".join(f"PE{e['j']}, " for e in ereads))
     ctx.update(

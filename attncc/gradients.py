@@ -122,11 +122,14 @@ def grad_tensors(ir: I.AttentionIR) -> tuple[str, ...]:
 
 
 def partial_shape(kind: str, sizes: dict, n_m: int) -> tuple[int, ...]:
-    """Shape of the float32 partial buffer of a read of ``kind`` (see the module docstring);
-    ``n_m``: the number of query tiles (programs) of the dQ kernel."""
+    """Shape of the float32 partial buffer of a read of ``kind`` (see the module docstring;
+    ``"out"``: per output element, the gate reads of :func:`epilogue_reads`); ``n_m``: the
+    number of query tiles (programs) of the dQ kernel."""
     B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
     if kind == "row":
         return (B, H, Lq)
+    if kind == "out":
+        return (B, H, Lq, sizes["Dv"])
     if kind == "col":
         return (B, H, n_m, Lk)
     return (B, H, Lq, Lk)

@@ -398,8 +398,8 @@ class CompiledAttention:
         for j, g in enumerate(epi):
             if g.tensor in wanted:
                 emask |= 1 << j
-                shape = partial_shape("row", osizes, n_m) + ((sizes["Dv"],) if g.kind == "out" else ())
-                epartials.append(torch.zeros(shape, dtype=torch.float32, device=q.device))
+                epartials.append(torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32,
+                                             device=q.device))
             else:
                 epartials.append(dummy)
         delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)

@@ -628,8 +628,6 @@ class _Lowerer:
                 self.allow_dv = False
             self._only(pat.clauses["gate"], gate, {b, h, q, dv},
                        "the gate multiplies the output row: it may use b, h, q and dv (the output feature)")
-        if self.grid and (sink is not None and q in sink.free_symbols):
-            self.err(pat.clauses["sink"].node, "with a grid, the sink may use b and h only")
         return normalize, sink, gate
 
     def _only(self, expr: SpecExpr, e, allowed: set, msg: str) -> None:

@@ -285,14 +285,17 @@ def test_lowrank_on_a_grid_matches_biased_neighborhood():
 
 
 def test_fused_epilogue_backward_on_grid_and_per_query_sink():
-    """The preprocessing kernel's gate / sink gradients on a box plan (permuted rows; sink per
-    (b, h), gate mixing per-row and per-feature tensors) and on a 1-D pattern with a per-query
-    sink, vs autograd of the float64 reference; repeated backward passes are bitwise equal."""
+    """The preprocessing kernel's gate / sink gradients on box plans (permuted rows; sink per
+    (b, h), gate mixing per-row and per-feature tensors; a per-query sink on a grid) and on a
+    1-D pattern with a per-query sink, vs autograd of the float64 reference; repeated
+    backward passes are bitwise equal."""
     cases = [
         ("pattern nb:\n    grid: y, x\n    tensor sink: float32[B, H]\n    tensor g: float32[B, H, Lq]\n"
          "    tensor g2: float32[Dv]\n    mask: abs(q.y - kv.y) <= 2 and abs(q.x - kv.x) <= 1\n"
          "    sink: 2 * sink[b, h]\n    gate: sigmoid(g[b, h, q]) * g2[dv] + exp(g2[dv] * g[b, h, q])\n",
          dict(B=2, H=2, Hkv=1, grid=(5, 9), D=16)),
+        ("pattern nq:\n    grid: y, x\n    tensor sk: float32[H, Lq]\n    mask: abs(q.y - kv.y) <= 1 and kv.x <= q.x\n"
+         "    sink: sk[h, q] + 0.25 * q.y\n", dict(B=1, H=2, Hkv=2, grid=(6, 7), D=16)),
         ("pattern s:\n    tensor sink: float32[H, Lq]\n    tensor w: float32[B, Lq, H]\n    mask: kv <= q - 2\n"
          "    sink: sink[h, q]\n    gate: w[b, q, h] ** 2\n", dict(B=2, H=2, Hkv=1, Lq=40, D=16, Dv=24)),
     ]

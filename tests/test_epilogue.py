@@ -319,3 +319,24 @@ def test_fused_epilogue_backward_on_grid_and_per_query_sink():
         for a, a2, b_ in zip(*grads, ys + list(us.values())):
             assert torch.equal(a, a2)
             assert max_err(a, b_.grad) < 1e-4 * (1 + b_.grad.abs().max().item()), src
+
+
+@pytest.mark.parametrize("name", ["gated_causal", "sink_window"])
+def test_epilogue_bf16_forward_and_gradients(name):
+    """bf16 inputs (fp32 accumulation; the gated upstream gradient is stored in bf16) vs the
+    float64 reference, within bf16 rounding."""
+    path = attncc.pattern_path(name)
+    kern = attncc.compile(path)
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 1, 40, 40, 32, dtype=torch.bfloat16, seed=1)
+    tens = {n: t.to(torch.bfloat16) for n, t in tens.items()}
+    xs = [x.clone().requires_grad_() for x in (q, k, v, *tens.values())]
+    ys = [x.double().requires_grad_() for x in (q, k, v, *tens.values())]
+    out = kern(*xs[:3], **dict(zip(tens, xs[3:])))
+    ref = attncc.reference(path, *ys[:3], **dict(zip(tens, ys[3:])))
+    assert out.dtype == torch.bfloat16 and max_err(out, ref) < 3e-2
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(dout.to(torch.bfloat16))
+    ref.backward(dout)
+    for a, b_ in zip(xs, ys):
+        assert a.grad.dtype == torch.bfloat16
+        assert max_err(a.grad, b_.grad) < 3e-2 * (1 + b_.grad.abs().max().item()), name

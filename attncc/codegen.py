@@ -445,6 +445,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             intervals.append(d)
     # the epilogue: sink logit and output gate
     ctx = _box_context(plan if box else None, names, tensors)
+    ctx.update(_lowrank_context(bool(ir.lowrank)))
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,
                ereads=ereads, epi_lines=epi_lines, epi_meta=[[e["tensor"], e["kind"]] for e in ereads],
                eargs="".join(f"PE{e['j']}, " for e in ereads))
@@ -467,8 +468,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         grad_meta=[[g["tensor"], g["kind"]] for g in greads],
         gargs="".join(f"PG{g['j']}, " for g in greads),
         # per-read tile-function arguments: row-sum accumulators, else partial-buffer pointers
-        gin="".join((f"ga{g['j']}, " if g["kind"] == "row" else f"pgb{g['j']}, ") for g in greads),
-        gout="".join(f", ga{g['j']}" for g in greads if g["kind"] == "row"),
+        gin="".join((f"ga{g['j']}, " if g["kind"] == "row" else f"pgb{g['j']}, ") for g in greads)
+        + ("du, " if ir.lowrank else ""),
+        gout="".join(f", ga{g['j']}" for g in greads if g["kind"] == "row") + (", du" if ir.lowrank else ""),
         visit_code=" | ".join(f"((pid_n >= t_lo{i}) & (pid_n < t_hi{i}))" for i in range(len(intervals))) or "False",
         full_code=" | ".join(f"((pid_n >= f_lo{i}) & (pid_n < f_hi{i}))" for i in range(len(intervals))) or "False",
         intervals=intervals,
@@ -480,6 +482,23 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
                               ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
     )
     return _env().from_string(template_text("attention.py.j2")).render(**ctx)
+
+
+def _lowrank_context(on: bool) -> dict:
+    """Template variables of the dot() terms (see the lr_setup macro): argument lists that
+    are empty when the pattern has none, so such kernels are unchanged."""
+    names = ("LR", "LRK", "LRDW", "LRDWO", "LRX", "LRXC", "LRA")
+    if not on:
+        return dict(lowrank=False, **{n: "" for n in names})
+    return dict(
+        lowrank=True,
+        LR="u, w_base, stride_wn, stride_wr, R, ",  # forward / dQ tile functions
+        LRK="u_base, stride_um, stride_ur, R, ", LRDW="w, dw, ", LRDWO=", dw",  # dK/dV tile function
+        LRX=" BLOCK_R: tl.constexpr,", LRXC=", BLOCK_R=BLOCK_R",
+        # kernel arguments: factors, their gradients (backward), strides, rank
+        LRA="LU, LW, DLU, DLW, stride_ub, stride_uh, stride_um, stride_ur, "
+            "stride_wb, stride_wh, stride_wn, stride_wr, R, ",
+    )
 
 
 #: index arguments of the per-tile kernel functions (see the q_index / kv_index macros)

@@ -607,8 +607,9 @@ def lowrank_notes(ir: AttentionIR) -> tuple:
     ``slope[h] * (kv - q)`` = ``slope[h] * kv - slope[h] * q``: rank 2)."""
     out = []
     if ir.lowrank:
-        out.append(f"low-rank: {len(ir.lowrank)} dot() term(s) folded into the QK^T product (q' = [q, A / scale], "
-                   f"k' = [k, B]: head dim D + rank; no Lq x Lk bias is materialised or read)")
+        out.append(f"low-rank: {len(ir.lowrank)} dot() term(s) folded into the QK^T product (each tile adds "
+                   f"(A / scale) B^T to q k^T, one extra GEMM of the summed rank; no Lq x Lk bias is "
+                   f"materialised or read)")
     bias = sp.expand(ir.score - s)
     if bias != 0 and s not in bias.free_symbols:
         terms = sp.Add.make_args(bias)

@@ -79,10 +79,22 @@ def _tensor_args(tensors) -> list:
     return out
 
 
-def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list) -> dict:
-    """The compile-time launch parameters shared by every generated kernel."""
+def _lowrank_args(lowrank, grads=()) -> list:
+    """Kernel arguments of the dot() terms (none without): ``u``, ``w``, their gradient
+    buffers (``u``/``w`` themselves in the forward, never written), strides, the rank."""
+    if not lowrank:
+        return []
+    u, w = lowrank
+    du, dw = grads or (u, w)
+    return [u, w, du, dw, *u.stride(), *w.stride(), u.shape[-1]]
+
+
+def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=()) -> dict:
+    """The compile-time launch parameters of the attention kernels (``BLOCK_R``: the dot()
+    terms' rank padded to a power of two >= 16, only for patterns with such terms)."""
     block_d, block_dv = max(16, _next_pow2(sizes["D"])), max(16, _next_pow2(sizes["Dv"]))
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+    extra = {"BLOCK_R": max(16, _next_pow2(lowrank[0].shape[-1]))} if lowrank else {}
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **extra,
                 **layout_constexprs(layout),
                 EVEN_D=(sizes["D"] == block_d), EVEN_DV=(sizes["Dv"] == block_dv), IEEE=(dtype == torch.float32),
                 UPCAST=(dtype == torch.bfloat16 and cache.interpreting()),  # the interpreter has no bf16 dot
@@ -168,39 +180,48 @@ class CompiledAttention:
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
         targs = [tens[t.name] for t in self.ir.tensors]
+        lowrank = []
         if self.ir.lowrank:
-            q, k, v = self._fold_lowrank(q, k, v, tens, sizes, scale)
+            q, k, v, lowrank = self._lowrank_factors(q, k, v, tens, sizes, scale)
         if self.plan.path == "box":  # tokens permuted so that every grid box is one contiguous tile
             lay = self.layout_for(sizes)
-            qp, kp, vp = (lay.permute(x.unflatten(2, grid), side)
-                          for x, side in ((q, "q"), (k, "kv"), (v, "kv")))
-            out, lse, _ = self.op(qp, kp, vp, targs, float(scale), lay.as_list())
+            qp, kp, vp, *lr = (lay.permute(x.unflatten(2, grid), side) for x, side in
+                               zip([q, k, v] + lowrank, ("q", "kv", "kv", "q", "kv")))
+            out, lse, _ = self.op(qp, kp, vp, targs, float(scale), lay.as_list(), lr)
             out, lse = lay.unpermute(out), lay.unpermute(lse)
         else:
             # the op takes a fixed-length layout list (grid sizes, 1 past the pattern's axes)
-            out, lse, _ = self.op(q, k, v, targs, float(scale), identity_layout(grid))
+            out, lse, _ = self.op(q, k, v, targs, float(scale), identity_layout(grid), lowrank)
             if self.ir.grid:
                 out, lse = out.unflatten(2, grid), lse.unflatten(2, grid)
         return (out, lse) if return_lse else out
 
-    def _fold_lowrank(self, q, k, v, tens: dict, sizes: dict, scale: float):
-        """FlashBias folding: ``q' = [q, U / scale]``, ``k' = [k, W]`` so that ``q' k'^T * scale =
-        q k^T * scale + U W^T`` (one GEMM, no ``Lq x Lk`` bias); autograd splits the gradients.
-        A key-side factor per query head under GQA expands k and v to the query heads first.
+    def _lowrank_factors(self, q, k, v, tens: dict, sizes: dict, scale: float):
+        """FlashBias folding of the dot() terms: ``u = [A_1, A_2, ...] / scale`` ``(B, Hq, Lq, R)``
+        and ``w = [B_1, B_2, ...]`` ``(B, Hkv, Lk, R)`` (R: the ranks summed), in q's / k's dtype.
+        The kernels add ``u w^T`` to ``q k^T`` with one extra small GEMM per tile (as if the head
+        dim were ``[q, u]``/``[k, w]``, without padding D + R to a power of two), so
+        ``score = s + A B^T`` and no ``Lq x Lk`` bias exists; their gradients come from the dQ
+        and dK/dV kernels. A key-side factor per query head under GQA expands k and v to the
+        query heads first.
+
+        Returns:
+            ``(q, k, v, [u, w])``.
 
         Raises:
-            ValueError: a folded head dim above 256.
+            ValueError: summed ranks above 256 (or factors of unequal rank).
         """
         Hq, Hkv = sizes["H"], sizes["Hkv"]
         if Hq != Hkv and any(str(i) == "h" for lr in self.ir.lowrank for i in lr.b_idx):
             k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
             Hkv = Hq
         facs = lowrank_factors(self.ir, tens, sizes)
-        if sizes["D"] + sum(U.shape[-1] for U, _ in facs) > 256:
-            raise ValueError(f"pattern {self.ir.name!r}: head dim {sizes['D']} plus the dot() ranks exceeds 256")
-        q = torch.cat([q] + [(U / scale).to(q.dtype) for U, _ in facs], dim=-1)
-        k = torch.cat([k] + [W[:, :Hkv].to(k.dtype) for _, W in facs], dim=-1)
-        return q, k, v
+        rank = sum(U.shape[-1] for U, _ in facs)
+        if rank > 256:
+            raise ValueError(f"pattern {self.ir.name!r}: the dot() ranks sum to {rank}, above 256")
+        u = torch.cat([U / scale for U, _ in facs], dim=-1).to(q.dtype).contiguous()
+        w = torch.cat([W[:, :Hkv] for _, W in facs], dim=-1).to(k.dtype).contiguous()
+        return q, k, v, [u, w]
 
     def layout_for(self, sizes: dict, config: Optional[Config] = None) -> BoxLayout:
         """Box plans: the token layout (tile shape per axis, chosen by
@@ -279,10 +300,11 @@ class CompiledAttention:
         return {t.name: x for t, x in zip(self.ir.tensors, tensors)}
 
     def launch(self, q, k, v, tensors: List[torch.Tensor], scale: float, cfg: Optional[Config] = None,
-               layout=None):
+               layout=None, lowrank=()):
         """Launch the forward kernel (no argument checks: :meth:`__call__` does them; q, k, v
         grid-flattened, or permuted for box plans, ``layout`` their layout list, see
-        :meth:`attncc.layout.BoxLayout.as_list`).
+        :meth:`attncc.layout.BoxLayout.as_list`; ``lowrank``: ``[u, w]`` of the dot() terms,
+        see :meth:`_lowrank_factors`).
 
         Returns:
             ``(out, lse)``.
@@ -293,16 +315,17 @@ class CompiledAttention:
         cfg = self._launch_config(layout, cfg)
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
-                                  self._autotune(q, k, v, tensors, scale, sizes, layout))
+                                  self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
         out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         # gated patterns also keep the ungated output (the backward needs it)
         out_u = torch.empty_like(out) if self.ir.gate is not None else out.new_empty(0)
         tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
         self.module(q.device).attn_fwd[(-(-Lq // cfg.block_m), B * Hq)](
-            q, k, v, out, lse, out_u if self.ir.gate is not None else out, *_tensor_args(tensors), *tables,
+            q, k, v, out, lse, out_u if self.ir.gate is not None else out, *_tensor_args(tensors),
+            *_lowrank_args(lowrank), *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
-            *_kernel_sizes(sizes, layout), scale, **_constexprs(q.dtype, sizes, cfg, layout))
+            *_kernel_sizes(sizes, layout), scale, **_constexprs(q.dtype, sizes, cfg, layout, lowrank))
         return out, lse, out_u
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -319,11 +342,15 @@ class CompiledAttention:
             lay = self.layout_for(sizes)
             return self._launch_config(lay.as_list(), None)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
+        lowrank = []
+        if self.ir.lowrank:
+            q, k, v, lowrank = self._lowrank_factors(q, k, v, tens, sizes, scale)
         return self._autotune(q, k, v, [tens[t.name] for t in self.ir.tensors], scale, sizes,
-                              identity_layout(grid))
+                              identity_layout(grid), lowrank)
 
     def launch_backward(self, q, k, v, out, lse, dout, dlse, tensors: List[torch.Tensor], scale: float,
-                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, layout=None, aux=None):
+                        want: Optional[List[bool]] = None, cfg: Optional[Config] = None, layout=None, aux=None,
+                        lowrank=()):
         """Launch the fused backward kernels (FlashAttention-2 style).
 
         Args:
@@ -336,10 +363,13 @@ class CompiledAttention:
             want: per spec tensor (declaration order), whether to return its gradient
                 (only tensors in :meth:`grad_tensor_names` can have one).
 
+            lowrank: ``[u, w]`` of the dot() terms (see :meth:`_lowrank_factors`).
+
         Returns:
-            ``[dq, dk, dv, *grads]``: shaped and typed like ``q, k, v`` (dK/dV summed
-            over the query heads of each GQA group, without atomics: deterministic),
-            then one gradient per wanted tensor, shaped and typed like it.
+            ``[dq, dk, dv, *grads, *dlowrank]``: shaped and typed like ``q, k, v`` (dK/dV
+            summed over the query heads of each GQA group, without atomics: deterministic),
+            then one gradient per wanted tensor, shaped and typed like it, then ``du, dw``
+            (dot() terms only; written by the dQ and dK/dV kernels).
         """
         if self.backward_error:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {self.backward_error}")
@@ -388,8 +418,10 @@ class CompiledAttention:
                 partials.append(torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32,
                                             device=q.device))
         targs = _tensor_args(tensors)
-        consts = _constexprs(q.dtype, sizes, cfg, layout)
+        consts = _constexprs(q.dtype, sizes, cfg, layout, lowrank)
         ksizes = _kernel_sizes(sizes, layout)
+        dlowrank = [torch.empty_like(x) for x in lowrank]
+        lr_args = _lowrank_args(lowrank, dlowrank)
         # preprocessing: delta, and the fused epilogue backward (gate: dO * gate and the gate
         # tensors' partials; sink: the sink logits' partials)
         epi = self._epi_reads
@@ -414,11 +446,11 @@ class CompiledAttention:
             num_warps=cfg.num_warps, num_stages=1)
         dout = dout_g
         mod.attn_bwd_dq[(n_m, B * Hq)](
-            q, k, v, dout, lse, delta, dq, *partials, *targs, *fwd_tables,
+            q, k, v, dout, lse, delta, dq, *partials, *targs, *lr_args, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
             *ksizes, scale, ATOMIC=atomic, GMASK=gmask, **consts)
         mod.attn_bwd_dkdv[(n_n, B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, *targs, *t_tables,
+            q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
             *ksizes, scale, n_m, **consts)
         for j, g in enumerate(reads):
@@ -429,14 +461,15 @@ class CompiledAttention:
         for g, part in zip(epi, epartials):
             if g.tensor in wanted:
                 reduce_partials(g, part, sums[g.tensor], osizes, named)
-        return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted]
+        return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted] + dlowrank
 
-    def _autotune(self, q, k, v, tensors, scale, sizes, layout) -> Config:
+    def _autotune(self, q, k, v, tensors, scale, sizes, layout, lowrank=()) -> Config:
         """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
         the choice is remembered on disk (``autotune.json`` in the cache dir)."""
         dev = torch.cuda.get_device_name(q.device)
         bucket = (f"{dev}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
-                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{layout[:3]}")
+                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{layout[:3]}"
+                  f"|R{lowrank[0].shape[-1] if lowrank else 0}")
         if bucket in self._tuned:
             return self._tuned[bucket]
         with _LOCK:
@@ -449,7 +482,7 @@ class CompiledAttention:
                 best, best_t = None, float("inf")
                 for cfg in CUDA_CONFIGS:
                     try:
-                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, layout),
+                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank),
                                                     warmup=5, rep=20, return_mode="median")
                     except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                         continue
@@ -536,12 +569,13 @@ def _make_op(kern: CompiledAttention):
             return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],
-                 scale: float, layout: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return kern.launch(q, k, v, tensors, scale, layout=layout)
+                 scale: float, layout: List[int],
+                 lowrank: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return kern.launch(q, k, v, tensors, scale, layout=layout, lowrank=lowrank)
 
         op = torch.library.custom_op(name, mutates_args=())(impl)
 
-        def fake(q, k, v, tensors, scale, layout):
+        def fake(q, k, v, tensors, scale, layout, lowrank):
             B, Hq, Lq, _ = q.shape
             out = q.new_empty((B, Hq, Lq, v.shape[-1]))
             return (out, q.new_empty((B, Hq, Lq), dtype=torch.float32),
@@ -551,34 +585,39 @@ def _make_op(kern: CompiledAttention):
 
         def bwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      aux: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor, tensors: List[torch.Tensor],
-                     scale: float, want: List[bool], layout: List[int]) -> List[torch.Tensor]:
-            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout, aux=aux)
+                     scale: float, want: List[bool], layout: List[int],
+                     lowrank: List[torch.Tensor]) -> List[torch.Tensor]:
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout, aux=aux,
+                                        lowrank=lowrank)
 
         bwd = torch.library.custom_op(name + "_bwd", mutates_args=())(bwd_impl)
 
-        def bwd_fake(q, k, v, out, lse, aux, dout, dlse, tensors, scale, want, layout):
+        def bwd_fake(q, k, v, out, lse, aux, dout, dlse, tensors, scale, want, layout, lowrank):
             return ([torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
-                    + [torch.empty_like(t) for t, w in zip(tensors, want) if w])
+                    + [torch.empty_like(t) for t, w in zip(tensors, want) if w] + [torch.empty_like(x) for x in lowrank])
 
         bwd.register_fake(bwd_fake)
 
         def setup_context(ctx, inputs, output):
-            q, k, v, tensors, scale, layout = inputs
+            q, k, v, tensors, scale, layout, lowrank = inputs
             out, lse, aux = output
-            ctx.save_for_backward(q, k, v, out, lse, aux, *tensors)
-            ctx.scale, ctx.layout = scale, layout
+            ctx.save_for_backward(q, k, v, out, lse, aux, *lowrank, *tensors)
+            ctx.scale, ctx.layout, ctx.n_lowrank = scale, layout, len(lowrank)
             has_grad = set(kern.grad_tensor_names())
             ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
 
         def backward(ctx, dout, dlse, daux):
-            q, k, v, out, lse, aux, *tensors = ctx.saved_tensors
+            q, k, v, out, lse, aux, *rest = ctx.saved_tensors
+            lowrank, tensors = rest[:ctx.n_lowrank], rest[ctx.n_lowrank:]
             if dlse is None:
                 dlse = torch.zeros_like(lse)
             if dout is None:
                 dout = torch.zeros_like(out)
-            dq, dk, dv, *grads = bwd(q, k, v, out, lse, aux, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout)
+            dq, dk, dv, *grads = bwd(q, k, v, out, lse, aux, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout,
+                                     lowrank)
             it = iter(grads)
-            return dq, dk, dv, [next(it) if w else None for w in ctx.want], None, None
+            tgrads = [next(it) if w else None for w in ctx.want]
+            return dq, dk, dv, tgrads, None, None, list(it)
 
         op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = op

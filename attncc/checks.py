@@ -85,7 +85,7 @@ def shape_functions(ir: I.AttentionIR) -> dict:
     """name -> plain Python function of the sizes, then the free dimensions (``ir.free_dims``
     order), giving the tensor's expected shape (no sympy at call time, so torch.compile
     can trace the checks)."""
-    syms = [I.SIZES[n] for n in I.SIZES] + [sp.Symbol(n, integer=True, positive=True) for n in ir.free_dims]
+    syms = [I.SIZES[n] for n in I.SIZES] + [I.free_dim(n) for n in ir.free_dims]
     return {t.name: sp.lambdify(syms, sp.Tuple(*t.shape), modules="math") for t in ir.tensors}
 
 

@@ -344,10 +344,11 @@ def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
         ``gate_val``); errors: tensor name -> why it gets no gradient.
     """
     ereads, lines, errors = [], {}, {}
+    reads = epilogue_reads(ir)
     for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
         pr = TritonPrinter(names, tensors, prefix="se" if clause == "sink" else "ge")
         value = pr(expr) if expr is not None else "0.0"
-        for c, g in epilogue_reads(ir):
+        for c, g in reads:
             if c != clause:
                 continue
             try:
@@ -360,9 +361,22 @@ def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
     return ereads, lines, errors
 
 
-def _keep_reads(ereads: list, tensor_grad_errors: dict) -> list:
-    """The epilogue reads of tensors that get a gradient, numbered ``j`` (their ``PE<j>``)."""
-    return [dict(e, j=j) for j, e in enumerate(x for x in ereads if x["tensor"] not in tensor_grad_errors)]
+def _gradient_parts(ir, ps: TritonPrinter, score, names: dict, tensors: dict) -> tuple:
+    """:func:`_backward_parts` and :func:`_epilogue_parts` together: a tensor whose gradient
+    cannot be generated in one place gets none at all.
+
+    Returns:
+        ``(dscore_code, backward_error, printed, tensor_grad_errors, ereads, epi_lines)``:
+        ``printed`` / ``ereads`` keep the reads of tensors that get a gradient (``ereads``
+        numbered ``j``: their ``PE<j>`` buffers).
+    """
+    dscore, err, printed, terr = _backward_parts(ir, ps, score)
+    ereads, epi_lines, eerr = _epilogue_parts(ir, names, tensors)
+    for n, why in eerr.items():
+        terr.setdefault(n, why)
+    printed = [x for x in printed if x[0].tensor not in terr]
+    ereads = [dict(e, j=j) for j, e in enumerate(x for x in ereads if x["tensor"] not in terr)]
+    return dscore, err, printed, terr, ereads, epi_lines
 
 
 def backward_support(plan: KernelPlan) -> tuple:
@@ -377,14 +391,11 @@ def backward_support(plan: KernelPlan) -> tuple:
     """
     ir = plan.ir
     names, _, score = _kernel_forms(plan)
-    ps = TritonPrinter(names, {t.name: t for t in ir.tensors}, prefix="sc")
+    tensors = {t.name: t for t in ir.tensors}
+    ps = TritonPrinter(names, tensors, prefix="sc")
     ps(score)
-    _, err, printed, terr = _backward_parts(ir, ps, score)
-    ereads, _, eerr = _epilogue_parts(ir, names, {t.name: t for t in ir.tensors})
-    for n, why in eerr.items():
-        terr.setdefault(n, why)
-    printed = [x for x in printed if x[0].tensor not in terr]
-    return err, terr, tuple(x[0] for x in printed), tuple(e["g"] for e in _keep_reads(ereads, terr))
+    _, err, printed, terr, ereads, _ = _gradient_parts(ir, ps, score, names, tensors)
+    return err, terr, tuple(x[0] for x in printed), tuple(e["g"] for e in ereads)
 
 
 def _kernel_forms(plan: KernelPlan) -> tuple:
@@ -422,13 +433,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     ps = TritonPrinter(names, tensors, prefix="sc")
     # the score and its derivative in s (for the backward) share their tensor loads
     score_lines, sc = _block(ps, {"score": score})
-    sc["dscore"], backward_error, printed, tgrad_errors = _backward_parts(ir, ps, score)
-    # the epilogue's reads (sink / gate) and their derivatives for the backward preprocessing
-    ereads, epi_lines, eerr = _epilogue_parts(ir, names, tensors)
-    for n, why in eerr.items():
-        tgrad_errors.setdefault(n, why)
-    printed = [x for x in printed if x[0].tensor not in tgrad_errors]
-    ereads = _keep_reads(ereads, tgrad_errors)
+    # with the epilogue's reads (sink / gate) and their derivatives for the backward preprocessing
+    sc["dscore"], backward_error, printed, tgrad_errors, ereads, epi_lines = _gradient_parts(
+        ir, ps, score, names, tensors)
     greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
                    inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
     score_lines = list(ps.lines)
@@ -443,7 +450,6 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             d["idx"] = i
             d["pieces"] = _pieces(i)
             intervals.append(d)
-    # the epilogue: sink logit and output gate
     ctx = _box_context(plan if box else None, names, tensors)
     ctx.update(_lowrank_context(bool(ir.lowrank)))
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,

@@ -60,6 +60,11 @@ def flatten_coords(expr, n: int):
     return expr.xreplace(rep)
 
 
+def free_dim(name: str) -> sp.Symbol:
+    """The symbol of a free tensor dimension (see ``AttentionIR.free_dims``)."""
+    return sp.Symbol(name, integer=True, positive=True)
+
+
 def size_values(sizes: dict) -> list:
     """The values of :data:`SIZES` in order from a sizes dict (grid sizes default to 1)."""
     return [sizes.get(n, 1) for n in SIZES]
@@ -451,7 +456,7 @@ class _Lowerer:
         if self.dims_mode:
             if self.expr.node is node and n not in INDEX and n not in ("s", "dv") and n not in self.grid:
                 # a whole dimension named by a new name: a free dimension, bound at call time
-                self.free_dims.setdefault(n, sp.Symbol(n, integer=True, positive=True))
+                self.free_dims.setdefault(n, free_dim(n))
                 return self.free_dims[n], "int"
             self.err(node, f"unknown name {n!r} in a tensor dimension (expected an integer, a size name "
                            f"{', '.join(SIZE_NAMES)}, an int param, or a new name as a whole dimension: a "

@@ -406,17 +406,19 @@ class CompiledAttention:
         added = {g.tensor: torch.zeros(named[g.tensor].shape, dtype=torch.float32, device=q.device)
                  for g in reads if atomic and g.kind != "row" and g.tensor in wanted}
         dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
-        partials, gmask = [], 0
-        for j, g in enumerate(reads):
-            if g.tensor not in wanted:
-                partials.append(dummy)
-                continue
-            gmask |= 1 << j
-            if atomic and g.kind != "row":
-                partials.append(added[g.tensor])
-            else:
-                partials.append(torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32,
-                                            device=q.device))
+
+        def buffers(grad_reads, into_added):  # per read: its buffer (a dummy when not wanted); the mask
+            bufs, mask = [], 0
+            for j, g in enumerate(grad_reads):
+                if g.tensor not in wanted:
+                    bufs.append(dummy)
+                    continue
+                mask |= 1 << j
+                bufs.append(added[g.tensor] if into_added and atomic and g.kind != "row" else
+                            torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32, device=q.device))
+            return bufs, mask
+
+        partials, gmask = buffers(reads, True)
         targs = _tensor_args(tensors)
         consts = _constexprs(q.dtype, sizes, cfg, layout, lowrank)
         ksizes = _kernel_sizes(sizes, layout)
@@ -426,14 +428,7 @@ class CompiledAttention:
         # tensors' partials; sink: the sink logits' partials)
         epi = self._epi_reads
         assert [[g.tensor, g.kind] for g in epi] == mod.EPI_READS, "generated module out of date"
-        epartials, emask = [], 0
-        for j, g in enumerate(epi):
-            if g.tensor in wanted:
-                emask |= 1 << j
-                epartials.append(torch.zeros(partial_shape(g.kind, osizes, n_m), dtype=torch.float32,
-                                             device=q.device))
-            else:
-                epartials.append(dummy)
+        epartials, emask = buffers(epi, False)  # always reduced partials ("row" / "out")
         delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         if self.ir.gate is not None:  # out = gate * o: the other kernels get dL/do = dout * gate and o
             out, dout_g = aux, torch.empty_like(dout)

@@ -1,10 +1,12 @@
-"""The ``attncc`` command line: check, explain, compile and demo.
+"""The ``attncc`` command line: check, explain, compile, aot and demo.
 
 ::
 
     attncc check patterns/*.attn
     attncc explain patterns/sliding_window.attn --lq 1024 --param window=128 --plot tiles.png
+    attncc explain patterns/causal.attn --target sm_90a --no-source
     attncc compile patterns/alibi.attn -o build/
+    attncc aot patterns/causal.attn --target sm_80,sm_90a --dtype bf16 --head-dim 64,128 -o build/aot
     attncc demo --patterns causal,alibi
 
 Exit status: 0 on success, 1 for user errors (spec errors, bad arguments, missing
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import math
 import sys
 from pathlib import Path
@@ -340,6 +343,18 @@ def cmd_explain(args) -> int:
                  f"non-empty {st['nonempty']}, full {st['ref_full']} (kernel: {st['full']})")
         plot_tile_map(rep, args.plot, title)
         print(f"wrote {args.plot}")
+    if args.target:
+        from attncc import aot
+
+        print()
+        print(f"== GPU kernels ({args.target}; {args.dtype}, head dim {', '.join(map(str, args.head_dim))}; every "
+              "launch config the autotuner may try; a config that spills is dropped by the autotuner)")
+        recs = _aot_records(args, args.file, pat.name, params_for(pat, params))
+        print(aot.resource_table(recs))
+        print(aot.summary(recs))
+        dropped = sorted({f"{r['target']} {r['kernel']} {r['launch']}" for r in recs
+                          if not r.get("error") and r["spill_bytes"]})
+        print("configs dropped (spill): " + (", ".join(dropped) if dropped else "none"))
     if not args.no_source:
         print()
         print(f"== kernel source ({kern.path})")
@@ -374,6 +389,52 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _aot_records(args, file, pattern, params) -> list:
+    """Run :func:`attncc.aot.aot` for one pattern with the command's options, printing progress."""
+    from attncc import aot
+
+    def progress(recs):
+        print(f"  compiled {len(recs)} kernels ({aot.summary(recs)})", file=sys.stderr, flush=True)
+
+    return aot.aot(file, pattern, targets=aot.parse_targets(args.target), dtypes=aot.parse_dtypes(args.dtype),
+                   head_dims=args.head_dim, configs=args.config or None, bwd_configs=args.bwd_config or None,
+                   out_dir=getattr(args, "output", None), workers=args.workers,
+                   triton_cache=getattr(args, "triton_cache", None), progress=progress, **params)
+
+
+def cmd_aot(args) -> int:
+    """``attncc aot FILE|--all``: compile every kernel for GPU targets, print the resource table.
+
+    Exit status 1 when a kernel does not compile, spills, exceeds the target's shared memory
+    or (forward / backward on sm_90a) uses no wgmma."""
+    from attncc import aot
+    from attncc.compiler import library_patterns
+
+    if args.all == bool(args.file):
+        raise UsageError("give a FILE or --all (every library pattern)")
+    params = parse_params(args.param)
+    if args.all:
+        todo = [(str(path), None, {}) for path in library_patterns().values()]
+    else:
+        pat = select_pattern(args.file, read_patterns(args.file), args.pattern)
+        todo = [(args.file, pat.name, params_for(pat, params))]
+    if args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    records = []
+    for file, name, prm in todo:
+        print(f"aot {file}{' --pattern ' + name if name else ''}", file=sys.stderr, flush=True)
+        records += _aot_records(args, file, name, prm)
+    table = aot.resource_table(records)
+    print(table)
+    print(aot.summary(records))
+    if args.output:
+        out = Path(args.output)
+        (out / "aot.json").write_text(json.dumps(records, indent=1))
+        (out / "aot.md").write_text(table + "\n\n" + aot.summary(records) + "\n")
+        print(f"wrote {out / 'aot.json'}, {out / 'aot.md'} and the cubins under {out}")
+    return 1 if any(aot.problems(r) for r in records) else 0
+
+
 def cmd_demo(args) -> int:
     """``attncc demo``: run every library pattern against the reference and FlexAttention."""
     from attncc import demo
@@ -383,6 +444,30 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _int_list(text: str) -> list:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def aot_options(p, output: bool) -> None:
+    """The options of ``attncc aot`` shared with ``explain --target``."""
+    p.add_argument("--dtype", default="bf16", metavar="bf16,fp16,fp32", help="comma-separated dtypes (default bf16)")
+    p.add_argument("--head-dim", type=_int_list, default=[128], metavar="64,128",
+                   help="comma-separated head dims (default 128)")
+    p.add_argument("--config", action="append", default=[], metavar="BMxBN:warps:stages",
+                   help="a forward launch config to compile instead of the autotuner's candidates; repeatable")
+    p.add_argument("--bwd-config", action="append", default=[], metavar="BMxBN:warps:stages",
+                   help="a backward launch config (default: --config, else the backward candidates); repeatable")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPU count)")
+    if output:
+        p.add_argument("-o", "--output", default=None, metavar="DIR",
+                       help="write the cubins, one JSON record per kernel, aot.json and aot.md there")
+        p.add_argument("--triton-cache", default=None, metavar="DIR",
+                       help="Triton's cache directory for the compiles (ship it: TRITON_CACHE_DIR on the GPU machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``attncc`` command."""
     import attncc
@@ -414,12 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-n", type=int, default=None, help="key tile size (default: the CPU config, 32)")
     p.add_argument("--plot", metavar="PNG", help="also write the tile map as a PNG (needs matplotlib)")
     p.add_argument("--no-source", action="store_true", help="do not print the generated kernel source")
+    p.add_argument("--target", default=None, metavar="sm_80,sm_90a",
+                   help="also compile the kernels for these GPU targets and print their resources (as attncc aot)")
+    aot_options(p, output=False)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write the kernel source and the explanation of patterns to a directory")
     common(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("aot", help="compile a pattern's kernels for GPU targets (no GPU needed): cubins and resources")
+    p.add_argument("file", metavar="FILE", nargs="?")
+    p.add_argument("--pattern", metavar="NAME", help="the pattern block to use (when the file holds several)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a param value (Python literal); repeatable")
+    p.add_argument("--all", action="store_true", help="every library pattern")
+    p.add_argument("--target", default="sm_80,sm_90a", metavar="sm_80,sm_90a",
+                   help="comma-separated targets (sm_80, sm_86, sm_89, sm_90a, sm_100a; default sm_80,sm_90a)")
+    aot_options(p, output=True)
+    p.set_defaults(func=cmd_aot)
 
     p = sub.add_parser("demo", help="run the pattern library against the reference and FlexAttention")
     p.add_argument("--patterns", metavar="A,B", help="comma-separated library pattern names (default: all)")

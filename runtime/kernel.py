@@ -6,7 +6,8 @@ the real annotations of the op functions.)
 
 import math
 import threading
-from dataclasses import dataclass
+import contextvars
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,36 +23,69 @@ from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_con
 from attncc.passes import KernelPlan
 
 from . import cache
+from .configs import CPU_CONFIG, Config, backward_candidates, forward_candidates
 from .tiles import block_table
 
 
-@dataclass(frozen=True)
-class Config:
-    """One launch configuration: tile sizes (tokens), warps and pipeline stages."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-#: the one config used under the Triton interpreter (CPU)
-CPU_CONFIG = Config(32, 32, 1, 1)
-#: candidates timed on CUDA (H100-class defaults first)
-CUDA_CONFIGS = (
-    Config(128, 64, 4, 3),
-    Config(128, 128, 8, 3),
-    Config(128, 64, 8, 3),
-    Config(64, 64, 4, 3),
-    Config(128, 32, 4, 4),
-    Config(64, 128, 4, 3),
-)
-
-#: backward launch config on CUDA (smaller tiles: the backward holds more live tiles)
-BWD_CUDA_CONFIG = Config(64, 64, 4, 2)
-
 _OPS: dict = {}
 _LOCK = threading.Lock()
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the runtime issues it: the generated module's kernel name,
+    the launch grid, the positional arguments (tensors, strides, sizes, scale) and the
+    keyword arguments (constexprs, ``num_warps``, ``num_stages``).
+
+    Built by :meth:`CompiledAttention.launch`, :meth:`~CompiledAttention.launch_backward`
+    and :meth:`~CompiledAttention.tile_stats`, then run on the device or, inside
+    :func:`capture`, recorded: ahead-of-time compilation (:mod:`attncc.aot`) compiles
+    exactly these arguments, so the AOT kernel is the kernel the JIT builds."""
+
+    kernel: str
+    grid: tuple
+    args: list
+    kwargs: dict = field(default_factory=dict)
+
+
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("attncc_capture", default=None)
+
+
+_COMPILED: contextvars.ContextVar = contextvars.ContextVar("attncc_compiled", default=None)
+
+
+class _compiled:
+    """Context manager collecting the compiled kernels (Triton ``CompiledKernel``) of the
+    launches inside it (the autotuner reads their ``n_spills``)."""
+
+    def __enter__(self) -> list:
+        self._kernels = []
+        self._token = _COMPILED.set(self._kernels)
+        return self._kernels
+
+    def __exit__(self, *exc) -> None:
+        _COMPILED.reset(self._token)
+
+
+def _arch(device) -> int:
+    """Compute capability of a CUDA device as an int (90 for sm_90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+class capture:
+    """Context manager: record the launches of every kernel call inside it instead of
+    running them (outputs are left unwritten). ``with capture() as launches: kern(q, k, v)``
+    gives ``launches``: a list of ``(CompiledAttention, Launch)``. Works without a GPU and
+    without the interpreter (nothing is launched, the generated module is not loaded)."""
+
+    def __enter__(self) -> list:
+        self._launches = []
+        self._token = _CAPTURE.set(self._launches)
+        return self._launches
+
+    def __exit__(self, *exc) -> None:
+        _CAPTURE.reset(self._token)
 
 
 def _next_pow2(n: int) -> int:
@@ -232,19 +266,23 @@ class CompiledAttention:
         """
         if self.plan.path != "box":
             raise ValueError(f"pattern {self.ir.name!r} has no box plan (path {self.plan.path!r})")
-        cfg = config or self._box_config()
+        cfg = config or self._box_config(max(sizes["D"], sizes["Dv"]))
         return choose_layout(self.plan, sizes, cfg.block_m, cfg.block_n)
 
-    def _box_config(self) -> Config:
+    def _box_config(self, head_dim: int) -> Config:
         """Tile sizes of box plans: fixed, CPU, or the H100-class default (the tile shape
         per axis, not the block size, is what the cost model chooses)."""
-        return self.config or (CPU_CONFIG if cache.interpreting() else CUDA_CONFIGS[0])
+        return self.config or (CPU_CONFIG if cache.interpreting() else forward_candidates(head_dim)[0])
 
-    def _launch_config(self, layout: list, cfg: Optional[Config]) -> Optional[Config]:
-        """Box plans launch with the block sizes of their layout's tile shapes."""
+    def _launch_config(self, layout: list, cfg: Optional[Config], head_dim: int,
+                       backward: bool = False) -> Optional[Config]:
+        """Box plans launch with the block sizes of their layout's tile shapes (warps and
+        stages: ``cfg``, fixed, or the first forward / backward candidate)."""
         if self.plan.path != "box":
             return cfg
-        base = cfg or self._box_config()
+        if cfg is None and backward and not self.config and not cache.interpreting():
+            cfg = backward_candidates(head_dim)[0]
+        base = cfg or self._box_config(head_dim)
         return Config(math.prod(layout[9:12]), math.prod(layout[12:15]), base.num_warps, base.num_stages)
 
     # ------------------------------------------------------------------ internals
@@ -282,8 +320,24 @@ class CompiledAttention:
                                "TRITON_INTERPRET=1 before triton is imported (attncc does so itself when it is "
                                "imported first on a machine without a GPU)")
         if self._module is None:
-            self._module = cache.load_module(self.path, self.key[:24])
+            mod = cache.load_module(self.path, self.key[:24])
+            assert [[g.tensor, g.kind] for g in self._grad_reads] == mod.GRAD_READS, "generated module out of date"
+            assert [[g.tensor, g.kind] for g in self._epi_reads] == mod.EPI_READS, "generated module out of date"
+            self._module = mod
         return self._module
+
+    def _run(self, device, *launches: Launch) -> None:
+        """Launch on ``device`` (or record them inside :func:`capture`)."""
+        rec = _CAPTURE.get()
+        if rec is not None:
+            rec.extend((self, ln) for ln in launches)
+            return
+        mod = self.module(device)
+        seen = _COMPILED.get()
+        for ln in launches:
+            kernel = getattr(mod, ln.kernel)[ln.grid](*ln.args, **ln.kwargs)
+            if seen is not None:
+                seen.append(kernel)
 
     def _tables(self, sizes: dict, named: dict, cfg: Config, device, transposed: bool = False):
         """``(tables, strides)`` kernel arguments: the block table's lists (per query tile, or
@@ -312,7 +366,7 @@ class CompiledAttention:
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
-        cfg = self._launch_config(layout, cfg)
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], Dv))
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
                                   self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
@@ -321,11 +375,11 @@ class CompiledAttention:
         # gated patterns also keep the ungated output (the backward needs it)
         out_u = torch.empty_like(out) if self.ir.gate is not None else out.new_empty(0)
         tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
-        self.module(q.device).attn_fwd[(-(-Lq // cfg.block_m), B * Hq)](
+        self._run(q.device, Launch("attn_fwd", (-(-Lq // cfg.block_m), B * Hq), [
             q, k, v, out, lse, out_u if self.ir.gate is not None else out, *_tensor_args(tensors),
             *_lowrank_args(lowrank), *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
-            *_kernel_sizes(sizes, layout), scale, **_constexprs(q.dtype, sizes, cfg, layout, lowrank))
+            *_kernel_sizes(sizes, layout), scale], _constexprs(q.dtype, sizes, cfg, layout, lowrank)))
         return out, lse, out_u
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -340,7 +394,7 @@ class CompiledAttention:
         sizes, tens = self._check(q, k, v, tensors, grid)
         if self.plan.path == "box":
             lay = self.layout_for(sizes)
-            return self._launch_config(lay.as_list(), None)
+            return self._launch_config(lay.as_list(), None, max(sizes["D"], sizes["Dv"]))
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
         lowrank = []
         if self.ir.lowrank:
@@ -373,13 +427,15 @@ class CompiledAttention:
         """
         if self.backward_error:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {self.backward_error}")
-        mod = self.module(q.device)
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
-        cfg = self._launch_config(layout, cfg)
-        if cfg is None:
-            cfg = self.config or (CPU_CONFIG if cache.interpreting() else BWD_CUDA_CONFIG)
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], sizes["Dv"]), backward=True)
+        if cfg is None:  # fixed, the CPU config, or the fastest spill-free backward candidate
+            cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._tune(
+                "bwd", q, sizes, layout, lowrank, backward_candidates,
+                lambda c: self.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, c, layout, aux,
+                                               lowrank)))
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         # partial buffers and their reduction use the original token indices (box plans: the
         # kernel sees permuted tokens but writes partials at the grid's row-major indices)
@@ -394,7 +450,6 @@ class CompiledAttention:
         want = [False] * len(tensors) if want is None else list(want)
         names = [t.name for t in self.ir.tensors]
         reads = self._grad_reads
-        assert [[g.tensor, g.kind] for g in reads] == mod.GRAD_READS, "generated module out of date"
         wanted = {names[i] for i, w in enumerate(want) if w}
         atomic = not self.deterministic
         if atomic and wanted:  # the kernel adds at the tensor's own offsets into contiguous buffers
@@ -427,27 +482,27 @@ class CompiledAttention:
         # preprocessing: delta, and the fused epilogue backward (gate: dO * gate and the gate
         # tensors' partials; sink: the sink logits' partials)
         epi = self._epi_reads
-        assert [[g.tensor, g.kind] for g in epi] == mod.EPI_READS, "generated module out of date"
         epartials, emask = buffers(epi, False)  # always reduced partials ("row" / "out")
         delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         if self.ir.gate is not None:  # out = gate * o: the other kernels get dL/do = dout * gate and o
             out, dout_g = aux, torch.empty_like(dout)
         else:
             dout_g = dout
-        mod.attn_bwd_pre[(n_m, B * Hq)](
+        pre = Launch("attn_bwd_pre", (n_m, B * Hq), [
             out, dout, lse, dlse.float().contiguous(), delta, dout_g, *epartials, *targs,
-            *out.stride(), *dout.stride(), *dout_g.stride(), *ksizes,
-            BLOCK_M=cfg.block_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
-            num_warps=cfg.num_warps, num_stages=1)
+            *out.stride(), *dout.stride(), *dout_g.stride(), *ksizes],
+            dict(BLOCK_M=cfg.block_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
+                 num_warps=cfg.num_warps, num_stages=1))
         dout = dout_g
-        mod.attn_bwd_dq[(n_m, B * Hq)](
+        dq_launch = Launch("attn_bwd_dq", (n_m, B * Hq), [
             q, k, v, dout, lse, delta, dq, *partials, *targs, *lr_args, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            *ksizes, scale, ATOMIC=atomic, GMASK=gmask, **consts)
-        mod.attn_bwd_dkdv[(n_n, B * Hkv)](
+            *ksizes, scale], dict(ATOMIC=atomic, GMASK=gmask, **consts))
+        dkdv = Launch("attn_bwd_dkdv", (n_n, B * Hkv), [
             q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            *ksizes, scale, n_m, **consts)
+            *ksizes, scale, n_m], consts)
+        self._run(q.device, pre, dq_launch, dkdv)
         for j, g in enumerate(reads):
             if g.tensor in wanted and partials[j] is not added.get(g.tensor):
                 reduce_partials(g, partials[j], sums[g.tensor], osizes, named)
@@ -459,14 +514,24 @@ class CompiledAttention:
         return [dq, dk, dv] + [sums[n].to(named[n].dtype) for n in names if n in wanted] + dlowrank
 
     def _autotune(self, q, k, v, tensors, scale, sizes, layout, lowrank=()) -> Config:
-        """Pick the fastest :data:`CUDA_CONFIGS` entry for this device and shape bucket;
-        the choice is remembered on disk (``autotune.json`` in the cache dir)."""
+        """The forward's launch config on CUDA: the fastest spill-free
+        :func:`~attncc.runtime.configs.forward_candidates` entry for this device and shape
+        bucket (remembered on disk, ``autotune.json`` in the cache dir)."""
+        return self._tune("fwd", q, sizes, layout, lowrank, forward_candidates,
+                          lambda cfg: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank))
+
+    def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:
+        """Time ``run(cfg)`` for every candidate of ``candidates(head_dim, arch)`` that fits
+        and does not spill (``n_spills`` of the kernels it compiled), keep the fastest."""
         dev = torch.cuda.get_device_name(q.device)
-        bucket = (f"{dev}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
-                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{layout[:3]}"
+        arch = _arch(q.device)
+        head_dim = max(sizes["D"], sizes["Dv"])
+        bucket = (f"{dev}|{family}|{self.key}|{q.dtype}|D{sizes['D']}|Dv{sizes['Dv']}|Lq{_next_pow2(sizes['Lq'])}"
+                  f"|Lk{_next_pow2(sizes['Lk'])}|G{sizes['H'] // sizes['Hkv']}|grid{list(layout)[:3]}"
                   f"|R{lowrank[0].shape[-1] if lowrank else 0}")
         if bucket in self._tuned:
             return self._tuned[bucket]
+        cands = candidates(head_dim, arch)
         with _LOCK:
             saved = cache.read_json("autotune.json")
             if bucket in saved:
@@ -475,15 +540,18 @@ class CompiledAttention:
                 import triton.testing
 
                 best, best_t = None, float("inf")
-                for cfg in CUDA_CONFIGS:
+                for cfg in cands:
                     try:
-                        t = triton.testing.do_bench(lambda: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank),
-                                                    warmup=5, rep=20, return_mode="median")
+                        with _compiled() as kernels:
+                            run(cfg)
+                        if any(getattr(kn, "n_spills", 0) for kn in kernels):
+                            continue  # a config that spills registers is never used
+                        t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
                     except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                         continue
                     if t < best_t:
                         best, best_t = cfg, t
-                cfg = best or CUDA_CONFIGS[0]
+                cfg = best or cands[0]
                 saved = cache.read_json("autotune.json")
                 saved[bucket] = cfg.__dict__
                 cache.write_json("autotune.json", saved)
@@ -533,14 +601,13 @@ class CompiledAttention:
         if self.plan.path == "box":  # counted on the permuted layout the kernel runs on
             lay = self.layout_for(sizes, config)
             layout = lay.as_list()
-            cfg = self._launch_config(layout, cfg)
+            cfg = self._launch_config(layout, cfg, max(D, Dv))
             Lq = Lk = lay.length
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
-        fn = self.module(device).count_tiles
-        fn[(n_m, B * H)](counts, *tables, *tstrides, *_kernel_sizes(sizes, layout), n_m,
-                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **layout_constexprs(layout))
+        self._run(device, Launch("count_tiles", (n_m, B * H), [counts, *tables, *tstrides, *_kernel_sizes(sizes, layout), n_m],
+                                 dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **layout_constexprs(layout))))
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())
         out = {"total": B * H * n_m * n_n, "visited": visited, "full": full, "partial": visited - full,

@@ -1,0 +1,482 @@
+"""Ahead-of-time compilation of a pattern's kernels for GPU targets, on any machine.
+
+For every kernel the runtime launches (forward ``attn_fwd``, backward preprocessing
+``attn_bwd_pre``, ``attn_bwd_dq``, ``attn_bwd_dkdv`` and ``count_tiles``) and every launch
+configuration the autotuner may try (:func:`attncc.runtime.configs.forward_candidates` /
+``backward_candidates``), this module
+
+1. runs the runtime's own call path on CPU tensors inside :func:`attncc.runtime.capture`,
+   which records each :class:`~attncc.runtime.Launch` (grid, arguments, constexprs)
+   instead of launching it: the signature is not kept anywhere by hand;
+2. binds the arguments with Triton's own JIT binder for the target's backend, so the
+   specialisation is the JIT's (integers equal to 1 become constants, 16-divisible
+   integers and 16-aligned pointers get ``tt.divisibility``), and compiles them with
+   ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` with default options;
+3. reads the cubin with the ``cuobjdump`` Triton ships: registers, spill stack bytes,
+   local stores (``STL``), SASS instruction count, ``HGMMA`` (wgmma, sm_90a) / ``HMMA``
+   (mma) use; shared memory from the kernel's metadata, checked against the target.
+
+Compilation runs in worker subprocesses with the interpreter off (``TRITON_INTERPRET=0``),
+so it works from a process that runs kernels under the interpreter (the tests) and on a
+machine without a GPU. ``triton.compile`` stores its artifacts in Triton's cache
+(``TRITON_CACHE_DIR``): a cache filled here under the same Triton version is the cache the
+JIT looks up on a GPU of that architecture, which is how a deployment ships kernels that
+compile nothing at run time (see README, "Ahead-of-time compilation"). The resource
+records are cached too (``<attncc cache>/aot/``, keyed by the compiled kernel's hash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: target name -> (compute capability, shared memory per block in bytes: the opt-in maximum)
+TARGETS = {
+    "sm_80": (80, 166912),
+    "sm_86": (86, 101376),
+    "sm_89": (89, 101376),
+    "sm_90a": (90, 232448),
+    "sm_100a": (100, 232448),
+}
+
+#: the kernels of each family, as the runtime launches them
+FAMILIES = {"fwd": ("attn_fwd",), "bwd": ("attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv"), "count": ("count_tiles",)}
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+#: batch, query heads, kv heads and (1-D) length of the example call whose launches are compiled
+EXAMPLE_SHAPE = {"B": 2, "H": 4, "Hkv": 2, "L": 1024}
+
+
+def parse_targets(text: str) -> list[str]:
+    """``"sm_80,sm_90a"`` -> ``["sm_80", "sm_90a"]``.
+
+    Raises:
+        ValueError: an unknown target (the message lists the known ones).
+    """
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    for t in out:
+        if t not in TARGETS:
+            raise ValueError(f"unknown target {t!r} (known: {', '.join(TARGETS)})")
+    return out
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``"bf16,fp16"`` -> ``["bf16", "fp16"]``.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    for t in out:
+        if t not in DTYPES:
+            raise ValueError(f"unknown dtype {t!r} (known: {', '.join(DTYPES)})")
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of AOT work: the kernels of one family of one pattern at one launch config.
+
+    ``spec`` is a path or ``.attn`` text; ``config`` a ``BMxBN:warps:stages`` string."""
+
+    spec: str
+    pattern: str | None
+    params: tuple
+    target: str
+    dtype: str
+    head_dim: int
+    family: str
+    config: str
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "params": list(map(list, self.params))}
+
+
+# ----------------------------------------------------------------------------- tools
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else name
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Resource figures of a cubin from ``cuobjdump``.
+
+    Returns:
+        ``{"registers", "spill_bytes" (STACK), "local_bytes", "static_shared_bytes",
+        "sass_instructions", "local_stores" (STL), "local_loads" (LDL), "wgmma" (HGMMA
+        present), "mma" (HMMA present)}``.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    instrs = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass, flags=re.M)
+    ops = [i.split()[0] if not i.startswith("@") else i.split()[1] for i in instrs if i.strip()]
+    return {"registers": field("REG"), "spill_bytes": field("STACK"), "local_bytes": field("LOCAL"),
+            "static_shared_bytes": field("SHARED"), "sass_instructions": len(ops),
+            "local_stores": sum(o.startswith("STL") for o in ops), "local_loads": sum(o.startswith("LDL") for o in ops),
+            "wgmma": any(o.startswith("HGMMA") for o in ops), "mma": any(o.startswith("HMMA") for o in ops)}
+
+
+def compile_launch(fn, launch, target: str):
+    """Compile one launch of the ``@triton.jit`` function ``fn`` for ``target`` as the JIT would.
+
+    Args:
+        fn: a ``triton.runtime.jit.JITFunction`` (not an interpreted function).
+        launch: a :class:`attncc.runtime.Launch` (its ``args`` / ``kwargs``).
+        target: a key of :data:`TARGETS`.
+
+    Returns:
+        ``(CompiledKernel, seconds)``.
+    """
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    tgt = GPUTarget("cuda", TARGETS[target][0], 32)
+    backend = make_backend(tgt)
+    kwargs = dict(launch.kwargs)
+    # the options JITFunction.run adds before binding (so the cache key is the JIT's)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    t0 = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=tgt, options=options.__dict__)
+    return kernel, time.perf_counter() - t0
+
+
+def jit_module(kern):
+    """The generated module of ``kern`` loaded with real ``@triton.jit`` functions (needs
+    ``TRITON_INTERPRET`` off in this process, as in the AOT workers).
+
+    Raises:
+        RuntimeError: the interpreter is on in this process.
+    """
+    from attncc.runtime import cache
+
+    if cache.interpreting():
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET=0 (it runs in attncc.aot worker processes)")
+    return cache.load_module(kern.path, "aot_" + kern.key[:24])
+
+
+# ----------------------------------------------------------------------------- example calls
+def _grid_for(ir) -> list:
+    """A grid shape of about ``EXAMPLE_SHAPE["L"]`` tokens for a grid pattern."""
+    n = len(ir.grid)
+    return {1: [1024], 2: [32, 32], 3: [8, 16, 16]}[n]
+
+
+def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False):
+    """Inputs of the example call whose launches are compiled: ``B, Hq, Hkv = 2, 4, 2``,
+    ``L = 1024`` (grids: 32 x 32 or 8 x 16 x 16 tokens), head dim ``head_dim``, the
+    pattern's tensors drawn by :func:`attncc.inputs.example_tensors` (float tensors that
+    get gradients require grad when ``requires_grad``).
+
+    Returns:
+        ``(q, k, v, tensors, sizes)`` on the CPU.
+    """
+    import torch
+
+    from attncc.inputs import example_inputs
+
+    s = EXAMPLE_SHAPE
+    grid = _grid_for(kern.ir) if kern.ir.grid else None
+    q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=s["L"], D=head_dim,
+                                             dtype=getattr(torch, DTYPES[dtype]), grid=grid)
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        for n in kern.grad_tensor_names():
+            tensors[n] = tensors[n].requires_grad_()
+    return q, k, v, tensors, sizes
+
+
+def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
+    """The launches of one kernel family, recorded from the runtime's call path.
+
+    Returns:
+        a list of :class:`attncc.runtime.Launch` (empty for ``bwd`` when the pattern has
+        no backward).
+    """
+    import torch
+
+    from attncc.runtime import capture
+
+    if family == "bwd" and kern.backward_error:
+        return []
+    q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd")
+    with capture() as rec:
+        if family == "count":
+            kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=head_dim,
+                            grid=[sizes[f"G{i}"] for i in range(len(kern.ir.grid))] or None, device="cpu",
+                            **{n: tensors[n] for n in kern.plan.mask_tensors})
+        elif family == "fwd":
+            with torch.no_grad():
+                kern(q, k, v, **tensors)
+        else:
+            out = kern(q, k, v, **tensors)
+            out.backward(torch.ones_like(out))
+    names = FAMILIES[family]
+    return [ln for _, ln in rec if ln.kernel in names]
+
+
+def _launch_config(launch) -> str:
+    kw = launch.kwargs
+    return f"{kw.get('BLOCK_M', '-')}x{kw.get('BLOCK_N', '-')}:{kw.get('num_warps', 4)}:{kw.get('num_stages', 3)}"
+
+
+# ----------------------------------------------------------------------------- worker
+def _record_cache(hash_: str, target: str) -> Path:
+    from attncc.runtime import cache
+
+    return cache.cache_dir() / "aot" / f"{hash_}-{target}.json"
+
+
+def run_job(job: Job, out_dir: str | None = None) -> list[dict]:
+    """Compile the kernels of ``job`` (in this process: the interpreter must be off).
+
+    Returns:
+        one record per kernel: ``pattern, kernel, target, dtype, head_dim, config`` (the
+        candidate), ``launch`` (the launched ``BMxBN:warps:stages``, box plans: the layout's
+        tiles), the :func:`resource_usage` figures, ``shared_bytes`` / ``shared_limit`` /
+        ``shared_ok``, ``compile_s``, ``cubin`` (path, with ``out_dir``) and ``error`` (the
+        compile error, else None).
+    """
+    import attncc
+    from attncc.runtime import Config
+
+    cfg = Config.parse(job.config)
+    kern = attncc.compile(job.spec, job.pattern, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, **dict(job.params))
+    base = {"pattern": kern.ir.name, "target": job.target, "dtype": job.dtype, "head_dim": job.head_dim,
+            "family": job.family, "config": job.config}
+    launches = capture_family(kern, job.family, job.dtype, job.head_dim)
+    mod = jit_module(kern)
+    out = []
+    for ln in launches:
+        rec = {**base, "kernel": ln.kernel, "launch": _launch_config(ln), "error": None}
+        try:
+            ck, secs = compile_launch(getattr(mod, ln.kernel), ln, job.target)
+        except Exception as e:  # noqa: BLE001 - reported in the record (and failed by the gate)
+            rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            out.append(rec)
+            continue
+        shared = int(ck.metadata.shared)
+        cached = _record_cache(ck.metadata.hash, job.target)
+        try:
+            usage = json.loads(cached.read_text())
+        except (OSError, ValueError):
+            usage = {**resource_usage(ck.asm["cubin"]), "compile_s": round(secs, 3)}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(usage))
+        rec.update(usage, shared_bytes=shared, shared_limit=TARGETS[job.target][1],
+                   shared_ok=shared <= TARGETS[job.target][1], hash=ck.metadata.hash, cubin=None)
+        if out_dir:
+            d = Path(out_dir) / kern.ir.name / job.target
+            d.mkdir(parents=True, exist_ok=True)
+            stem = f"{ln.kernel}_{job.dtype}_d{job.head_dim}_{rec['launch'].replace(':', '_')}"
+            (d / f"{stem}.cubin").write_bytes(ck.asm["cubin"])
+            (d / f"{stem}.json").write_text(json.dumps(rec, indent=1))
+            rec["cubin"] = str(d / f"{stem}.cubin")
+        out.append(rec)
+    return out
+
+
+def _worker_main() -> int:
+    """``python -m attncc.aot --worker``: jobs as JSON on stdin, one JSON list of records on stdout."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    req = json.load(sys.stdin)
+    out = []
+    for j in req["jobs"]:
+        job = Job(**{**j, "params": tuple(tuple(p) for p in j["params"])})
+        try:
+            out += run_job(job, req.get("out_dir"))
+        except Exception as e:  # noqa: BLE001 - a job that cannot run is a record with an error
+            out.append({"pattern": job.pattern or job.spec, "kernel": job.family, "target": job.target,
+                        "dtype": job.dtype, "head_dim": job.head_dim, "family": job.family, "config": job.config,
+                        "launch": job.config, "error": f"{type(e).__name__}: {e}"})
+    sys.stdout.write("\n@@AOT@@" + json.dumps(out))
+    return 0
+
+
+def run_jobs(jobs: list[Job], out_dir: str | None = None, workers: int | None = None,
+             triton_cache: str | None = None, progress=None) -> list[dict]:
+    """Run ``jobs`` in worker subprocesses (``workers``, default: the CPU count, at most 8)
+    with the interpreter off.
+
+    Args:
+        out_dir: write each kernel's cubin and JSON record there.
+        triton_cache: Triton's cache directory for the workers (``TRITON_CACHE_DIR``),
+            e.g. a directory to ship to a deployment.
+        progress: called with each finished worker's records (e.g. to print).
+
+    Returns:
+        the records of :func:`run_job`.
+
+    Raises:
+        RuntimeError: a worker process failed (its stderr is in the message).
+    """
+    if not jobs:
+        return []
+    n = max(1, min(workers or os.cpu_count() or 1, 8, len(jobs)))
+    # patterns spread over the workers: each worker compiles each of its patterns once
+    chunks = [jobs[i::n] for i in range(n)]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if triton_cache:
+        env["TRITON_CACHE_DIR"] = str(triton_cache)
+    procs = []
+    for chunk in chunks:
+        p = subprocess.Popen([sys.executable, "-m", "attncc.aot", "--worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        p.stdin.write(json.dumps({"jobs": [j.to_json() for j in chunk], "out_dir": out_dir}))
+        p.stdin.close()
+        procs.append(p)
+    results = []
+    for p in procs:
+        stdout = p.stdout.read()
+        stderr = p.stderr.read()
+        p.wait()
+        if p.returncode != 0 or "@@AOT@@" not in stdout:
+            raise RuntimeError(f"attncc.aot worker failed (exit {p.returncode}):\n{stderr[-4000:]}")
+        recs = json.loads(stdout.rsplit("@@AOT@@", 1)[1])
+        if progress:
+            progress(recs)
+        results.append(recs)
+    return [r for recs in results for r in recs]
+
+
+def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16",), head_dims=(128,),
+              configs=None, bwd_configs=None, families=("fwd", "bwd", "count"), params=None) -> list[Job]:
+    """The jobs for one pattern: every family at every candidate config of each
+    (target, head dim) (or the ``configs`` / ``bwd_configs`` given), every dtype."""
+    from attncc.runtime import backward_candidates, forward_candidates
+
+    params = tuple(sorted((params or {}).items()))
+    jobs = []
+    for target in targets:
+        arch = TARGETS[target][0]
+        for hd in head_dims:
+            for dt in dtypes:
+                for fam in families:
+                    if fam == "fwd":
+                        cands = configs or [str(c) for c in forward_candidates(hd, arch)]
+                    elif fam == "bwd":
+                        cands = bwd_configs or configs or [str(c) for c in backward_candidates(hd, arch)]
+                    else:  # the counting kernel runs at the CPU / first forward config (no math: small)
+                        cands = [str(forward_candidates(hd, arch)[0])] if not configs else configs[:1]
+                    jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c) for c in cands]
+    return jobs
+
+
+def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16",), head_dims=(128,), configs=None,
+        bwd_configs=None, families=("fwd", "bwd", "count"), out_dir=None, workers=None, triton_cache=None,
+        progress=None, **params) -> list[dict]:
+    """Compile the kernels of a pattern for GPU targets (no GPU needed).
+
+    Args:
+        spec: a ``.attn`` path or text; ``pattern``: the block, when the file has several.
+        targets: keys of :data:`TARGETS` (e.g. ``("sm_80", "sm_90a")``).
+        dtypes: ``"bf16"``, ``"fp16"``, ``"fp32"``; head_dims: head dims D (= Dv).
+        configs / bwd_configs: ``BMxBN:warps:stages`` strings; default: every candidate
+            the autotuner may try for the target and head dim.
+        families: which of ``"fwd"``, ``"bwd"``, ``"count"``.
+        out_dir: write cubins and JSON records there.
+        **params: the spec's params.
+
+    Returns:
+        a list of records (see :func:`run_job`).
+
+    Raises:
+        ValueError: unknown target or dtype; SpecError: the spec does not compile.
+    """
+    import attncc
+
+    for t in targets:
+        parse_targets(t)
+    for d in dtypes:
+        parse_dtypes(d)
+    attncc.compile(spec, pattern, **params)  # spec errors here, before any worker starts
+    jobs = plan_jobs(str(spec), pattern, targets=targets, dtypes=dtypes, head_dims=head_dims, configs=configs,
+                     bwd_configs=bwd_configs, families=families, params=params)
+    return run_jobs(jobs, out_dir=out_dir, workers=workers, triton_cache=triton_cache, progress=progress)
+
+
+# ----------------------------------------------------------------------------- reports
+def problems(rec: dict) -> list[str]:
+    """What is wrong with one kernel record: a compile error, spills, local memory
+    traffic, shared memory over the target's limit, no tensor-core MMA (wgmma on sm_90a)."""
+    if rec.get("error"):
+        return [f"does not compile: {rec['error']}"]
+    out = []
+    if rec["spill_bytes"] or rec["local_stores"]:
+        out.append(f"spills {rec['spill_bytes']} B ({rec['local_stores']} local stores)")
+    if not rec["shared_ok"]:
+        out.append(f"shared memory {rec['shared_bytes']} B > {rec['shared_limit']} B")
+    if rec["kernel"] in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"):
+        if rec["target"] == "sm_90a" and not rec["wgmma"] and rec["dtype"] != "fp32":
+            out.append("no wgmma")
+        elif not (rec["wgmma"] or rec["mma"]):
+            out.append("no tensor-core mma")
+    return out
+
+
+def resource_table(records: list[dict]) -> str:
+    """A Markdown table of the records (one row per kernel and config)."""
+    head = ("| pattern | target | dtype | D | kernel | config | regs | spill B | STL | SASS | smem KiB | MMA "
+            "| compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for r in sorted(records, key=lambda r: (r["pattern"], r["target"], r["dtype"], r["head_dim"],
+                                            list(FAMILIES["fwd"] + FAMILIES["bwd"] + FAMILIES["count"]).index(r["kernel"])
+                                            if r["kernel"] in sum(FAMILIES.values(), ()) else 9, r["config"])):
+        if r.get("error"):
+            rows.append(f"| {r['pattern']} | {r['target']} | {r['dtype']} | {r['head_dim']} | {r['kernel']} "
+                        f"| {r['config']} | | | | | | | | {r['error'][:80]} |")
+            continue
+        mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "-")
+        status = "; ".join(problems(r)) or "ok"
+        rows.append(f"| {r['pattern']} | {r['target']} | {r['dtype']} | {r['head_dim']} | {r['kernel']} | {r['launch']} "
+                    f"| {r['registers']} | {r['spill_bytes']} | {r['local_stores']} | {r['sass_instructions']} "
+                    f"| {r['shared_bytes'] / 1024:.0f} | {mma} | {r.get('compile_s', 0):.1f} | {status} |")
+    return "\n".join(rows)
+
+
+def summary(records: list[dict]) -> str:
+    """One line: kernels compiled, failing, spilling."""
+    bad = [r for r in records if problems(r)]
+    spill = [r for r in records if not r.get("error") and r["spill_bytes"]]
+    return (f"{len(records)} kernels compiled, {len(bad)} with problems ({len(spill)} spilling, "
+            f"{sum(bool(r.get('error')) for r in records)} not compiling)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(_worker_main())
+    sys.exit("usage: attncc aot ... (this module's own entry point is for its worker processes)")

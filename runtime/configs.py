@@ -1,0 +1,83 @@
+"""Launch configurations: the one used under the interpreter, and the candidates the
+autotuner may try on a GPU, derived per kernel family, head dim and target by a rule.
+
+The rule (checked for every library pattern by ``attncc aot --all``, results in
+``benchmarks/results/aot_sm90a.md``; the CI gate ``tests/test_aot.py`` compiles a covering
+set of patterns at every candidate and asserts 0 spill bytes):
+
+* forward: a 128-row query tile needs 8 warps once the head dim reaches 128 (at 4 warps
+  each thread holds 128 rows x D / 128 threads of the fp32 accumulator plus the q tile
+  and spills, like a plain FlashAttention-2 forward does); 64-row tiles keep 4 warps.
+  Key tiles of 128 only at head dims <= 64. Head dims above 128 use 64-row tiles.
+  sm_80 has 164 KiB of shared memory per block (sm_90a 227 KiB): 2 stages at D > 64.
+* backward (dQ and dK/dV): the dK/dV program keeps two fp32 accumulators (dK, dV) plus
+  k and v tiles of its key tile, so its tiles are smaller than the forward's: 32 x 64 /
+  64 x 32 at D >= 128 with 4 warps, 64 x 64 at D <= 64.
+
+At run time the autotuner also drops a candidate whose compiled kernel spills on the
+device (``n_spills > 0``), so a pattern whose extra state (gates, sinks, low-rank factors,
+N-D box indices, several key intervals) makes a config spill never runs it;
+``attncc explain --target`` lists such configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: tile sizes (tokens), warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}:{self.num_warps}:{self.num_stages}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        """``"BMxBN:warps:stages"`` (e.g. ``128x64:8:3``) -> :class:`Config`.
+
+        Raises:
+            ValueError: malformed text, or tile sizes that are not powers of two >= 16.
+        """
+        try:
+            tiles, warps, stages = text.split(":")
+            bm, bn = (int(x) for x in tiles.lower().split("x"))
+            cfg = cls(bm, bn, int(warps), int(stages))
+        except ValueError:
+            raise ValueError(f"bad launch config {text!r}: expected BMxBN:warps:stages, e.g. 128x64:8:3") from None
+        for name, val in (("BM", bm), ("BN", bn)):
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"bad launch config {text!r}: {name} must be a power of two >= 16")
+        if cfg.num_warps not in (1, 2, 4, 8, 16) or cfg.num_stages < 1:
+            raise ValueError(f"bad launch config {text!r}: warps in 1, 2, 4, 8, 16 and stages >= 1")
+        return cfg
+
+
+#: the one config used under the Triton interpreter (CPU)
+CPU_CONFIG = Config(32, 32, 1, 1)
+
+
+def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
+    """The forward configs the autotuner may try for head dim ``head_dim`` (padded to a
+    power of two by the kernel) on compute capability ``arch`` (80: Ampere, 90: Hopper),
+    fastest-first by expectation (the first is used when timing is not possible)."""
+    stages = 3 if arch >= 90 or head_dim <= 64 else 2
+    if head_dim <= 64:
+        return (Config(128, 64, 4, stages), Config(128, 128, 8, stages), Config(64, 64, 4, stages),
+                Config(128, 32, 4, stages))
+    if head_dim <= 128:
+        return (Config(128, 64, 8, stages), Config(64, 64, 4, stages), Config(128, 32, 8, stages),
+                Config(64, 32, 4, stages))
+    return (Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 2))
+
+
+def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
+    """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring."""
+    if head_dim <= 64:
+        return (Config(64, 64, 4, 2), Config(32, 64, 4, 2), Config(64, 32, 4, 2))
+    return (Config(32, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 2))

@@ -2,10 +2,15 @@
 
 :class:`TritonPrinter` prints IR expressions as Triton code (Python floor
 semantics for ``//`` and ``%`` through small helpers, masked loads for tensor
-reads, common reads loaded once). :func:`render_forward` fills
-``templates/attention_fwd.py.j2`` with the printed mask, score and key ranges of a
-:class:`~attncc.passes.KernelPlan`; the result is a readable, deterministic
-Python module holding the ``@triton.jit`` kernels.
+reads, common reads loaded once). :func:`render_forward` fills the kernel templates
+with the printed mask, score and key ranges of a :class:`~attncc.passes.KernelPlan`;
+the result is a readable, deterministic Python module holding the ``@triton.jit``
+kernels.
+
+Templates (``templates/``): ``attention.py.j2`` renders the module (header, imports,
+helpers) and includes the two kernel families, ``forward.py.j2`` (``attn_fwd``,
+``count_tiles``) and ``backward.py.j2`` (``attn_bwd_pre``, ``attn_bwd_dq``,
+``attn_bwd_dkdv``), which import the shared macros of ``macros.j2``.
 """
 
 from __future__ import annotations
@@ -251,6 +256,10 @@ def _is_scalar(e) -> bool:
     return not (e.free_symbols & _TILE_SYMBOLS)
 
 
+#: the template that renders a kernel module (it includes the kernel family templates)
+TEMPLATE = "attention.py.j2"
+
+
 @functools.lru_cache(maxsize=None)
 def template_text(name: str) -> str:
     """Return the text of ``templates/<name>`` (installed package data or the source tree)."""
@@ -260,9 +269,28 @@ def template_text(name: str) -> str:
         return (Path(__file__).resolve().parent.parent / "templates" / name).read_text()
 
 
+@functools.lru_cache(maxsize=None)
+def template_names() -> tuple[str, ...]:
+    """The names of all the kernel templates (``templates/*.j2``), sorted: what the cache
+    key hashes, so that a change to any of them rebuilds the kernels."""
+    try:
+        names = [f.name for f in resources.files("attncc.templates").iterdir()]
+    except (ModuleNotFoundError, FileNotFoundError, TypeError):
+        names = [f.name for f in (Path(__file__).resolve().parent.parent / "templates").iterdir()]
+    return tuple(sorted(n for n in names if n.endswith(".j2")))
+
+
+def _template_source(name: str):
+    try:
+        return template_text(name)
+    except (FileNotFoundError, IsADirectoryError):
+        return None  # jinja2.TemplateNotFound
+
+
+@functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True)
+    return jinja2.Environment(loader=jinja2.FunctionLoader(_template_source), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 
 def _block(printer: TritonPrinter, exprs: dict) -> tuple[list[str], dict]:
@@ -487,12 +515,12 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         full_ranges=", ".join([f"f_lo{i}, f_hi{i}" for i in range(len(intervals))] +
                               ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
     )
-    return _env().from_string(template_text("attention.py.j2")).render(**ctx)
+    return _env().get_template(TEMPLATE).render(**ctx)
 
 
 def _lowrank_context(on: bool) -> dict:
-    """Template variables of the dot() terms (see the lr_setup macro): argument lists that
-    are empty when the pattern has none, so such kernels are unchanged."""
+    """Template variables of the dot() terms (see the lr_setup macro of ``templates/macros.j2``):
+    argument lists that are empty when the pattern has none, so such kernels are unchanged."""
     names = ("LR", "LRK", "LRDW", "LRDWO", "LRX", "LRXC", "LRA")
     if not on:
         return dict(lowrank=False, **{n: "" for n in names})
@@ -518,7 +546,7 @@ _TILE_CX = ("TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr, "
 
 
 def _box_context(plan, names: dict, tensors: dict) -> dict:
-    """Template variables of the box iteration (see the box_* macros of the template)."""
+    """Template variables of the box iteration (see the box_* macros of ``templates/macros.j2``)."""
     ctx = dict(IDX=_IDX, SZ=_SZ, TILE_CX=_TILE_CX, box=plan is not None, axes=[], boxes=[],
                lqo="Lq", lko="Lk")
     if plan is None:

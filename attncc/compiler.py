@@ -15,7 +15,6 @@ from .ir import lower
 from .passes import KernelPlan, plan as make_plan
 
 VERSION = "0.1.0"
-TEMPLATE = "attention.py.j2"
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +66,7 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
 
     ir = lower(spec, pattern, **params)
     kp = _plan_cached(ir.key(), ir)
-    tmpl = codegen.template_text(TEMPLATE)
+    tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
     key = cache.digest(ir.key(), tmpl, VERSION, compiler_fingerprint(), triton.__version__, torch.__version__,
                        sympy.__version__)
     path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))

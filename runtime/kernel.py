@@ -147,7 +147,7 @@ class CompiledAttention:
         ir: the :class:`~attncc.ir.AttentionIR` (params specialised).
         plan: the :class:`~attncc.passes.KernelPlan` (closed form or block table).
         source: the generated Triton source (a Python module).
-        key: the cache key (hash of IR, template and library versions).
+        key: the cache key (hash of IR, templates and library versions).
         config: a fixed :class:`Config` if one was given (else CPU default / autotuned).
         deterministic: spec tensor gradients reduced from per-program partials in a fixed
             order (default), or, when False, added with atomics in the kernel (see
@@ -627,7 +627,7 @@ def _make_op(kern: CompiledAttention):
     if not kern.deterministic:
         name += "_atomic"
     with _LOCK:
-        if name in _OPS:  # same IR, template, compiler and config: the kernel it runs is identical
+        if name in _OPS:  # same IR, templates, compiler and config: the kernel it runs is identical
             return _OPS[name]
 
         def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: List[torch.Tensor],

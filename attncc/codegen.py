@@ -477,6 +477,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
                                "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)})
             d["idx"] = i
             d["pieces"] = _pieces(i)
+            # key range and full range both start at key 0: the first piece has no leading
+            # partial tiles (causal, ALiBi, ...), so that loop is not generated
+            d["lead_empty"] = sp.Max(iv.lo, zero) == 0 and sp.Max(iv.flo, zero) == 0
             intervals.append(d)
     ctx = _box_context(plan if box else None, names, tensors)
     ctx.update(_lowrank_context(bool(ir.lowrank)))

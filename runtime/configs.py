@@ -79,5 +79,5 @@ def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
 def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
     """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring."""
     if head_dim <= 64:
-        return (Config(64, 64, 4, 2), Config(32, 64, 4, 2), Config(64, 32, 4, 2))
-    return (Config(32, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 2))
+        return (Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 64, 8, 2))
+    return (Config(64, 64, 8, 2), Config(128, 64, 8, 2))

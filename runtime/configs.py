@@ -77,7 +77,18 @@ def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
 
 
 def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
-    """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring."""
+    """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring.
+    The first one shares its tile sizes with the first forward candidate, so box plans
+    (whose token layout fixes the tiles of every kernel) train at it."""
     if head_dim <= 64:
-        return (Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 64, 8, 2))
-    return (Config(64, 64, 8, 2), Config(128, 64, 8, 2))
+        return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
+    if head_dim <= 128:
+        return (Config(128, 64, 8, 2), Config(64, 64, 8, 2))
+    return (Config(64, 64, 8, 1), Config(64, 32, 8, 1))
+
+
+def dkdv_rows(cfg: Config) -> int:
+    """Query rows the dK/dV kernel processes at a time within a query tile of
+    ``cfg.block_m`` rows: 64 for 128-row tiles (the score, dP and dS chunks live next to
+    the dK and dV accumulators), else the whole tile."""
+    return min(cfg.block_m, 32)

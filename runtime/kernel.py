@@ -23,7 +23,7 @@ from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_con
 from attncc.passes import KernelPlan
 
 from . import cache
-from .configs import CPU_CONFIG, Config, backward_candidates, forward_candidates
+from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates
 from .tiles import block_table
 
 
@@ -488,10 +488,14 @@ class CompiledAttention:
             out, dout_g = aux, torch.empty_like(dout)
         else:
             dout_g = dout
-        pre = Launch("attn_bwd_pre", (n_m, B * Hq), [
+        # the preprocessing kernel is row-wise: 1-D plans give it at most 64 rows a program
+        # (it holds O, dO and the gate of its rows in fp32: 128 rows spill); box plans need
+        # the layout's tiles
+        pre_m = cfg.block_m if self.plan.path == "box" else min(cfg.block_m, 64)
+        pre = Launch("attn_bwd_pre", (-(-Lq // pre_m), B * Hq), [
             out, dout, lse, dlse.float().contiguous(), delta, dout_g, *epartials, *targs,
             *out.stride(), *dout.stride(), *dout_g.stride(), *ksizes],
-            dict(BLOCK_M=cfg.block_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
+            dict(BLOCK_M=pre_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
                  num_warps=cfg.num_warps, num_stages=1))
         dout = dout_g
         dq_launch = Launch("attn_bwd_dq", (n_m, B * Hq), [
@@ -501,7 +505,7 @@ class CompiledAttention:
         dkdv = Launch("attn_bwd_dkdv", (n_n, B * Hkv), [
             q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            *ksizes, scale, n_m], consts)
+            *ksizes, scale, n_m], dict(consts, DKDV_M=dkdv_rows(cfg)))
         self._run(q.device, pre, dq_launch, dkdv)
         for j, g in enumerate(reads):
             if g.tensor in wanted and partials[j] is not added.get(g.tensor):

@@ -78,6 +78,13 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> dict:
             raise ValueError(f"{name} = {n} is outside the supported range 1..{MAX_HEAD_DIM}")
     if B == 0 or Hq == 0 or Lq == 0 or Lk == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)} (every size must be >= 1)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        # the kernels add 64-bit batch / head offsets to 32-bit (row, feature) offsets
+        span = (x.shape[2] - 1) * abs(x.stride(2)) + (x.shape[3] - 1) * abs(x.stride(3))
+        if span >= 2 ** 31:
+            raise ValueError(f"{name}: one (batch, head) slice spans {span} elements with strides {tuple(x.stride())}, "
+                             f"beyond the kernels' 32-bit row offsets (< 2**31): pass {name}.contiguous() (a "
+                             f"(B, H, L, D) layout) or a shorter sequence")
     return {"B": B, "H": Hq, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv}
 
 

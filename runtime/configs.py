@@ -87,8 +87,11 @@ def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
     return (Config(64, 64, 8, 1), Config(64, 32, 8, 1))
 
 
-def dkdv_rows(cfg: Config) -> int:
+def dkdv_rows(cfg: Config, extra_state: bool = False) -> int:
     """Query rows the dK/dV kernel processes at a time within a query tile of
-    ``cfg.block_m`` rows: 64 for 128-row tiles (the score, dP and dS chunks live next to
-    the dK and dV accumulators), else the whole tile."""
-    return min(cfg.block_m, 32)
+    ``cfg.block_m`` rows: 32 (the score, dP and dS chunks are what is live next to
+    the dK / dV accumulators and the K / V tile), 16 for kernels with extra per-tile state
+    (box plans' per-axis indices, dot() factors), which spill at 32 rows (measured at
+    D = 128 on sm_90a: ``neighborhood_2d_rpb`` 8 B at 128x64:8:2, ``lowrank_bias`` 8 B at
+    64x64:8:2; 0 at 16 rows)."""
+    return min(cfg.block_m, 16 if extra_state else 32)

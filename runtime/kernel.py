@@ -505,7 +505,7 @@ class CompiledAttention:
         dkdv = Launch("attn_bwd_dkdv", (n_n, B * Hkv), [
             q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            *ksizes, scale, n_m], dict(consts, DKDV_M=dkdv_rows(cfg)))
+            *ksizes, scale, n_m], dict(consts, DKDV_M=dkdv_rows(cfg, self.plan.path == "box" or bool(self.ir.lowrank))))
         self._run(q.device, pre, dq_launch, dkdv)
         for j, g in enumerate(reads):
             if g.tensor in wanted and partials[j] is not added.get(g.tensor):

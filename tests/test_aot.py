@@ -76,7 +76,13 @@ def test_kernels_compile_without_spills(records, entry):
         if not kern.backward_error:
             bwd = {r["config"] for r in recs if r["target"] == target and r["kernel"] == "attn_bwd_dkdv"}
             assert bwd == {str(c) for c in backward_candidates(128, arch)}
-    bad = [f"{r['target']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)]
+    # forward, preprocessing and counting kernels: no problem at any candidate; dQ / dK/dV:
+    # none at the first candidate (the autotuner's fallback, and the tiles box plans train
+    # at), the others compile and may only spill (the autotuner drops those; explain lists them)
+    first_bwd = {t: str(backward_candidates(128, aot.TARGETS[t][0])[0]) for t in TARGETS}
+    bad = [f"{r['target']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)
+           and not (r["kernel"] in ("attn_bwd_dq", "attn_bwd_dkdv") and r["config"] != first_bwd[r["target"]]
+                    and not r.get("error") and aot.problems(r) == [p for p in aot.problems(r) if p.startswith("spills")])]
     assert not bad, "\n".join(bad)
 
 

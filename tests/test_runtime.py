@@ -139,3 +139,13 @@ def test_fixed_block_sizes_and_tile_stats_follow_config():
     st = kern.tile_stats(70, 70)
     assert (st["block_m"], st["block_n"]) == (16, 64)
     assert st["total"] == 5 * 2
+
+
+def test_int32_row_offsets_are_refused_not_overflowed():
+    """A (batch, head) slice whose row/feature offsets pass 2**31 elements would overflow
+    the kernels' 32-bit offsets: refused before any launch, naming the argument."""
+    kern = attncc.compile(attncc.pattern_path("causal"))
+    ok = torch.empty_strided((1, 1, 4, 4), (16, 16, 4, 1), dtype=torch.bfloat16, device="meta")
+    big = torch.empty_strided((1, 1, 4, 4), (0, 0, 2 ** 30, 1), dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"k: one \(batch, head\) slice spans 3221225475 elements"):
+        kern(ok, big, ok)

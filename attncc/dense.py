@@ -201,12 +201,30 @@ def lowrank_factors(ir: I.AttentionIR, tensors: dict, sizes: dict) -> list:
     return out
 
 
+#: floor/ceil argument -> its integer fraction ``(numerator, denominator)`` or ``None``
+#: (see :func:`_integer_fraction`)
+_FRACTIONS: dict = {}
+
+
+def _integer_fraction(x):
+    """``(P, c)`` with ``x = P / c``, both integer and ``c > 0`` (``P`` expanded, ``c`` an int
+    when constant), else ``None``. Memoised: the sympy work (``together``, assumptions) runs
+    once per expression, so that FlexAttention mods (:mod:`attncc.flex`), which evaluate
+    the expression once eagerly before flex traces them, trace only a dict lookup here
+    (dynamo cannot trace sympy's internals)."""
+    if x not in _FRACTIONS:
+        num_, den = sp.fraction(sp.together(x))
+        ok = bool(num_.is_integer and den.is_integer and den.is_positive)
+        _FRACTIONS[x] = (sp.expand(num_), int(den) if den.is_Integer else den) if ok else None
+    return _FRACTIONS[x]
+
+
 def _exact_floor(x, ev, fn, float_dtype=torch.float64):
     """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
-    num_, den = sp.fraction(sp.together(x))
-    if num_.is_integer and den.is_integer and den.is_positive:
-        n = ev(sp.expand(num_))
-        d = int(den) if den.is_Integer else ev(den)
+    frac = _integer_fraction(x)
+    if frac is not None:
+        n = ev(frac[0])
+        d = frac[1] if isinstance(frac[1], int) else ev(frac[1])
         if not n.dtype.is_floating_point and (isinstance(d, int) or not d.dtype.is_floating_point):
             return torch.div(n, d, rounding_mode="floor") if fn is torch.floor else -torch.div(-n, d, rounding_mode="floor")
     return fn(ev(x).to(float_dtype))

@@ -4,7 +4,8 @@
 For every library pattern and sequence length this script
 
 1. compiles the pattern with :func:`attncc.compile` and draws inputs with
-   :func:`attncc.inputs.example_inputs`;
+   :func:`attncc.inputs.example_inputs` (grid patterns, run when named in ``--patterns``:
+   on a square / cubic grid of L tokens, e.g. 64 x 64 for L = 4096);
 2. builds FlexAttention ``score_mod`` / ``mask_mod`` functions *from the same IR*
    (evaluated with :func:`attncc.dense.eval_expr`), so both libraries compute the
    same function by construction;
@@ -139,8 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patterns", default=None,
-                   help="comma-separated library pattern names (default: all of attncc.library_patterns())")
-    p.add_argument("--lengths", default="4096,16384", help="comma-separated sequence lengths L (Lq = Lk = L)")
+                   help="comma-separated library pattern names (default: the 1-D patterns of "
+                        "attncc.library_patterns(); grid patterns such as neighborhood_2d run when named, on a "
+                        "square (cubic) grid of L tokens)")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated sequence lengths L (Lq = Lk = L; default 4096,16384, --dry-run: 128)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim D (= Dv)")
     p.add_argument("--batch", type=int, default=1, help="batch size B")
     p.add_argument("--heads", type=int, default=16, help="query heads Hq")
@@ -160,8 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backward", action="store_true",
                    help="time forward + backward (gradients of q, k, v and the score's float tensors)")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU smoke test: L=128, D=64, H=Hkv=2, fp32, flex eager, one perf_counter run per timing, "
-                        "no results file")
+                   help="CPU smoke test: L=128 (unless --lengths), D=64, H=Hkv=2, fp32, flex eager, one perf_counter "
+                        "run per timing, no results file")
     return p.parse_args(argv)
 
 
@@ -173,30 +177,70 @@ def make_settings(args: argparse.Namespace) -> Settings:
     """
     compile_flex = {"on": True, "off": False, "auto": not args.dry_run}[args.flex_compile]
     mod_float = torch.float32 if args.flex_mod_float == "float32" else torch.float64
+    lengths = [int(x) for x in (args.lengths or ("128" if args.dry_run else "4096,16384")).split(",") if x.strip()]
     if args.dry_run:
-        return Settings(torch.device("cpu"), torch.float32, [128], 1, 2, 2, 64, True, compile_flex, mod_float,
+        return Settings(torch.device("cpu"), torch.float32, lengths, 1, 2, 2, 64, True, compile_flex, mod_float,
                         0, 0, args.seed, args.backward)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device found: run on a GPU machine, or use --dry-run for a CPU smoke test")
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     return Settings(torch.device("cuda"), DTYPES[args.dtype], lengths, args.batch, args.heads, args.kv_heads,
                     args.head_dim, False, compile_flex, mod_float, args.warmup, args.rep, args.seed, args.backward)
 
 
 def select_patterns(spec: str | None) -> dict:
-    """The library patterns to run: ``{name: path}``, in library order.
+    """The library patterns to run: ``{name: path}``, in library order (default: the 1-D
+    patterns; grid patterns run when named, on square / cubic grids of L tokens, see
+    :func:`grid_for`).
 
     Raises:
         SystemExit: an unknown pattern name.
     """
-    lib = attncc.library_patterns(grid=False)  # 1-D patterns (grid patterns take (B, H, *grid, D) inputs)
     if not spec:
-        return lib
+        return attncc.library_patterns(grid=False)
+    lib = attncc.library_patterns()
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in lib]
     if unknown:
         raise SystemExit(f"unknown pattern(s) {', '.join(unknown)}; library patterns: {', '.join(lib)}")
     return {n: lib[n] for n in names}
+
+
+def grid_for(ir, L: int):
+    """The grid shape of a grid pattern at ``L`` tokens: equal axes (``64 x 64`` for L = 4096
+    on a 2-D grid); ``None`` for 1-D patterns.
+
+    Raises:
+        ValueError: ``L`` is not a square (cube) for a 2-D (3-D) grid.
+    """
+    n = len(ir.grid)
+    if not n:
+        return None
+    side = round(L ** (1.0 / n))
+    if side ** n != L:
+        raise ValueError(f"grid pattern {ir.name!r} has {n} axes: L={L} is not a perfect "
+                         f"{'square' if n == 2 else 'cube'} (e.g. {side ** n} is)")
+    return (side,) * n
+
+
+def check_lengths(patterns: dict, lengths: list) -> None:
+    """Every grid pattern can run at every length (see :func:`grid_for`).
+
+    Raises:
+        SystemExit: a length that is not a square (cube) for a 2-D (3-D) grid pattern.
+    """
+    for name, path in patterns.items():
+        ir = attncc.lower(path, name)
+        for L in lengths:
+            try:
+                grid_for(ir, L)
+            except ValueError as ex:
+                raise SystemExit(str(ex)) from None
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, *grid, D)`` as ``(B, H, L, D)`` (the row-major token order of grid patterns;
+    4-D tensors unchanged)."""
+    return x.flatten(2, -2) if x.dim() > 4 else x
 
 
 # ----------------------------------------------------------------------------- timing
@@ -258,7 +302,8 @@ def count_allowed_pairs(ir, sizes: dict, tensors: dict, device) -> int:
     total = 0
     for r0 in range(0, Lq, rows_per):
         rows = torch.arange(r0, min(Lq, r0 + rows_per), device=device)
-        env = index_env(B, H, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows)
+        env = index_env(B, H, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows,
+                        grid=I.grid_of(sizes))
         m = eval_expr(ir.mask, env, tensors)
         target = (B, H, rows.numel(), Lk)
         if tuple(torch.broadcast_shapes(m.shape, target)) != target:
@@ -275,10 +320,12 @@ def launch_config(kern, q, k, v, tensors: dict, scale: float):
 
 def kernel_tile_stats(kern, sizes: dict, tensors: dict, cfg, s: Settings) -> dict:
     """Visited / total (query tile, key tile) pairs of the attncc kernel at launch tile size ``cfg``
-    (the kernel's own ``count_tiles`` iteration, run on the attention device)."""
+    (the kernel's own ``count_tiles`` iteration, run on the attention device; grid patterns: in
+    the permuted token layout the kernel runs on)."""
     mask_tensors = {n: tensors[n] for n in kern.plan.mask_tensors}
+    grid = I.grid_of(sizes)[:len(kern.ir.grid)] or None
     return kern.tile_stats(sizes["Lq"], sizes["Lk"], B=s.B, H=s.H, Hkv=s.Hkv, D=s.D, Dv=s.D, config=cfg,
-                           device=s.device, **mask_tensors)
+                           device=s.device, grid=grid, **mask_tensors)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -370,7 +417,8 @@ def bench_flex(row: Row, ir, q, k, v, tensors: dict, sizes: dict, ref_out: torch
 
     Fills ``row.flex_ms``, ``row.block_mask_ms``, ``row.err_flex`` (and
     ``row.mismatch``); on any exception records its class in ``row.flex_error``
-    and prints the traceback instead of raising.
+    and prints the traceback instead of raising. Grid patterns: flex runs on the
+    row-major flattened tokens (its output unflattened to the grid for the checks).
     """
     try:
         if s.flex_compile:
@@ -396,8 +444,10 @@ def bench_flex(row: Row, ir, q, k, v, tensors: dict, sizes: dict, ref_out: torch
             synchronize(s.device)
 
         def forward():
-            """One flex_attention forward."""
-            return flex_fn(q, k, v, score_mod=sm, block_mask=block_mask, scale=s.scale, enable_gqa=s.gqa)
+            """One flex_attention forward (grid patterns: on the flattened tokens)."""
+            out = flex_fn(flat(q), flat(k), flat(v), score_mod=sm, block_mask=block_mask, scale=s.scale,
+                          enable_gqa=s.gqa)
+            return out.unflatten(2, q.shape[2:-1]) if q.dim() > 4 else out
 
         run = step_fn(forward, leaves if dout is not None else [], dout)
         out = run()
@@ -430,12 +480,13 @@ def bench_case(kern, path, L: int, s: Settings, sdpa_ms: float | None, case_seed
     ``kern`` is the pattern's :class:`~attncc.runtime.CompiledAttention`, compiled
     once per pattern and reused for every length (so it is the object the custom op
     launches through, and its in-memory autotuning choices are the ones used).
+    Grid patterns run on the equal-axes grid of ``L`` tokens (:func:`grid_for`).
     """
     name = kern.ir.name
     row = Row(name, L, sdpa_ms=sdpa_ms)
     ir = kern.ir
     q, k, v, tensors, sizes = example_inputs(ir, B=s.B, H=s.H, Hkv=s.Hkv, Lq=L, Lk=L, D=s.D, Dv=s.D,
-                                             dtype=s.dtype, device=s.device, seed=case_seed)
+                                             dtype=s.dtype, device=s.device, seed=case_seed, grid=grid_for(ir, L))
     total_pairs = s.B * s.H * L * L
     allowed = count_allowed_pairs(ir, sizes, tensors, s.device)
     row.allowed_frac = allowed / total_pairs
@@ -444,7 +495,7 @@ def bench_case(kern, path, L: int, s: Settings, sdpa_ms: float | None, case_seed
         flops *= 3.5  # the backward recomputes QK^T and adds dV, dP, dQ, dK: 5 matmuls to the forward's 2
 
     out = None
-    dout = torch.randn(s.B, s.H, L, s.D, generator=torch.Generator().manual_seed(case_seed)).to(s.dtype).to(
+    dout = torch.randn(*q.shape[:-1], s.D, generator=torch.Generator().manual_seed(case_seed)).to(s.dtype).to(
         s.device) if s.backward else None
     leaves, tens = grad_leaves(ir, q, k, v, tensors) if s.backward else ([], tensors)
     qq, kk, vv = leaves[:3] if s.backward else (q, k, v)
@@ -581,6 +632,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     s = make_settings(args)
     patterns = select_patterns(args.patterns)
+    check_lengths(patterns, s.lengths)
     if s.dry_run:
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     date = datetime.date.today().isoformat()

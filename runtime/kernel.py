@@ -218,7 +218,8 @@ class CompiledAttention:
         if self.ir.lowrank:
             q, k, v, lowrank = self._lowrank_factors(q, k, v, tens, sizes, scale)
         if self.plan.path == "box":  # tokens permuted so that every grid box is one contiguous tile
-            lay = self.layout_for(sizes)
+            training = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs, *lowrank])
+            lay = self.layout_for(sizes, device=q.device, training=training)
             qp, kp, vp, *lr = (lay.permute(x.unflatten(2, grid), side) for x, side in
                                zip([q, k, v] + lowrank, ("q", "kv", "kv", "q", "kv")))
             out, lse, _ = self.op(qp, kp, vp, targs, float(scale), lay.as_list(), lr)
@@ -257,7 +258,8 @@ class CompiledAttention:
         w = torch.cat([W[:, :Hkv] for _, W in facs], dim=-1).to(k.dtype).contiguous()
         return q, k, v, [u, w]
 
-    def layout_for(self, sizes: dict, config: Optional[Config] = None) -> BoxLayout:
+    def layout_for(self, sizes: dict, config: Optional[Config] = None, device=None,
+                   training: bool = False) -> BoxLayout:
         """Box plans: the token layout (tile shape per axis, chosen by
         :func:`attncc.layout.choose_layout`) used for these sizes (``B, H, ..., G0..G2``).
 
@@ -266,23 +268,33 @@ class CompiledAttention:
         """
         if self.plan.path != "box":
             raise ValueError(f"pattern {self.ir.name!r} has no box plan (path {self.plan.path!r})")
-        cfg = config or self._box_config(max(sizes["D"], sizes["Dv"]))
+        cfg = config or self._box_config(max(sizes["D"], sizes["Dv"]), device, training)
         return choose_layout(self.plan, sizes, cfg.block_m, cfg.block_n)
 
-    def _box_config(self, head_dim: int) -> Config:
-        """Tile sizes of box plans: fixed, CPU, or the H100-class default (the tile shape
-        per axis, not the block size, is what the cost model chooses)."""
-        return self.config or (CPU_CONFIG if cache.interpreting() else forward_candidates(head_dim)[0])
+    def _box_config(self, head_dim: int, device=None, training: bool = False) -> Config:
+        """Tile sizes of box plans (the tile shape per axis, not the block size, is what the
+        cost model chooses): fixed, CPU, or the first forward candidate of the device; when
+        the call will be differentiated, the tiles of the first backward candidate (the
+        token layout fixes the tiles of the forward and of the backward), with the warps of
+        the forward candidate of those tiles."""
+        if self.config or cache.interpreting():
+            return self.config or CPU_CONFIG
+        arch = _arch(device) if device is not None and torch.device(device).type == "cuda" else 90
+        fwd = forward_candidates(head_dim, arch)
+        if not training:
+            return fwd[0]
+        bwd = backward_candidates(head_dim, arch)[0]
+        return next((c for c in fwd if (c.block_m, c.block_n) == (bwd.block_m, bwd.block_n)), bwd)
 
     def _launch_config(self, layout: list, cfg: Optional[Config], head_dim: int,
-                       backward: bool = False) -> Optional[Config]:
+                       backward: bool = False, device=None) -> Optional[Config]:
         """Box plans launch with the block sizes of their layout's tile shapes (warps and
         stages: ``cfg``, fixed, or the first forward / backward candidate)."""
         if self.plan.path != "box":
             return cfg
         if cfg is None and backward and not self.config and not cache.interpreting():
-            cfg = backward_candidates(head_dim)[0]
-        base = cfg or self._box_config(head_dim)
+            cfg = backward_candidates(head_dim, _arch(device) if device is not None and device.type == "cuda" else 90)[0]
+        base = cfg or self._box_config(head_dim, device)
         return Config(math.prod(layout[9:12]), math.prod(layout[12:15]), base.num_warps, base.num_stages)
 
     # ------------------------------------------------------------------ internals
@@ -366,7 +378,7 @@ class CompiledAttention:
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
-        cfg = self._launch_config(layout, cfg, max(sizes["D"], Dv))
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], Dv), device=q.device)
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
                                   self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
@@ -393,8 +405,8 @@ class CompiledAttention:
         q, k, v, grid = flatten_grid(self.ir, q, k, v)
         sizes, tens = self._check(q, k, v, tensors, grid)
         if self.plan.path == "box":
-            lay = self.layout_for(sizes)
-            return self._launch_config(lay.as_list(), None, max(sizes["D"], sizes["Dv"]))
+            lay = self.layout_for(sizes, device=q.device)
+            return self._launch_config(lay.as_list(), None, max(sizes["D"], sizes["Dv"]), device=q.device)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
         lowrank = []
         if self.ir.lowrank:
@@ -430,7 +442,7 @@ class CompiledAttention:
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
-        cfg = self._launch_config(layout, cfg, max(sizes["D"], sizes["Dv"]), backward=True)
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], sizes["Dv"]), backward=True, device=q.device)
         if cfg is None:  # fixed, the CPU config, or the fastest spill-free backward candidate
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._tune(
                 "bwd", q, sizes, layout, lowrank, backward_candidates,
@@ -603,9 +615,9 @@ class CompiledAttention:
         lay = None
         layout = identity_layout(grid)
         if self.plan.path == "box":  # counted on the permuted layout the kernel runs on
-            lay = self.layout_for(sizes, config)
+            lay = self.layout_for(sizes, config, device)
             layout = lay.as_list()
-            cfg = self._launch_config(layout, cfg, max(D, Dv))
+            cfg = self._launch_config(layout, cfg, max(D, Dv), device=device)
             Lq = Lk = lay.length
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         tables, tstrides = self._tables(sizes, named, cfg, device)

@@ -246,7 +246,7 @@ def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
     return [ln for _, ln in rec if ln.kernel in names]
 
 
-def _launch_config(launch) -> str:
+def _config_text(launch) -> str:
     kw = launch.kwargs
     return f"{kw.get('BLOCK_M', '-')}x{kw.get('BLOCK_N', '-')}:{kw.get('num_warps', 4)}:{kw.get('num_stages', 3)}"
 
@@ -280,7 +280,7 @@ def run_job(job: Job, out_dir: str | None = None) -> list[dict]:
     mod = jit_module(kern)
     out = []
     for ln in launches:
-        rec = {**base, "kernel": ln.kernel, "launch": _launch_config(ln), "error": None}
+        rec = {**base, "kernel": ln.kernel, "launch": _config_text(ln), "error": None}
         try:
             ck, secs = compile_launch(getattr(mod, ln.kernel), ln, job.target)
         except Exception as e:  # noqa: BLE001 - reported in the record (and failed by the gate)

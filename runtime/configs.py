@@ -8,7 +8,7 @@ results in ``benchmarks/results/aot_sm90a.md`` / ``aot_sm80.md``; the CI gate
 * forward: a 128-row query tile needs 8 warps once the head dim passes 64 (at 4 warps each
   thread holds 128 rows x D / 128 threads of the fp32 accumulator plus the q tile and
   spills, as a plain FlashAttention-2 forward does); 64-row tiles keep 4 warps. Key tiles
-  of 128 only at head dims <= 64; head dims above 128 use 64-row tiles. sm_80 has 164 KiB
+  of 128 only at head dims <= 64; head dims above 128 use 64-row tiles at 8 warps. sm_80 has 164 KiB
   of shared memory per block (sm_90a 227 KiB): 2 stages at D > 64.
 * backward (dQ and dK/dV): the dK/dV program keeps two fp32 accumulators (dK, dV) and the
   K / V tile of its key tile; its query tiles are walked in chunks of :func:`dkdv_rows`
@@ -23,9 +23,11 @@ pattern): the forward is spill-free at every candidate on sm_90a and sm_80; the 
 first candidate is spill-free on sm_90a, the second is dropped for ``alibi`` (dQ) and
 ``lowrank_bias`` (dK/dV).
 
-Not yet spill-free (spot checks, see the issue note): head dim 256 (gated / softcap /
-document patterns), fp32 inputs (exact fp32 ``tl.dot`` without tensor cores), and the
-``dot()`` backward on sm_80.
+Not yet spill-free (spot checks, see the issue note): the backward on sm_80 at head dim 64
+(dK/dV 8-32 B at every candidate tried), the backward at head dim 256 (dQ
+spills 72-300 B at every config tried, 4 to 16 warps), fp32 inputs (exact fp32 ``tl.dot``
+without tensor cores), and the ``dot()`` backward on sm_80. The forward at head dim 256
+is spill-free at both candidates (spot check of the heaviest patterns on sm_90a).
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
     fastest-first by expectation (the first is used when timing is not possible)."""
     stages = 3 if arch >= 90 or head_dim <= 64 else 2
     if head_dim <= 64:
+        if arch < 90:  # 128x128 tiles exceed sm_80's shared memory; 128-row tiles spill at 4 warps
+            return (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3))
         return (Config(128, 64, 4, stages), Config(128, 128, 8, stages), Config(64, 64, 4, stages),
                 Config(128, 32, 4, stages))
     if head_dim <= 128:
         return (Config(128, 64, 8, stages), Config(64, 64, 4, stages), Config(128, 32, 8, stages),
                 Config(64, 32, 4, stages))
-    return (Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 2))
+    return (Config(64, 64, 8, 2), Config(64, 32, 8, 2))  # 4 warps spill at D = 256 (gated: 680-768 B)
 
 
 def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:

@@ -55,17 +55,26 @@ _CAPTURE: contextvars.ContextVar = contextvars.ContextVar("attncc_capture", defa
 _COMPILED: contextvars.ContextVar = contextvars.ContextVar("attncc_compiled", default=None)
 
 
-class _compiled:
+class _Collect:
+    """Context manager: a fresh list in the context variable ``VAR`` for the duration of
+    the block (what the runtime appends there), returned by ``__enter__``."""
+
+    VAR: contextvars.ContextVar
+
+    def __enter__(self) -> list:
+        self._items = []
+        self._token = self.VAR.set(self._items)
+        return self._items
+
+    def __exit__(self, *exc) -> None:
+        self.VAR.reset(self._token)
+
+
+class _compiled(_Collect):
     """Context manager collecting the compiled kernels (Triton ``CompiledKernel``) of the
     launches inside it (the autotuner reads their ``n_spills``)."""
 
-    def __enter__(self) -> list:
-        self._kernels = []
-        self._token = _COMPILED.set(self._kernels)
-        return self._kernels
-
-    def __exit__(self, *exc) -> None:
-        _COMPILED.reset(self._token)
+    VAR = _COMPILED
 
 
 def _arch(device) -> int:
@@ -74,19 +83,13 @@ def _arch(device) -> int:
     return 10 * major + minor
 
 
-class capture:
+class capture(_Collect):
     """Context manager: record the launches of every kernel call inside it instead of
     running them (outputs are left unwritten). ``with capture() as launches: kern(q, k, v)``
     gives ``launches``: a list of ``(CompiledAttention, Launch)``. Works without a GPU and
     without the interpreter (nothing is launched, the generated module is not loaded)."""
 
-    def __enter__(self) -> list:
-        self._launches = []
-        self._token = _CAPTURE.set(self._launches)
-        return self._launches
-
-    def __exit__(self, *exc) -> None:
-        _CAPTURE.reset(self._token)
+    VAR = _CAPTURE
 
 
 def _next_pow2(n: int) -> int:

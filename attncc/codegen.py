@@ -482,6 +482,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             # key range and full range both start at key 0: the first piece has no leading
             # partial tiles (causal, ALiBi, ...), so that loop is not generated
             d["lead_empty"] = sp.Max(iv.lo, zero) == 0 and sp.Max(iv.flo, zero) == 0
+            # a full range that ends before key 16 holds no full tile (tiles have >= 16 keys):
+            # no full loop (the first keys of global_sliding_window's sinks)
+            d["no_full"] = sp.Min(iv.fhi, 15) == iv.fhi
             intervals.append(d)
     ctx = _box_context(plan if box else None, names, tensors)
     ctx.update(_lowrank_context(bool(ir.lowrank)))

@@ -20,13 +20,13 @@ At run time the autotuner also drops a candidate whose compiled kernel spills on
 device (``n_spills > 0``), so a pattern whose extra state makes a config spill never runs
 it; ``attncc explain --target`` lists such configs. Measured at D = 128 bf16 (every library
 pattern): the forward is spill-free at every candidate on sm_90a and sm_80; the backward's
-first candidate is spill-free on sm_90a, the second is dropped for ``alibi`` (dQ) and
-``lowrank_bias`` (dK/dV).
+first candidate is spill-free on sm_90a and sm_80; the second is dropped for ``alibi``
+(dQ, sm_90a) and for four windowed / soft-capped patterns (dQ, sm_80).
 
 Not yet spill-free (spot checks, see the issue note): the backward on sm_80 at head dim 64
 (dK/dV 8-32 B at every candidate tried), the backward at head dim 256 (dQ
-spills 72-300 B at every config tried, 4 to 16 warps), fp32 inputs (exact fp32 ``tl.dot``
-without tensor cores), and the ``dot()`` backward on sm_80. The forward at head dim 256
+spills 72-300 B at every config tried, 4 to 16 warps) and fp32 inputs (exact fp32
+``tl.dot`` without tensor cores). The forward at head dim 256
 is spill-free at both candidates (spot check of the heaviest patterns on sm_90a).
 """
 

@@ -62,9 +62,7 @@ def records():
 
 
 #: known gaps, failing visibly (strict: the test reports when they are fixed)
-KNOWN = {("lowrank_bias", "sm_80"): "the dot() backward spills on sm_80 at every backward candidate "
-                                    "(hundreds of bytes in dQ and dK/dV; mma.sync keeps the factors' "
-                                    "accumulators in registers)"}
+KNOWN: dict = {}
 
 
 def _cases():

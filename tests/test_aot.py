@@ -61,19 +61,8 @@ def records():
     return by_pattern
 
 
-#: known gaps, failing visibly (strict: the test reports when they are fixed)
-KNOWN: dict = {}
-
-
-def _cases():
-    for entry in GATE_SET:
-        for target in TARGETS:
-            reason = KNOWN.get((_name(entry), target))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(entry, target, marks=marks, id=f"{_name(entry)}-{target}")
-
-
-@pytest.mark.parametrize("entry, target", list(_cases()))
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("entry", GATE_SET, ids=_name)
 def test_kernels_compile_without_spills(records, entry, target):
     recs = [r for r in records.get(_name(entry), []) if r["target"] == target]
     kern = attncc.compile(_spec(entry))

@@ -453,9 +453,10 @@ def resource_table(records: list[dict]) -> str:
     head = ("| pattern | target | dtype | D | kernel | config | regs | spill B | STL | SASS | smem KiB | MMA "
             "| compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
+    order = [name for names in FAMILIES.values() for name in names]
     for r in sorted(records, key=lambda r: (r["pattern"], r["target"], r["dtype"], r["head_dim"],
-                                            list(FAMILIES["fwd"] + FAMILIES["bwd"] + FAMILIES["count"]).index(r["kernel"])
-                                            if r["kernel"] in sum(FAMILIES.values(), ()) else 9, r["config"])):
+                                            order.index(r["kernel"]) if r["kernel"] in order else len(order),
+                                            r["config"])):
         if r.get("error"):
             rows.append(f"| {r['pattern']} | {r['target']} | {r['dtype']} | {r['head_dim']} | {r['kernel']} "
                         f"| {r['config']} | | | | | | | | {r['error'][:80]} |")

@@ -263,6 +263,30 @@ def emit(row: CheckRow) -> CheckRow:
 
 
 # ----------------------------------------------------------------------------- (a) small shapes
+def finish_rows(kern, fwd: CheckRow, bwd: CheckRow | None, t0: float, run_backward) -> list:
+    """Time and emit the forward row (started at ``t0``), then, when a backward row is
+    planned, run ``run_backward()`` (which fills ``bwd``) unless the forward failed or the
+    pattern has no backward, time and emit it. Returns the rows."""
+    fwd.seconds = time.perf_counter() - t0
+    rows = [emit(fwd)]
+    if bwd is None:
+        return rows
+    t1 = time.perf_counter()
+    if fwd.status == ERROR:
+        bwd.status, bwd.detail = ERROR, "forward failed"
+    elif kern.backward_error:
+        bwd.detail = f"no backward: {kern.backward_error}"
+    else:
+        try:
+            run_backward()
+        except Exception as ex:  # noqa: BLE001 - one broken check must not hide the others
+            bwd.status, bwd.detail = ERROR, short(ex)
+            traceback.print_exc(file=sys.stderr)
+    bwd.seconds = time.perf_counter() - t1
+    rows.append(emit(bwd))
+    return rows
+
+
 def check_small(kern, path, name: str, params: dict, dtype_name: str, D: int, shape: Shape, device: str,
                 backward: bool, seed: int) -> list:
     """Forward (output, LSE) and backward (q, k, v and float spec tensor gradients) of
@@ -314,41 +338,27 @@ def check_small(kern, path, name: str, params: dict, dtype_name: str, D: int, sh
     except Exception as ex:  # noqa: BLE001 - one broken check must not hide the others
         fwd.status, fwd.detail = ERROR, short(ex)
         traceback.print_exc(file=sys.stderr)
-    fwd.seconds = time.perf_counter() - t0
-    rows = [emit(fwd)]
-    if bwd is None:
-        return rows
-    t1 = time.perf_counter()
-    if fwd.status == ERROR:
-        bwd.status, bwd.detail = ERROR, "forward failed"
-    elif kern.backward_error:
-        bwd.detail = f"no backward: {kern.backward_error}"
-    else:
-        try:
-            g = torch.Generator().manual_seed(seed + 1)
-            go = torch.randn(out.shape, generator=g).to(dtype)  # dout in the input dtype, exact in float64
-            gl = torch.randn(lse.shape, generator=g) if lse_ok else None
+    def run_backward():
+        g = torch.Generator().manual_seed(seed + 1)
+        go = torch.randn(out.shape, generator=g).to(dtype)  # dout in the input dtype, exact in float64
+        gl = torch.randn(lse.shape, generator=g) if lse_ok else None
 
-            def loss(o, lse_, dt):
-                """A fixed linear function of the output and the finite LSE entries."""
-                val = (o.to(dt) * go.to(o.device, dt)).sum()
-                if lse_ is not None:
-                    val = val + (torch.where(torch.isfinite(lse_), lse_, 0).to(dt) * gl.to(lse_.device, dt)).sum()
-                return val
+        def loss(o, lse_, dt):
+            """A fixed linear function of the output and the finite LSE entries."""
+            val = (o.to(dt) * go.to(o.device, dt)).sum()
+            if lse_ is not None:
+                val = val + (torch.where(torch.isfinite(lse_), lse_, 0).to(dt) * gl.to(lse_.device, dt)).sum()
+            return val
 
-            loss(out, lse, torch.float32).backward()
-            loss(rout, rlse, torch.float64).backward()
-            names = ["q", "k", "v"] + float_names
-            got = [x.grad for x in qkv] + [ts[n].grad for n in float_names]
-            want = [x.grad for x in rqkv] + [rts[n].grad for n in float_names]
-            bwd.err, ok, bwd.detail = compare_grads(names, got, want, dtype)
-            bwd.status = PASS if ok else FAIL
-        except Exception as ex:  # noqa: BLE001
-            bwd.status, bwd.detail = ERROR, short(ex)
-            traceback.print_exc(file=sys.stderr)
-    bwd.seconds = time.perf_counter() - t1
-    rows.append(emit(bwd))
-    return rows
+        loss(out, lse, torch.float32).backward()
+        loss(rout, rlse, torch.float64).backward()
+        names = ["q", "k", "v"] + float_names
+        got = [x.grad for x in qkv] + [ts[n].grad for n in float_names]
+        want = [x.grad for x in rqkv] + [rts[n].grad for n in float_names]
+        bwd.err, ok, bwd.detail = compare_grads(names, got, want, dtype)
+        bwd.status = PASS if ok else FAIL
+
+    return finish_rows(kern, fwd, bwd, t0, run_backward)
 
 
 # ----------------------------------------------------------------------------- (a) realistic shape
@@ -526,28 +536,16 @@ def check_realistic(name: str, path, plan: CorrectnessPlan, seed: int) -> list:
     except Exception as ex:  # noqa: BLE001
         fwd.status, fwd.detail = ERROR, short(ex)
         traceback.print_exc(file=sys.stderr)
-    fwd.seconds = time.perf_counter() - t0
-    rows = [emit(fwd)]
-    if bwd is None:
-        return rows
-    t1 = time.perf_counter()
-    bwd.shape, bwd.baseline = fwd.shape, fwd.baseline
-    if fwd.status == ERROR:
-        bwd.status, bwd.detail = ERROR, "forward failed"
-    elif kern.backward_error:
-        bwd.detail = f"no backward: {kern.backward_error}"
-    else:
-        try:
-            out.backward(dout_used)
-            bwd.err, ok, bwd.detail = compare_grads(["q", "k", "v"], [x.grad for x in leaves], ref_grads, dtype)
-            bwd.status = PASS if ok else FAIL
-            bwd.detail += f"; {note}" if note else ""
-        except Exception as ex:  # noqa: BLE001
-            bwd.status, bwd.detail = ERROR, short(ex)
-            traceback.print_exc(file=sys.stderr)
-    bwd.seconds = time.perf_counter() - t1
-    rows.append(emit(bwd))
-    return rows
+    if bwd is not None:
+        bwd.shape, bwd.baseline = fwd.shape, fwd.baseline
+
+    def run_backward():
+        out.backward(dout_used)
+        bwd.err, ok, bwd.detail = compare_grads(["q", "k", "v"], [x.grad for x in leaves], ref_grads, dtype)
+        bwd.status = PASS if ok else FAIL
+        bwd.detail += f"; {note}" if note else ""
+
+    return finish_rows(kern, fwd, bwd, t0, run_backward)
 
 
 # ----------------------------------------------------------------------------- (a) driver

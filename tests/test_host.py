@@ -132,19 +132,14 @@ def test_errors_after_a_good_call_are_the_checked_errors():
     ]
     fresh = attncc.compile(attncc.pattern_path(name))
     fresh.cache_calls = False
-    for kw in bad:
+    calls = [((q, k, v), kw) for kw in bad]
+    calls += [(qkv, tens) for qkv in ((q.double(), k.double(), v.double()), (q[:, :, :, :8], k, v), (q, k[:, :, :30], v))]
+    for args, kw in calls:
         for _ in range(2):
             with pytest.raises((TypeError, ValueError)) as got:
-                kern(q, k, v, **kw)
+                kern(*args, **kw)
             with pytest.raises(type(got.value)) as want:
-                fresh(q, k, v, **kw)
-            assert str(got.value) == str(want.value)
-    for qq, kk, vv in ((q.double(), k.double(), v.double()), (q[:, :, :, :8], k, v), (q, k[:, :, :30], v)):
-        for _ in range(2):
-            with pytest.raises((TypeError, ValueError)) as got:
-                kern(qq, kk, vv, **tens)
-            with pytest.raises(type(got.value)) as want:
-                fresh(qq, kk, vv, **tens)
+                fresh(*args, **kw)
             assert str(got.value) == str(want.value)
     kern(q, k, v, **tens)  # and the good signature still works
 

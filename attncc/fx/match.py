@@ -353,18 +353,12 @@ class Found:
 
 def _tensor_dims(n: fx.Node, sizes: dict) -> tuple:
     shp = _shape(n)
-    if shp is None or len(shp) > 4:
-        raise LeaveAlone(f"a mask/bias {n.name} of unknown or >4-D shape")
-    shp = (1,) * (4 - len(shp)) + shp
-    dims = []
-    for s, name in zip(shp, ("B", "H", "Lq", "Lk")):
-        if not isinstance(s, torch.SymInt) and s == 1:
-            dims.append("1")
-        elif _same(s, sizes[name]):
-            dims.append(name)
-        else:
-            raise LeaveAlone(f"the mask/bias {n.name} has shape {shp}, which does not broadcast to (B, H, Lq, Lk)")
-    return tuple(dims)
+    if shp is None:
+        raise LeaveAlone(f"a mask/bias {n.name} of unknown shape")
+    try:
+        return S.broadcast_dims(shp, sizes, f"the mask/bias {n.name}", same=_same)
+    except ValueError as e:
+        raise LeaveAlone(str(e)) from None
 
 
 def _site_of(f: Found, sizes: dict, g: Graph):

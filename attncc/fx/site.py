@@ -86,6 +86,38 @@ class Site:
         return "; ".join(bits)
 
 
+def broadcast_dims(shape: tuple, sizes: dict, name: str = "tensor", same=None) -> tuple:
+    """The dim names of a mask / bias tensor read at ``[b, h, q, kv]`` with broadcasting.
+
+    Args:
+        shape: the tensor's shape, rank <= 4 (leading size-1 dims are implied).
+        sizes: ``{"B": .., "H": .., "Lq": .., "Lk": ..}`` of the attention (query heads).
+        name: the argument's name, for the error message.
+        same: equality of two sizes (default ``==``; the graph pass compares SymInts).
+
+    Returns:
+        One of ``"B"``, ``"H"``, ``"Lq"``, ``"Lk"`` or ``"1"`` per dim (the
+        :class:`Site` ``mask_tensor`` / ``("bias", dims)`` form).
+
+    Raises:
+        ValueError: rank above 4, or a dim that is neither 1 nor the attention's size.
+    """
+    same = same or (lambda a, c: a == c)
+    if len(shape) > 4:
+        raise ValueError(f"{name} has shape {tuple(shape)}: more than 4 dims, expected (B|1, H|1, Lq|1, Lk|1)")
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    dims = []
+    for s, dim in zip(shape, _DIMS):
+        if not isinstance(s, torch.SymInt) and s == 1:
+            dims.append("1")
+        elif same(s, sizes[dim]):
+            dims.append(dim)
+        else:
+            want = tuple(sizes[d] for d in _DIMS)
+            raise ValueError(f"{name} has shape {shape}, which does not broadcast to (B, H, Lq, Lk) = {want}")
+    return tuple(dims)
+
+
 def _read(dims: tuple) -> str:
     return ", ".join("0" if d == "1" else i for d, i in zip(dims, _INDEX))
 

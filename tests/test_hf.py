@@ -147,6 +147,22 @@ def test_padding_mask_tensor():
     assert all("mask tensor" in d for d in attncc.hf.SITES.values())
 
 
+def test_bert_padding():
+    """Key padding on an encoder (create_bidirectional_mask): a boolean mask tensor; every
+    row has real keys, so all rows match eager."""
+    model = zoo_model("bert")
+    ids = zoo_inputs("bert", 8)["input_ids"].repeat(2, 1)
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+        model.set_attn_implementation("attncc")
+        attncc.hf.SITES.clear()
+        out = model(ids, attention_mask=am).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert all("mask tensor" in d for d in attncc.hf.SITES.values()), attncc.hf.SITES
+
+
 def _layer_qkv():
     model, _ = tiny_model("llama", "attncc")
     g = torch.Generator().manual_seed(3)
@@ -158,7 +174,8 @@ def _layer_qkv():
                                       ({"head_mask": torch.ones(4)}, "head_mask"),
                                       ({"alibi_slopes": torch.ones(4)}, "alibi_slopes"),
                                       ({"attention_mask": torch.zeros(1, 3, 8, 8)}, r"attention_mask has shape"),
-                                      ({"position_bias": torch.zeros(2, 4, 8, 8)}, r"position_bias has shape")])
+                                      ({"position_bias": torch.zeros(2, 4, 8, 8)}, r"position_bias has shape"),
+                                      ({"sliding_window": 4, "is_causal": False}, "sliding_window")])
 def test_refused_keywords(kw, match):
     """What the attention function does not compute is refused by name, never dropped."""
     layer, q, k, v = _layer_qkv()

@@ -289,6 +289,23 @@ def test_real_model_forms(fn, causal):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_masked_fill_input_mask():
+    """masked_fill with a mask read from an input (True = masked out): passed to the kernel
+    as a drop mask tensor; equals eager and SDPA with the complementary keep mask."""
+    def fill(q, k, v, drop):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        return F.softmax(s.masked_fill(drop, float("-inf")), dim=-1) @ v
+
+    q, k, v = _qkv(Hkv=4, Lq=8, Lk=8)
+    drop = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(5)) > 0.6
+    drop[..., 0] = False  # every row keeps a key (eager would give NaN otherwise)
+    out, rep = _compile(fill, q, k, v, drop)
+    assert len(rep.replaced) == 1 and "drop mask tensor" in rep.sites[0].pattern, str(rep)
+    torch.testing.assert_close(out, fill(q, k, v, drop), atol=2e-5, rtol=1e-5)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~drop, scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
 def test_two_inplace_sites():
     """Two identical in-place sites in one graph are both replaced."""
     def two(q, k, v):

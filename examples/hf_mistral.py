@@ -50,8 +50,8 @@ def main():
         attncc.hf.register()
         model.set_attn_implementation("attncc")
         out = model(ids).logits
-        for layer, pattern in sorted(attncc.hf.SITES.items()):
-            print(f"layer {layer}: {pattern}")
+        for name, pattern in attncc.hf.sites(model).items():
+            print(f"{name}: {pattern}")
         print(f"max |logit - eager| = {(out - ref).abs().max().item():.2e}")
         tokens = model.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
         print("generated (KV cache):", tokens[0, 16:].tolist())

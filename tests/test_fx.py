@@ -233,6 +233,90 @@ def test_rewrite_symbolic_trace_and_log(caplog):
     torch.testing.assert_close(gm(q, k, v), windowed_bottom_right(q, k, v), atol=2e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------ forms real models write
+def gpt2_type_cast(q, k, v):
+    """GPT-2 eager: the probabilities cast back with ``Tensor.type(dtype)``."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+    p = F.softmax(s, dim=-1).type(v.dtype)
+    return torch.matmul(p, v)
+
+
+def falcon_inplace_scale(q, k, v):
+    """Falcon: in-place ``scores /= sqrt(d)``."""
+    s = q @ k.transpose(-1, -2)
+    s /= math.sqrt(q.shape[-1])
+    return F.softmax(s, dim=-1, dtype=torch.float32) @ v
+
+
+def mpt_masked_fill(q, k, v):
+    """MPT: ``scores.masked_fill(drop, finfo.min)`` with True = masked out."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+    i, j = torch.arange(q.shape[2]), torch.arange(k.shape[2])
+    s = s.masked_fill(j[None, :] > i[:, None], torch.finfo(q.dtype).min)
+    return torch.matmul(F.softmax(s.float(), dim=-1).to(v.dtype), v)
+
+
+def shared_arange_causal(q, k, v):
+    """A causal mask from one shared ``arange`` (query and key positions alike)."""
+    s = q @ k.transpose(-1, -2) * 0.25
+    pos = torch.arange(q.shape[2])
+    s = s + torch.where(pos[None, :] <= pos[:, None], 0.0, float("-inf"))
+    return F.softmax(s, dim=-1) @ v
+
+
+def float_mask_cast_to_bool(q, k, v):
+    """An additive 0 / finfo.min causal mask cast to bool (True = masked out, as MPT does
+    with transformers' eager mask), then used by masked_fill."""
+    i, j = torch.arange(q.shape[2]), torch.arange(k.shape[2])
+    add = torch.where(j[None, :] <= i[:, None], 0.0, torch.finfo(q.dtype).min)
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+    return F.softmax(s.masked_fill(add.to(torch.bool), torch.finfo(q.dtype).min), dim=-1) @ v
+
+
+@pytest.mark.parametrize("fn,causal", [(gpt2_type_cast, False), (falcon_inplace_scale, False),
+                                       (mpt_masked_fill, True), (shared_arange_causal, True),
+                                       (float_mask_cast_to_bool, True)])
+def test_real_model_forms(fn, causal):
+    """Each form is replaced with the right pattern; the result equals the eager function
+    and torch SDPA (an independent implementation)."""
+    q, k, v = _qkv(Hkv=4, Lq=16, Lk=16)
+    out, rep = _compile(fn, q, k, v)
+    assert len(rep.replaced) == 1 and not rep.left_alone, str(rep)
+    assert rep.sites[0].pattern.split(";")[0] == ("causal" if causal else "dense"), str(rep)
+    torch.testing.assert_close(out, fn(q, k, v), atol=2e-5, rtol=1e-5)
+    scale = 0.25 if fn is not falcon_inplace_scale else 1 / math.sqrt(16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_masked_fill_input_mask():
+    """masked_fill with a mask read from an input (True = masked out): passed to the kernel
+    as a drop mask tensor; equals eager and SDPA with the complementary keep mask."""
+    def fill(q, k, v, drop):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        return F.softmax(s.masked_fill(drop, float("-inf")), dim=-1) @ v
+
+    q, k, v = _qkv(Hkv=4, Lq=8, Lk=8)
+    drop = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(5)) > 0.6
+    drop[..., 0] = False  # every row keeps a key (eager would give NaN otherwise)
+    out, rep = _compile(fill, q, k, v, drop)
+    assert len(rep.replaced) == 1 and "drop mask tensor" in rep.sites[0].pattern, str(rep)
+    torch.testing.assert_close(out, fill(q, k, v, drop), atol=2e-5, rtol=1e-5)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~drop, scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_two_inplace_sites():
+    """Two identical in-place sites in one graph are both replaced."""
+    def two(q, k, v):
+        return falcon_inplace_scale(q, k, v) + falcon_inplace_scale(q * 2, k, v)
+
+    q, k, v = _qkv(Hkv=4, Lq=8, Lk=8)
+    out, rep = _compile(two, q, k, v)
+    assert len(rep.replaced) == 2 and not rep.left_alone, str(rep)
+    torch.testing.assert_close(out, two(q, k, v), atol=2e-5, rtol=1e-5)
+
+
 def test_backend_registered():
     assert "attncc" in torch._dynamo.list_backends()
     assert torch._dynamo.lookup_backend("attncc") is attncc.fx.backend
@@ -262,6 +346,24 @@ def test_transformers_models(arch, impl):
     if arch == "qwen3_next":  # the sigmoid output gate is fused: no multiply left in the graph
         assert all("output gate (fused gate clause)" in s.pattern and "gate: sigmoid(g[b, h, q, dv])" in s.spec
                    for s in sites)
+
+
+def test_mpt_eager_masked_fill():
+    """MPT (eager): causal mask from transformers' additive mask cast to bool and applied
+    with masked_fill, ALiBi as a bias tensor; logits equal eager."""
+    from tiny_models import zoo_inputs, zoo_model
+
+    model = zoo_model("mpt", "eager")
+    inputs = zoo_inputs("mpt")
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        out = torch.compile(model, backend=EAGER)(**inputs).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    sites = [s for r in attncc.fx.reports() for s in r.sites]
+    assert sites and all(s.replaced and s.pattern.startswith("causal_bias;") for s in sites), \
+        "\n".join(s.line() for s in sites)
 
 
 def test_mistral_generate_kv_cache():

@@ -75,9 +75,25 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
     return tuple(out)
 
 
+def _distinct(x: Index, y: Index) -> Index:
+    """``y`` with a fresh symbol for each index axis it shares with ``x`` in another dim
+    (``pos[None, :] <= pos[:, None]`` from one ``arange``: two axes, not one)."""
+    n = max(len(x.axes), len(y.axes))
+    xa, ya = (None,) * (n - len(x.axes)) + x.axes, (None,) * (n - len(y.axes)) + y.axes
+    where = {a[0]: i for i, a in enumerate(xa) if a is not None}
+    subs, axes = {}, list(y.axes)
+    for i, a in enumerate(ya):
+        if a is not None and a[0] in where and where[a[0]] != i:
+            fresh = sympy.Symbol(f"i{next(_counter)}", integer=True)
+            subs[a[0]] = fresh
+            axes[i - (n - len(y.axes))] = (fresh, a[1])
+    return Index(y.expr.subs(subs), tuple(axes)) if subs else y
+
+
 def _binary(f):
     def rule(ev, node, a, b):
         x, y = ev.arg(a), ev.arg(b)
+        y = _distinct(x, y)
         return Index(f(x.expr, y.expr), _broadcast(x.axes, y.axes))
     return rule
 
@@ -120,9 +136,27 @@ def _same(ev, node, x, *a, **k):
     return ev.arg(x)
 
 
+def _nonzero(e):
+    """``e != 0`` as a boolean (a number cast to bool): a where(c, 0, -inf) mask cast to
+    bool is ``not c``."""
+    if isinstance(e, (sympy.logic.boolalg.Boolean, sympy.Rel)) or e in (sympy.true, sympy.false):
+        return e
+    if isinstance(e, sympy.Piecewise):
+        parts, before = [], sympy.true
+        for piece in e.args:
+            parts.append(sympy.And(before, piece.cond, _nonzero(piece.expr)))
+            before = sympy.And(before, sympy.Not(piece.cond))
+        return sympy.Or(*parts)
+    if e.is_number:
+        return sympy.false if e.is_zero else sympy.true
+    return sympy.Ne(e, 0)
+
+
 def _to(ev, node, x, *a, **k):
     x = ev.arg(x)
     dt = value_of(node)
+    if isinstance(dt, torch.Tensor) and dt.dtype == torch.bool:
+        return Index(_nonzero(x.expr), x.axes)
     if isinstance(dt, torch.Tensor) and dt.dtype != torch.bool and isinstance(x.expr, sympy.logic.boolalg.Boolean) \
             and not isinstance(x.expr, sympy.Piecewise):
         raise Opaque("a boolean cast to a number")
@@ -162,6 +196,8 @@ def _view(ev, node, x, *shape, **kw):
 
 def _where(ev, node, c, a, b):
     c, a, b = ev.arg(c), ev.arg(a), ev.arg(b)
+    a = _distinct(c, a)
+    b = _distinct(Index(c.expr, _broadcast(c.axes, a.axes)), b)
     return Index(sympy.Piecewise((a.expr, _bool(c.expr)), (b.expr, True)),
                  _broadcast(_broadcast(c.axes, a.axes), b.axes))
 
@@ -182,6 +218,7 @@ def _const_tensor(ev, node, *args, **kw):
 def _max_min(f):
     def rule(ev, node, a, b):
         x, y = ev.arg(a), ev.arg(b)
+        y = _distinct(x, y)
         return Index(f(x.expr, y.expr), _broadcast(x.axes, y.axes))
     return rule
 

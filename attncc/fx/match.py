@@ -6,8 +6,9 @@ Two kinds of site:
   ``enable_gqa``);
 * hand-written chains, matched from the softmax outwards by declarative rules::
 
-      matmul(q, k^T) [* scale | / c] [softcap] [+ mask/bias]... [cat sink column]
-        [- rowmax] softmax(dim=-1) [.to] [dropout p=0 / eval] [drop sink column] matmul(., v)
+      matmul(q, k^T) [* scale | / c | *= c | /= c] [softcap] [+ mask/bias]...
+        [.masked_fill(drop, finfo.min)] [cat sink column] [- rowmax] softmax(dim=-1)
+        [.to | .type(dtype)] [dropout p=0 / eval] [drop sink column] matmul(., v)
 
   After either, an output gate ``* sigmoid(x)`` reached through layout-only ops
   (transpose / permute / reshape / contiguous) is fused as the pattern's ``gate:`` clause.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, List, Optional
 
 import networkx as nx
@@ -192,12 +193,12 @@ class Step:
 
 
 def _rule_scale(g, n):
-    if op_of(n) == "mul":
+    if op_of(n) in ("mul", "imul"):
         a, b = n.args[:2]
         for x, c in ((a, b), (b, a)):
             if isinstance(x, fx.Node) and _number(c) is not None:
                 yield x, Step("scale", _number(c))
-    if op_of(n) == "div":
+    if op_of(n) in ("div", "idiv"):
         x, c = n.args[:2]
         if isinstance(x, fx.Node) and _number(c):
             yield x, Step("scale", 1.0 / _number(c))
@@ -214,6 +215,16 @@ def _rule_softcap(g, n):
             if isinstance(d, fx.Node) and op_of(d) == "div" and _number(d.args[1]) == _number(c) \
                     and isinstance(d.args[0], fx.Node) and g.single_use(d):
                 yield d.args[0], Step("softcap", _number(c))
+
+
+def _rule_fill(g, n):
+    """``x.masked_fill(drop, v)`` with ``v`` -inf, ``<= -1e30`` or the dtype's lowest
+    value (MPT's ``finfo(dtype).min``): ``drop`` (True = masked out) is a mask."""
+    if op_of(n) == "masked_fill" and isinstance(n.args[0], fx.Node) and isinstance(arg(n, 1, "mask"), fx.Node):
+        v, x = _number(arg(n, 2, "value")), value_of(n.args[0])
+        low = torch.finfo(x.dtype).min if isinstance(x, torch.Tensor) and x.is_floating_point() else -1e30
+        if v is not None and (v <= -1e30 or v <= low):
+            yield n.args[0], Step("fill", arg(n, 1, "mask"))
 
 
 def _rule_add(g, n):
@@ -251,7 +262,8 @@ def _rule_cast(g, n):
 
 
 #: steps between matmul(q, k^T) and the softmax, tried in this order
-SCORE_RULES: List[Callable] = [_rule_softcap, _rule_scale, _rule_add, _rule_sinks, _rule_shift, _rule_cast]
+SCORE_RULES: List[Callable] = [_rule_softcap, _rule_scale, _rule_add, _rule_fill, _rule_sinks, _rule_shift,
+                               _rule_cast]
 
 
 def _qk(n: fx.Node):
@@ -345,7 +357,10 @@ class Found:
     v: fx.Node
     scale: float
     causal: bool = False
-    masks: list = field(default_factory=list)    # (node, additive: bool, position in score_ops or None)
+    #: (node, kind, movable): kind "keep" (bool, True = attend), "additive" (float added
+    #: to the score) or "drop" (bool, True = masked out: masked_fill); movable: no
+    #: non-linear score step follows it
+    masks: list = field(default_factory=list)
     score_ops: list = field(default_factory=list)  # ("softcap", c) | ("bias", node)
     sink: Optional[fx.Node] = None
     scores: Optional[fx.Node] = None  # matmul(q, k^T) of a chain
@@ -353,18 +368,12 @@ class Found:
 
 def _tensor_dims(n: fx.Node, sizes: dict) -> tuple:
     shp = _shape(n)
-    if shp is None or len(shp) > 4:
-        raise LeaveAlone(f"a mask/bias {n.name} of unknown or >4-D shape")
-    shp = (1,) * (4 - len(shp)) + shp
-    dims = []
-    for s, name in zip(shp, ("B", "H", "Lq", "Lk")):
-        if not isinstance(s, torch.SymInt) and s == 1:
-            dims.append("1")
-        elif _same(s, sizes[name]):
-            dims.append(name)
-        else:
-            raise LeaveAlone(f"the mask/bias {n.name} has shape {shp}, which does not broadcast to (B, H, Lq, Lk)")
-    return tuple(dims)
+    if shp is None:
+        raise LeaveAlone(f"a mask/bias {n.name} of unknown shape")
+    try:
+        return S.broadcast_dims(shp, sizes, f"the mask/bias {n.name}", same=_same)
+    except ValueError as e:
+        raise LeaveAlone(str(e)) from None
 
 
 def _site_of(f: Found, sizes: dict, g: Graph):
@@ -372,24 +381,27 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     mask = sympy.true
     if f.causal:
         mask = S.kv_idx <= S.q_idx
-    tensors, mask_tensor, ops = [], None, []
+    tensors, mask_tensor, ops, drops = [], None, [], False
     notes = []
-    for node, additive, movable in f.masks:
+    for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
+        if kind == "drop" and not movable:
+            raise LeaveAlone(f"the masked_fill with {node.name} comes before a non-linear score step")
         try:
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
-            mask = sympy.And(mask, recover(node, sizes))
+            e = recover(node, sizes)
+            mask = sympy.And(mask, sympy.Not(e) if kind == "drop" else e)
         except Opaque as e:
             notes.append(f"mask {node.name} passed as a tensor ({e})")
             dims = _tensor_dims(node, sizes)
-            if additive:
+            if kind == "additive":
                 ops.append(("bias", dims, node))
             else:
                 if mask_tensor is not None:
                     raise LeaveAlone("two opaque boolean masks")
-                mask_tensor = dims
+                mask_tensor, drops = dims, kind == "drop"
                 tensors.insert(0, node)
     for op in f.score_ops:
         if op[0] == "softcap":
@@ -407,7 +419,8 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     mask = sympy.simplify_logic(mask) if mask is not sympy.true else None
     if mask is sympy.false:
         raise LeaveAlone("the recovered mask drops every pair")
-    site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None)
+    site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None,
+                  mask_tensor_drops=drops)
     return site, tensors + biases, notes
 
 
@@ -462,7 +475,7 @@ def match_sdpa(g: Graph, n: fx.Node) -> Found:
     if isinstance(m, fx.Node):
         mv = value_of(m)
         additive = isinstance(mv, torch.Tensor) and mv.dtype != torch.bool
-        f.masks.append((m, additive, True))
+        f.masks.append((m, "additive" if additive else "keep", True))
     elif m is not None:
         raise LeaveAlone("attn_mask is not a graph value")
     return f
@@ -508,9 +521,14 @@ def match_chain(g: Graph, sm: fx.Node) -> Found:
                 raise LeaveAlone(f"the added term {s.value.name} is not a float tensor")
             movable = not any(j > i for j in nonlinear_after)
             if movable:
-                f.masks.append((s.value, True, True))
+                f.masks.append((s.value, "additive", True))
             else:
                 f.score_ops.append(("bias", s.value))
+        elif s.kind == "fill":
+            mv = value_of(s.value)
+            if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+                raise LeaveAlone(f"masked_fill with {s.value.name}, which is not a bool tensor")
+            f.masks.append((s.value, "drop", not any(j > i for j in nonlinear_after)))
         elif s.kind == "sinks":
             if not dropped_col:
                 raise LeaveAlone("a column is appended to the scores but not dropped after the softmax")
@@ -673,7 +691,7 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
             f = match_sdpa(g, n) if kind == "sdpa" else match_chain(g, n)
             site, tensors, notes = _site_of(f, _sizes(f.q, f.k), g)
             gate, gate_note = _gate_after(f.out, order)
-            site = S.Site(site.mask, site.mask_tensor, site.score_ops, site.sinks, gate=gate is not None)
+            site = replace(site, gate=gate is not None)
             desc = site.describe() + "".join(f"; {x}" for x in notes + [gate_note] if x) + \
                 (f"; GQA from {f.k.name}" if _shape(f.k)[1] != _shape(f.q)[1] else "")
             try:

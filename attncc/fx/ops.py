@@ -4,6 +4,9 @@ Dynamo graphs call ``torch.matmul`` / ``operator.mul`` / ``Tensor.transpose`` me
 ``torch._C._nn.scaled_dot_product_attention``; ``make_fx`` graphs call ``aten`` ops.
 :func:`op_of` maps all of them to one short name (``"matmul"``, ``"mul"``,
 ``"transpose"``, ``"sdpa"`` ...) so the matcher's rules are written once.
+In-place arithmetic (``s /= c``, ``s.mul_(c)``) is ``"idiv"`` / ``"imul"``: only the
+score rules, which check that the operand has no other use, accept it (the mask
+recovery does not model it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _FUNCTIONS = {
     operator.and_: "and", operator.or_: "or", operator.invert: "not", operator.matmul: "matmul",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div", torch.true_divide: "div",
     torch.floor_divide: "floordiv", torch.remainder: "mod", torch.neg: "neg",
+    operator.itruediv: "idiv", operator.imul: "imul",
     torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt", torch.eq: "eq", torch.ne: "ne",
     torch.logical_and: "and", torch.logical_or: "or", torch.logical_not: "not", torch.bitwise_and: "and",
     torch.bitwise_or: "or", torch.bitwise_not: "not", torch.abs: "abs", torch.maximum: "maximum",
@@ -44,7 +48,7 @@ _METHODS = {
     "unsqueeze": "unsqueeze", "contiguous": "contiguous", "to": "to", "float": "to", "half": "to",
     "bfloat16": "to", "type_as": "to", "clone": "clone", "repeat_interleave": "repeat_interleave", "max": "max",
     "amax": "amax", "new_ones": "new_ones", "new_zeros": "new_zeros", "masked_fill": "masked_fill",
-    "__getitem__": "getitem",
+    "__getitem__": "getitem", "div_": "idiv", "mul_": "imul", "__itruediv__": "idiv", "__imul__": "imul",
 }
 
 _ATEN = {
@@ -74,6 +78,8 @@ def op_of(node: fx.Node):
             return _ATEN.get(t._qualified_op_name.split("::")[-1])
         return None
     if node.op == "call_method":
+        if node.target == "type":  # x.type(dtype) is a cast; x.type() a string
+            return "to" if len(node.args) > 1 or "dtype" in node.kwargs else None
         return _METHODS.get(node.target)
     return None
 

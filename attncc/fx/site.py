@@ -55,6 +55,8 @@ class Site:
         gate: an output gate ``* sigmoid(g)`` follows the site (Qwen3-Next's gated
             attention), fused as the spec's ``gate:`` clause; ``g`` is passed in the
             output's layout ``(B, H, Lq, Dv)`` (see :func:`gate_to_output`).
+        mask_tensor_drops: the mask tensor is True where a pair is masked out
+            (``scores.masked_fill(drop, finfo.min)``, MPT) instead of True = attend.
     """
 
     mask: Optional[sympy.Basic] = None
@@ -62,6 +64,7 @@ class Site:
     score_ops: tuple = ()
     sinks: bool = False
     gate: bool = False
+    mask_tensor_drops: bool = False
 
     def tensor_names(self) -> List[str]:
         """Names of the run-time tensors the spec declares, in call order."""
@@ -76,7 +79,7 @@ class Site:
         if self.mask is not None:
             bits.append(f"mask: {print_mask(self.mask)}")
         if self.mask_tensor:
-            bits.append(f"mask tensor [{', '.join(self.mask_tensor)}]")
+            bits.append(f"{'drop ' if self.mask_tensor_drops else ''}mask tensor [{', '.join(self.mask_tensor)}]")
         for op, arg in self.score_ops:
             bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
         if self.sinks:
@@ -84,6 +87,38 @@ class Site:
         if self.gate:
             bits.append("output gate (fused gate clause)")
         return "; ".join(bits)
+
+
+def broadcast_dims(shape: tuple, sizes: dict, name: str = "tensor", same=None) -> tuple:
+    """The dim names of a mask / bias tensor read at ``[b, h, q, kv]`` with broadcasting.
+
+    Args:
+        shape: the tensor's shape, rank <= 4 (leading size-1 dims are implied).
+        sizes: ``{"B": .., "H": .., "Lq": .., "Lk": ..}`` of the attention (query heads).
+        name: the argument's name, for the error message.
+        same: equality of two sizes (default ``==``; the graph pass compares SymInts).
+
+    Returns:
+        One of ``"B"``, ``"H"``, ``"Lq"``, ``"Lk"`` or ``"1"`` per dim (the
+        :class:`Site` ``mask_tensor`` / ``("bias", dims)`` form).
+
+    Raises:
+        ValueError: rank above 4, or a dim that is neither 1 nor the attention's size.
+    """
+    same = same or (lambda a, c: a == c)
+    if len(shape) > 4:
+        raise ValueError(f"{name} has shape {tuple(shape)}: more than 4 dims, expected (B|1, H|1, Lq|1, Lk|1)")
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    dims = []
+    for s, dim in zip(shape, _DIMS):
+        if not isinstance(s, torch.SymInt) and s == 1:
+            dims.append("1")
+        elif same(s, sizes[dim]):
+            dims.append(dim)
+        else:
+            want = tuple(sizes[d] for d in _DIMS)
+            raise ValueError(f"{name} has shape {shape}, which does not broadcast to (B, H, Lq, Lk) = {want}")
+    return tuple(dims)
 
 
 def _read(dims: tuple) -> str:
@@ -135,7 +170,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
     if site.mask is not None and site.mask is not sympy.true:
         masks.append(f"({print_mask(site.mask)})")
     if site.mask_tensor:
-        masks.append(f"allowed[{_read(site.mask_tensor)}]")
+        read = f"allowed[{_read(site.mask_tensor)}]"
+        masks.append(f"not ({read})" if site.mask_tensor_drops else read)
     if masks:
         lines.append(f"    mask: {' and '.join(masks)}")
     if score != "s":

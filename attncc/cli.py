@@ -4,7 +4,7 @@
 
     attncc check patterns/*.attn
     attncc explain patterns/sliding_window.attn --lq 1024 --param window=128 --plot tiles.png
-    attncc explain patterns/causal.attn --target sm_90a --no-source
+    attncc explain patterns/causal.attn --target sm_90a
     attncc compile patterns/alibi.attn -o build/
     attncc aot patterns/causal.attn --target sm_80,sm_90a --dtype bf16 --head-dim 64,128 -o build/aot
     attncc demo --patterns causal,alibi
@@ -22,14 +22,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .dense import dense_mask, tile_classes
 from .dsl import PatternSpec, parse
-from .compiler import describe
 from .errors import SpecError
-from .ir import grid_of, grid_sizes, lower
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, triton and sympy are imported inside the commands that need them, so that
+# ``attncc --help`` / ``attncc list`` answer without importing them (``check`` needs sympy only)
 
 #: the errors a user can cause; reported as a message, never as a traceback
 USER_ERRORS = (SpecError, TypeError, ValueError, FileNotFoundError, KeyError)
@@ -116,6 +118,8 @@ def params_for(pat: PatternSpec, params: dict) -> dict:
 
 def _default_device() -> torch.device:
     """Where kernels can run here: CPU under the Triton interpreter, else CUDA."""
+    import torch
+
     from attncc.runtime import cache
 
     if cache.interpreting() or not torch.cuda.is_available():
@@ -136,6 +140,8 @@ def kernel_tile_counts(kern, sizes: dict, tensors: dict, config=None, device=Non
     Raises:
         TypeError / ValueError: missing or misshapen mask tensors, out-of-bounds reads.
     """
+    from .ir import grid_of
+
     st = kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=sizes["D"],
                          Dv=sizes["Dv"], config=config, device=device or _default_device(), per_query_tile=True,
                          grid=grid_of(sizes), **{n: tensors[n] for n in kern.plan.mask_tensors})
@@ -156,6 +162,8 @@ def reference_tile_map(ir, sizes: dict, tensors: dict, block_m: int, block_n: in
     Raises:
         ValueError: the mask reads a tensor out of its bounds (as :func:`attncc.dense.dense_mask`).
     """
+    from .dense import tile_classes
+
     nonempty, full = tile_classes(ir, sizes, tensors, block_m, block_n, "cpu", ragged_full=True)
     return nonempty[0, 0].cpu(), full[0, 0].cpu()
 
@@ -177,6 +185,8 @@ def tile_report(kern, sizes: dict, tensors: dict, config=None) -> dict:
         batch 0 / head 0), ``stats`` (batch 0 / head 0 totals:
         ``total, visited, full, nonempty, ref_full``), ``block_m``, ``block_n``.
     """
+    from .dense import dense_mask
+
     from attncc.runtime import CPU_CONFIG
 
     cfg = config or kern.config or CPU_CONFIG
@@ -216,6 +226,8 @@ def format_tile_map(rep: dict) -> str:
 
 def plot_tile_map(rep: dict, path: str, title: str) -> None:
     """Write the tile map as a PNG (needs matplotlib)."""
+    import torch
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +256,8 @@ def plot_tile_map(rep: dict, path: str, title: str) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_check(args) -> int:
     """``attncc check FILE...``: parse and lower every pattern of every file."""
+    from .ir import lower
+
     status = 0
     for file in args.files:
         try:
@@ -271,6 +285,10 @@ def _compile(pat: PatternSpec, params: dict, block_m=None, block_n=None):
 
 def cmd_explain(args) -> int:
     """``attncc explain FILE``: IR, analysis, tile map (and optional PNG), kernel source."""
+    import torch
+
+    from .compiler import describe
+    from .ir import grid_of, grid_sizes
     from attncc.inputs import example_tensors
     from attncc.runtime import CPU_CONFIG
 
@@ -355,7 +373,7 @@ def cmd_explain(args) -> int:
         dropped = sorted({f"{r['target']} {r['kernel']} {r['launch']}" for r in recs
                           if not r.get("error") and r["spill_bytes"]})
         print("configs dropped (spill): " + (", ".join(dropped) if dropped else "none"))
-    if not args.no_source:
+    if args.source:
         print()
         print(f"== kernel source ({kern.path})")
         print(kern.source)
@@ -364,6 +382,8 @@ def cmd_explain(args) -> int:
 
 def cmd_compile(args) -> int:
     """``attncc compile FILE -o DIR``: write ``<pattern>.py`` and ``<pattern>.explain.txt``."""
+    from .compiler import describe
+
     params = parse_params(args.param)
     pats = read_patterns(args.file)
     chosen = [select_pattern(args.file, pats, args.pattern)] if args.pattern else pats
@@ -435,6 +455,58 @@ def cmd_aot(args) -> int:
     return 1 if any(aot.problems(r) for r in records) else 0
 
 
+def cmd_list(args) -> int:
+    """``attncc list``: the pattern library, one line each (name, file, first docstring line)."""
+    from .library import library_patterns, library_specs
+
+    files = library_patterns()
+    specs = library_specs()
+    width = max(map(len, specs))
+    for name, spec in specs.items():
+        kind = "grid" if "grid" in spec.clauses else "1-D "
+        first = spec.doc.splitlines()[0] if spec.doc else ""
+        print(f"{name:<{width}}  {kind}  {files[name].name:<34} {first}")
+    return 0
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path``."""
+    n = size = 0
+    for f in path.rglob("*"):
+        if f.is_file():
+            n += 1
+            size += f.stat().st_size
+    return n, size
+
+
+def cmd_cache(args) -> int:
+    """``attncc cache info|clear``: where attncc keeps generated kernels, block tables'
+    metadata and AOT records (``ATTNCC_CACHE_DIR``, else the platform's user cache dir),
+    and how much is there; ``clear`` deletes it."""
+    import shutil
+
+    from attncc.runtime import cache
+
+    root = cache.cache_dir()
+    if args.action == "info":
+        n, size = _dir_size(root)
+        print(f"attncc cache: {root}")
+        print(f"  {n} files, {size / 2**20:.1f} MiB")
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            sn, ssize = _dir_size(sub)
+            print(f"  {sub.name + '/':<12} {sn:6d} files {ssize / 2**20:8.1f} MiB")
+        print("(Triton's own compiled kernels live in TRITON_CACHE_DIR, default ~/.triton/cache)")
+        return 0
+    n, size = _dir_size(root)
+    for sub in root.iterdir():
+        if sub.is_dir():
+            shutil.rmtree(sub)
+        else:
+            sub.unlink()
+    print(f"removed {n} files ({size / 2**20:.1f} MiB) from {root}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """``attncc demo``: run every library pattern against the reference and FlexAttention."""
     from attncc import demo
@@ -489,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="a param value (Python literal); repeatable")
 
-    p = sub.add_parser("explain", help="print the IR, the analysis, the tile map and the kernel source")
+    p = sub.add_parser("explain", help="print the IR, the analysis and the tile map (and the kernel source with --source)")
     common(p)
     p.add_argument("--lq", type=int, default=1024, help="query length for the tile map (default 1024)")
     p.add_argument("--lk", type=int, default=None, help="key length (default: --lq)")
@@ -498,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-m", type=int, default=None, help="query tile size (default: the CPU config, 32)")
     p.add_argument("--block-n", type=int, default=None, help="key tile size (default: the CPU config, 32)")
     p.add_argument("--plot", metavar="PNG", help="also write the tile map as a PNG (needs matplotlib)")
-    p.add_argument("--no-source", action="store_true", help="do not print the generated kernel source")
+    p.add_argument("--source", action="store_true", help="also print the generated kernel source")
     p.add_argument("--target", default=None, metavar="sm_80,sm_90a",
                    help="also compile the kernels for these GPU targets and print their resources (as attncc aot)")
     aot_options(p, output=False)
@@ -519,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated targets (sm_80, sm_86, sm_89, sm_90a, sm_100a; default sm_80,sm_90a)")
     aot_options(p, output=True)
     p.set_defaults(func=cmd_aot)
+
+    p = sub.add_parser("list", help="list the pattern library, one line each")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("cache", help="show (info) or delete (clear) attncc's cache of generated kernels")
+    p.add_argument("action", choices=("info", "clear"))
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="run the pattern library against the reference and FlexAttention")
     p.add_argument("--patterns", metavar="A,B", help="comma-separated library pattern names (default: all)")

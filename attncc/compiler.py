@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from pathlib import Path
 
 import sympy
 import torch
 import triton
 
-from . import codegen
+from . import __version__ as VERSION, codegen
 from .ir import lower
+from .library import library_patterns, pattern_path  # noqa: F401  (re-exported: attncc.library_patterns)
 from .passes import KernelPlan, plan as make_plan
 
-VERSION = "0.1.0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,42 +103,3 @@ def explain(spec, pattern: str | None = None, **params) -> str:
     """Text describing the IR and the analysis (closed form or block table) of a pattern."""
     ir = lower(spec, pattern, **params)
     return describe(_plan_cached(ir.key(), ir))
-
-
-def _patterns_dir() -> Path:
-    try:
-        p = Path(str(resources.files("attncc.patterns")))
-        if p.is_dir() and any(p.glob("*.attn")):
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "patterns"
-
-
-def library_patterns(grid: bool | None = None) -> dict[str, Path]:
-    """The pattern library: pattern name -> path of its ``.attn`` file.
-
-    Args:
-        grid: ``True``: only grid (N-D) patterns; ``False``: only 1-D sequence patterns;
-            ``None``: all.
-    """
-    out = {}
-    for f in sorted(_patterns_dir().glob("*.attn")):
-        from .dsl import parse
-
-        for p in parse(f.read_text(), str(f)):
-            if grid is None or ("grid" in p.clauses) == grid:
-                out[p.name] = f
-    return out
-
-
-def pattern_path(name: str) -> Path:
-    """Path of the library file holding pattern ``name``.
-
-    Raises:
-        KeyError: no library pattern of that name.
-    """
-    lib = library_patterns()
-    if name not in lib:
-        raise KeyError(f"no library pattern {name!r} (have: {', '.join(lib)})")
-    return lib[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import sympy
@@ -52,7 +53,9 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
 
     Returns:
         An :class:`attncc.runtime.CompiledAttention`; call it like
-        ``scaled_dot_product_attention``.
+        ``scaled_dot_product_attention``. A second call with the same spec text (or the
+        same file contents), pattern, options and params returns the same object (no
+        lowering, planning or cache lookup again).
 
     Raises:
         SpecError: the spec has an error (message gives ``file:line:col``), or
@@ -60,6 +63,31 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         TypeError: unknown params or a param without default left unset.
         ValueError: bad block sizes.
     """
+    from .dsl import PatternSpec, read_spec
+
+    memo = None
+    if not isinstance(spec, PatternSpec):  # text or path: the source text is the key
+        text, file = read_spec(spec)
+        try:
+            memo = (text, file, pattern, block_m, block_n, num_warps, num_stages, deterministic,
+                    tuple(sorted(params.items())), os.environ.get("ATTNCC_CACHE_DIR"))
+            hash(memo)
+        except TypeError:  # an unhashable param value: the compile below reports it
+            memo = None
+        if memo is not None and memo in _COMPILED:
+            return _COMPILED[memo]
+    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params)
+    if memo is not None:
+        _COMPILED[memo] = kern
+    return kern
+
+
+#: compile() results of this process, keyed by (spec text, file, pattern, options, params)
+_COMPILED: dict = {}
+
+
+def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params):
+    """:func:`compile` without the in-process memo."""
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache
 

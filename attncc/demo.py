@@ -323,8 +323,3 @@ def _run_one(name: str, path, st: Setup, sdpa_ms, notes: list) -> tuple[list, fl
         row += [f"{stats['block_m']}x{stats['block_n']}", f"{tflops:.1f}", f"{flex_ms / ms:.2f}x" if flex_ms else "n/a", f"{sdpa_ms / ms:.2f}x"]
     return row, err, ok
 
-
-if __name__ == "__main__":
-    from attncc.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -137,3 +137,39 @@ def test_help_check_and_list_do_not_import_torch():
         assert "HEAVY []" in r.stdout, (argv, r.stdout[-500:], r.stderr[-2000:])
     r = subprocess.run([sys.executable, "-m", "attncc", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"attncc {attncc.__version__}"
+
+
+def test_explain_tensor_values_from_generator_and_file(tmp_path, capsys):
+    """--tensor: the analysis runs on the user's values (documents of 64 tokens: 12 of 64 tiles of 32)."""
+    import torch
+
+    f = ROOT / "patterns" / "document_causal.attn"
+    assert main(["explain", str(f), "--lq", "256", "--tensor", "doc=arange:64"]) == 0
+    out = capsys.readouterr().out
+    assert "doc = arange:64" in out and "visited (kernel) = 12, non-empty (reference mask) = 12" in out
+    pt = tmp_path / "doc.pt"
+    torch.save(torch.zeros(256, dtype=torch.int32), pt)  # one document: every causal tile
+    assert main(["explain", str(f), "--lq", "256", "--tensor", f"doc={pt}"]) == 0
+    assert "visited (kernel) = 36, non-empty (reference mask) = 36" in capsys.readouterr().out
+    torch.save(torch.zeros(100, dtype=torch.int32), pt)
+    assert main(["explain", str(f), "--lq", "256", "--tensor", f"doc={pt}"]) == 1
+    err = capsys.readouterr()
+    assert "has shape (100,), the pattern declares (256,)" in err.err and "== IR" not in err.out
+    assert main(["explain", str(f), "--lq", "256", "--tensor", "doc=foo:1"]) == 1
+    assert "unknown generator" in capsys.readouterr().err
+    assert main(["explain", str(f), "--tensor", "nope=ones"]) == 1
+    assert "has no tensor of that name" in capsys.readouterr().err
+
+
+def test_explain_grid_argument_errors_and_query_key_map(capsys):
+    f = str(ROOT / "patterns" / "neighborhood_2d.attn")
+    assert main(["explain", f, "--grid", "12xa"]) == 2
+    assert "argument --grid" in capsys.readouterr().err
+    assert main(["explain", f, "--grid", "12x14", "--param", "kernel=5", "--query", "0,5"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("on the 12x14 grid", 1)[1].splitlines()[1:13]
+    # NATTEN's border rule: the 5x5 window of a query at the top edge is shifted inward (rows 0-4, cols 3-7)
+    assert [i for i, r in enumerate(block) if set(r) != {"."}] == [0, 1, 2, 3, 4]
+    assert all(r[3:8] in ("#####", "##Q##") and set(r[:3] + r[8:]) == {"."} for r in block[:5])
+    assert main(["explain", f, "--grid", "12x14", "--query", "20,5"]) == 1
+    assert "--query needs 2 coordinates inside the grid" in capsys.readouterr().err

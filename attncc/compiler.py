@@ -91,11 +91,21 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache
 
-    ir = lower(spec, pattern, **params)
-    kp = _plan_cached(ir.key(), ir)
+    from .dsl import PatternSpec, read_spec
+
     tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
-    key = cache.digest(ir.key(), tmpl, VERSION, compiler_fingerprint(), triton.__version__, torch.__version__,
-                       sympy.__version__)
+    versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
+    kp = pre = None
+    if not isinstance(spec, PatternSpec):  # a warm disk cache skips lowering and planning (sympy)
+        text, file = read_spec(spec)
+        pre = cache.digest(text, file, repr(pattern), repr(sorted(params.items())), *versions)
+        kp = cache.load_plan(pre)
+    if kp is None:
+        ir = lower(spec, pattern, **params)
+        kp = _plan_cached(ir.key(), ir)
+        if pre is not None:
+            cache.store_plan(pre, kp)
+    key = cache.digest(kp.ir.key(), tmpl, *versions)
     path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
     config = None
     if block_m is not None or block_n is not None:

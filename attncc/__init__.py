@@ -15,22 +15,52 @@ Public API::
 import os as _os
 import sys as _sys
 
-# On a machine without a GPU the kernels run under the Triton interpreter, which
-# must be switched on before triton is first imported (triton.language's own
-# @jit helpers are built at import time).
-if "TRITON_INTERPRET" not in _os.environ and "triton" not in _sys.modules:
-    import torch as _torch
+__version__ = "0.1.0"  # the one source of the version (pyproject reads it)
 
-    if not _torch.cuda.is_available():
-        _os.environ["TRITON_INTERPRET"] = "1"
 
-from .compiler import compile, explain, library_patterns, pattern_path
-from .dense import reference
-from .dsl import PatternSpec, parse
-from .errors import SpecError
-from .ir import AttentionIR, lower
+def _has_gpu_device_nodes() -> bool:
+    """Whether this machine has NVIDIA or AMD GPU device nodes (cheap: no torch import)."""
+    return any(_os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
 
-__version__ = "0.1.0"
+
+def _select_backend() -> None:
+    """On a machine without a GPU, switch Triton to its CPU interpreter
+    (``TRITON_INTERPRET=1``); it must happen before triton is first imported (triton.language's
+    own ``@jit`` helpers are built at import time). Without GPU device nodes this needs no
+    torch import (so ``attncc --help`` / ``attncc check`` stay fast); with them, torch decides
+    (``torch.cuda.is_available()``: a CPU-only torch build on a GPU machine also gets the
+    interpreter). An explicit ``TRITON_INTERPRET`` in the environment always wins."""
+    if "TRITON_INTERPRET" in _os.environ or "triton" in _sys.modules:
+        return
+    if _has_gpu_device_nodes():
+        import torch as _torch
+
+        if _torch.cuda.is_available():
+            return
+    _os.environ["TRITON_INTERPRET"] = "1"
+
+
+_select_backend()
+
+from .dsl import PatternSpec, parse  # noqa: E402  (light: no torch, no sympy)
+from .errors import SpecError  # noqa: E402
+
+#: public names imported on first use (torch, triton and sympy are not imported by ``import attncc``)
+_LAZY = {"compile": "compiler", "explain": "compiler", "library_patterns": "library", "pattern_path": "library",
+         "reference": "dense", "AttentionIR": "ir", "lower": "ir"}
+
+
+def __getattr__(name):
+    """PEP 562: the public API imported lazily (``attncc.compile`` etc.), so that the command
+    line's fast paths do not import torch or triton."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")
+
 
 __all__ = ["compile", "reference", "explain", "parse", "lower", "SpecError", "PatternSpec", "AttentionIR",
            "library_patterns", "pattern_path", "__version__"]

@@ -198,6 +198,9 @@ def check_tensors(ir: I.AttentionIR, tensors: dict, sizes: dict, device, only=No
     shapes = shape_functions(ir) if shapes is None else shapes
     for name in tensors:
         if name not in declared:
+            if name in dict(ir.params):
+                raise TypeError(f"{name!r} is a compile-time param of pattern {ir.name!r} (specialised into the "
+                                f"kernel), not a call argument: set it with attncc.compile(spec, {name}=VALUE)")
             known = ", ".join(declared) or "none"
             raise TypeError(f"pattern {ir.name!r} has no tensor or param {name!r} (its tensors: {known})")
     out = {}

@@ -4,7 +4,7 @@
 
     attncc check patterns/*.attn
     attncc explain patterns/sliding_window.attn --lq 1024 --param window=128 --plot tiles.png
-    attncc explain patterns/causal.attn --target sm_90a --no-source
+    attncc explain patterns/causal.attn --target sm_90a
     attncc compile patterns/alibi.attn -o build/
     attncc aot patterns/causal.attn --target sm_80,sm_90a --dtype bf16 --head-dim 64,128 -o build/aot
     attncc demo --patterns causal,alibi
@@ -22,14 +22,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .dense import dense_mask, tile_classes
 from .dsl import PatternSpec, parse
-from .compiler import describe
 from .errors import SpecError
-from .ir import grid_of, grid_sizes, lower
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, triton and sympy are imported inside the commands that need them, so that
+# ``attncc --help`` / ``attncc list`` answer without importing them (``check`` needs sympy only)
 
 #: the errors a user can cause; reported as a message, never as a traceback
 USER_ERRORS = (SpecError, TypeError, ValueError, FileNotFoundError, KeyError)
@@ -116,6 +118,8 @@ def params_for(pat: PatternSpec, params: dict) -> dict:
 
 def _default_device() -> torch.device:
     """Where kernels can run here: CPU under the Triton interpreter, else CUDA."""
+    import torch
+
     from attncc.runtime import cache
 
     if cache.interpreting() or not torch.cuda.is_available():
@@ -136,6 +140,8 @@ def kernel_tile_counts(kern, sizes: dict, tensors: dict, config=None, device=Non
     Raises:
         TypeError / ValueError: missing or misshapen mask tensors, out-of-bounds reads.
     """
+    from .ir import grid_of
+
     st = kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=sizes["D"],
                          Dv=sizes["Dv"], config=config, device=device or _default_device(), per_query_tile=True,
                          grid=grid_of(sizes), **{n: tensors[n] for n in kern.plan.mask_tensors})
@@ -156,6 +162,8 @@ def reference_tile_map(ir, sizes: dict, tensors: dict, block_m: int, block_n: in
     Raises:
         ValueError: the mask reads a tensor out of its bounds (as :func:`attncc.dense.dense_mask`).
     """
+    from .dense import tile_classes
+
     nonempty, full = tile_classes(ir, sizes, tensors, block_m, block_n, "cpu", ragged_full=True)
     return nonempty[0, 0].cpu(), full[0, 0].cpu()
 
@@ -177,6 +185,8 @@ def tile_report(kern, sizes: dict, tensors: dict, config=None) -> dict:
         batch 0 / head 0), ``stats`` (batch 0 / head 0 totals:
         ``total, visited, full, nonempty, ref_full``), ``block_m``, ``block_n``.
     """
+    from .dense import dense_mask
+
     from attncc.runtime import CPU_CONFIG
 
     cfg = config or kern.config or CPU_CONFIG
@@ -216,6 +226,8 @@ def format_tile_map(rep: dict) -> str:
 
 def plot_tile_map(rep: dict, path: str, title: str) -> None:
     """Write the tile map as a PNG (needs matplotlib)."""
+    import torch
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +256,8 @@ def plot_tile_map(rep: dict, path: str, title: str) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_check(args) -> int:
     """``attncc check FILE...``: parse and lower every pattern of every file."""
+    from .ir import lower
+
     status = 0
     for file in args.files:
         try:
@@ -271,6 +285,10 @@ def _compile(pat: PatternSpec, params: dict, block_m=None, block_n=None):
 
 def cmd_explain(args) -> int:
     """``attncc explain FILE``: IR, analysis, tile map (and optional PNG), kernel source."""
+    import torch
+
+    from .compiler import describe
+    from .ir import grid_of, grid_sizes
     from attncc.inputs import example_tensors
     from attncc.runtime import CPU_CONFIG
 
@@ -292,9 +310,8 @@ def cmd_explain(args) -> int:
     kern = _compile(pat, params, bm, bn)
     cfg = kern.config or CPU_CONFIG
     plan = kern.plan
-    print(describe(plan))
-    print()
 
+    notes = []
     sizes = {"B": 1, "H": 1, "Hkv": 1, "Lq": Lq, "Lk": Lk, "D": 64, "Dv": 64}
     if kern.ir.grid:  # a grid pattern: the tile map is over the flattened (row-major) grid
         grid = args.grid or [max(1, round(Lq ** (1.0 / len(kern.ir.grid))))] * len(kern.ir.grid)
@@ -304,25 +321,43 @@ def cmd_explain(args) -> int:
         sizes.update(Lq=Lq, Lk=Lk, **grid_sizes(grid))
         if plan.path == "box":
             lay = kern.layout_for(sizes, cfg)
-            print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens; layout: dilation groups "
-                  f"{' x '.join(map(str, lay.groups))}, query tiles {' x '.join(map(str, lay.tm))}, key tiles "
-                  f"{' x '.join(map(str, lay.tn))} tokens, {lay.length} permuted tokens"
-                  f"{' (identity: no permutation)' if lay.is_identity() else ''}; the map below is in that order)")
+            notes.append(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens; layout: dilation groups "
+                         f"{' x '.join(map(str, lay.groups))}, query tiles {' x '.join(map(str, lay.tm))}, key tiles "
+                         f"{' x '.join(map(str, lay.tn))} tokens, {lay.length} permuted tokens"
+                         f"{' (identity: no permutation)' if lay.is_identity() else ''}; the map below is in that order)")
         else:
-            print(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
+            notes.append(f"(grid {' x '.join(map(str, grid))} = {Lq} tokens, flattened row-major)")
     tensors = {}
-    if plan.mask_tensors:
+    given = dict(args.tensor)
+    declared = {t.name for t in kern.ir.tensors}
+    unknown = sorted(set(given) - declared)
+    if unknown:
+        raise UsageError(f"--tensor {unknown[0]}: pattern {kern.ir.name!r} has no tensor of that name "
+                         f"(its tensors: {', '.join(sorted(declared)) or 'none'})")
+    if plan.mask_tensors or given:
         gen = torch.Generator().manual_seed(0)
         allt = example_tensors(kern.ir, sizes, generator=gen)
+        for n, src in given.items():
+            allt[n] = load_tensor(n, src, tuple(allt[n].shape), allt[n].dtype, gen)
         tensors = {n: allt[n] for n in plan.mask_tensors}
+    print(describe(plan))
+    print()
+    for line in notes:
+        print(line)
     rep = tile_report(kern, sizes, tensors, cfg)
     st = rep["stats"]
     print(f"== tiles (Lq={Lq}, Lk={Lk}, tiles {rep['block_m']}x{rep['block_n']}, B=1, H=1)")
     if plan.mask_tensors:
-        print(f"(mask tensors {', '.join(plan.mask_tensors)}: example values from attncc.inputs.example_tensors, seed 0)")
+        src = [f"{n} = {given[n]}" if n in given else f"{n}: example values (attncc.inputs.example_tensors, seed 0)"
+               for n in plan.mask_tensors]
+        print(f"(mask tensors: {'; '.join(src)})")
     if plan.mask_uses_b or plan.mask_uses_h:
         print("(the mask depends on the batch/head index: shown for b=0, h=0)")
     print(format_tile_map(rep))
+    if args.query is not None:
+        if not kern.ir.grid:
+            raise UsageError("--query is for grid patterns (the key set drawn on the grid)")
+        print(query_key_map(kern, sizes, tensors, args.query))
     # cross-check the per-tile counts against CompiledAttention.tile_stats where it can run
     from attncc.runtime import cache
 
@@ -355,7 +390,7 @@ def cmd_explain(args) -> int:
         dropped = sorted({f"{r['target']} {r['kernel']} {r['launch']}" for r in recs
                           if not r.get("error") and r["spill_bytes"]})
         print("configs dropped (spill): " + (", ".join(dropped) if dropped else "none"))
-    if not args.no_source:
+    if args.source:
         print()
         print(f"== kernel source ({kern.path})")
         print(kern.source)
@@ -364,6 +399,8 @@ def cmd_explain(args) -> int:
 
 def cmd_compile(args) -> int:
     """``attncc compile FILE -o DIR``: write ``<pattern>.py`` and ``<pattern>.explain.txt``."""
+    from .compiler import describe
+
     params = parse_params(args.param)
     pats = read_patterns(args.file)
     chosen = [select_pattern(args.file, pats, args.pattern)] if args.pattern else pats
@@ -435,6 +472,58 @@ def cmd_aot(args) -> int:
     return 1 if any(aot.problems(r) for r in records) else 0
 
 
+def cmd_list(args) -> int:
+    """``attncc list``: the pattern library, one line each (name, file, first docstring line)."""
+    from .library import library_patterns, library_specs
+
+    files = library_patterns()
+    specs = library_specs()
+    width = max(map(len, specs))
+    for name, spec in specs.items():
+        kind = "grid" if "grid" in spec.clauses else "1-D "
+        first = spec.doc.splitlines()[0] if spec.doc else ""
+        print(f"{name:<{width}}  {kind}  {files[name].name:<34} {first}")
+    return 0
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path``."""
+    n = size = 0
+    for f in path.rglob("*"):
+        if f.is_file():
+            n += 1
+            size += f.stat().st_size
+    return n, size
+
+
+def cmd_cache(args) -> int:
+    """``attncc cache info|clear``: where attncc keeps generated kernels, block tables'
+    metadata and AOT records (``ATTNCC_CACHE_DIR``, else the platform's user cache dir),
+    and how much is there; ``clear`` deletes it."""
+    import shutil
+
+    from attncc.runtime import cache
+
+    root = cache.cache_dir()
+    if args.action == "info":
+        n, size = _dir_size(root)
+        print(f"attncc cache: {root}")
+        print(f"  {n} files, {size / 2**20:.1f} MiB")
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            sn, ssize = _dir_size(sub)
+            print(f"  {sub.name + '/':<12} {sn:6d} files {ssize / 2**20:8.1f} MiB")
+        print("(Triton's own compiled kernels live in TRITON_CACHE_DIR, default ~/.triton/cache)")
+        return 0
+    n, size = _dir_size(root)
+    for sub in root.iterdir():
+        if sub.is_dir():
+            shutil.rmtree(sub)
+        else:
+            sub.unlink()
+    print(f"removed {n} files ({size / 2**20:.1f} MiB) from {root}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """``attncc demo``: run every library pattern against the reference and FlexAttention."""
     from attncc import demo
@@ -444,6 +533,124 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _grid_shape(text: str) -> list:
+    """``--grid`` value: sizes joined by ``x`` (``32x32``, ``8x16x16``), each >= 1, at most 3 axes."""
+    try:
+        sizes = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes joined by 'x' (e.g. 32x32 or 8x16x16), got {text!r}") from None
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 to 3 sizes >= 1 joined by 'x', got {text!r}")
+    return sizes
+
+
+def _tensor_item(text: str) -> tuple:
+    """``--tensor NAME=SOURCE`` value -> ``(NAME, SOURCE)`` (SOURCE checked when the pattern is known)."""
+    name, sep, src = text.partition("=")
+    if not sep or not name.strip().isidentifier() or not src.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.pt or NAME=GENERATOR (e.g. glob=bernoulli:0.1), "
+                                         f"got {text!r}")
+    return name.strip(), src.strip()
+
+
+#: ``--tensor NAME=GENERATOR`` generators: name -> (arguments, what it draws)
+TENSOR_GENERATORS = {
+    "bernoulli": "bernoulli:P  -- True with probability P (bool / int / float 0-1 values)",
+    "randint": "randint:LO:HI -- integers uniform in [LO, HI)",
+    "randn": "randn[:STD] -- normal values (float)",
+    "zeros": "zeros -- all 0 / False",
+    "ones": "ones -- all 1 / True",
+    "arange": "arange[:DIV] -- i // DIV along the last axis (e.g. document ids of DIV tokens)",
+}
+
+
+def load_tensor(name: str, src: str, shape: tuple, dtype, generator):
+    """The value of ``--tensor NAME=SOURCE`` for a declared tensor of ``shape`` / ``dtype``:
+    a ``torch.save``'d file (``.pt``; its shape must be the declared one) or a generator of
+    :data:`TENSOR_GENERATORS`.
+
+    Raises:
+        UsageError: an unknown generator, bad generator arguments, a file that does not hold a
+            tensor of the declared shape.
+    """
+    import torch
+
+    if src.endswith((".pt", ".pth")) or Path(src).exists():
+        try:
+            t = torch.load(src, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UsageError(f"--tensor {name}: file not found: {src}") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+            raise UsageError(f"--tensor {name}: cannot load {src}: {e}") from None
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"--tensor {name}: {src} holds a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise UsageError(f"--tensor {name}: {src} has shape {tuple(t.shape)}, the pattern declares "
+                             f"{tuple(shape)} at these sizes")
+        return t.to(dtype)
+    kind, *args = src.split(":")
+    try:
+        nums = [float(a) for a in args]
+    except ValueError:
+        raise UsageError(f"--tensor {name}: bad generator arguments in {src!r} ({TENSOR_GENERATORS.get(kind, '')})") \
+            from None
+    g = generator
+    if kind == "bernoulli" and len(nums) == 1 and 0 <= nums[0] <= 1:
+        t = torch.rand(shape, generator=g) < nums[0]
+    elif kind == "randint" and len(nums) == 2 and nums[0] < nums[1]:
+        t = torch.randint(int(nums[0]), int(nums[1]), shape, generator=g)
+    elif kind == "randn" and len(nums) <= 1:
+        t = torch.randn(shape, generator=g) * (nums[0] if nums else 1.0)
+    elif kind in ("zeros", "ones") and not nums:
+        t = (torch.zeros if kind == "zeros" else torch.ones)(shape)
+    elif kind == "arange" and len(nums) <= 1 and (not nums or nums[0] >= 1):
+        idx = torch.arange(shape[-1]) // int(nums[0] if nums else 1) if shape else torch.tensor(0)
+        t = idx.expand(shape).clone()
+    else:
+        known = "; ".join(TENSOR_GENERATORS.values())
+        raise UsageError(f"--tensor {name}: unknown generator or bad arguments {src!r} (known: {known}; "
+                         f"or a .pt file)")
+    return t.to(dtype)
+
+
+def query_key_map(kern, sizes: dict, tensors: dict, query: list) -> str:
+    """The key set of one query on the grid, as NATTEN's figures draw it: one character per
+    key token in grid coordinates (``Q`` the query itself when allowed, ``q`` when not, ``#``
+    allowed keys, ``.`` masked keys), for batch 0 / head 0, from the reference mask. 3-D grids:
+    one block per leading coordinate.
+
+    Raises:
+        UsageError: a query coordinate outside the grid, or the wrong number of them.
+    """
+    from .dense import dense_mask
+
+    grid = [sizes[f"G{i}"] for i in range(len(kern.ir.grid))]
+    if len(query) != len(grid) or any(not 0 <= c < n for c, n in zip(query, grid)):
+        raise UsageError(f"--query needs {len(grid)} coordinates inside the grid {'x'.join(map(str, grid))}, "
+                         f"got {','.join(map(str, query))}")
+    flat = 0
+    for c, n in zip(query, grid):
+        flat = flat * n + c
+    row = dense_mask(kern.ir, sizes, tensors, "cpu")[0, 0, flat].reshape(grid)
+    if len(grid) == 1:
+        row = row[None]
+    blocks = [row] if row.dim() == 2 else list(row)
+    lines = [f"(keys of query {tuple(query)} on the {'x'.join(map(str, grid))} grid: '#' allowed, '.' masked, "
+             f"'Q' the query itself (allowed), 'q' (masked); {int(row.sum())} keys)"]
+    for bi, blk in enumerate(blocks):
+        if len(blocks) > 1:
+            lines.append(f"{kern.ir.grid[0]} = {bi}:")
+        for y, r in enumerate(blk.tolist()):
+            chars = []
+            for x, ok in enumerate(r):
+                here = (query[-2:] == [y, x]) if len(grid) > 1 else (x == query[0])
+                if len(grid) == 3:
+                    here = here and query[0] == bi
+                chars.append(("Q" if ok else "q") if here else ("#" if ok else "."))
+            lines.append("".join(chars))
+    return "\n".join(lines)
+
+
 def _int_list(text: str) -> list:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -489,16 +696,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="a param value (Python literal); repeatable")
 
-    p = sub.add_parser("explain", help="print the IR, the analysis, the tile map and the kernel source")
+    p = sub.add_parser("explain", help="print the IR, the analysis and the tile map (and the kernel source with --source)")
     common(p)
     p.add_argument("--lq", type=int, default=1024, help="query length for the tile map (default 1024)")
     p.add_argument("--lk", type=int, default=None, help="key length (default: --lq)")
-    p.add_argument("--grid", type=lambda t: [int(x) for x in t.lower().split("x")], default=None, metavar="YxX",
+    p.add_argument("--grid", type=_grid_shape, default=None, metavar="YxX",
                    help="grid patterns: the grid shape, e.g. 32x32 or 8x16x16 (default: about --lq tokens)")
+    p.add_argument("--query", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="Y,X",
+                   help="grid patterns: also draw the key set of this query on the grid (coordinates, e.g. 0,5)")
+    p.add_argument("--tensor", type=_tensor_item, action="append", default=[], metavar="NAME=FILE.pt|GEN",
+                   help="the value of a spec tensor for the analysis: a torch.save'd file or a generator "
+                        "(bernoulli:P, randint:LO:HI, randn[:STD], zeros, ones, arange[:DIV]); repeatable "
+                        "(default: example values)")
     p.add_argument("--block-m", type=int, default=None, help="query tile size (default: the CPU config, 32)")
     p.add_argument("--block-n", type=int, default=None, help="key tile size (default: the CPU config, 32)")
     p.add_argument("--plot", metavar="PNG", help="also write the tile map as a PNG (needs matplotlib)")
-    p.add_argument("--no-source", action="store_true", help="do not print the generated kernel source")
+    p.add_argument("--source", action="store_true", help="also print the generated kernel source")
     p.add_argument("--target", default=None, metavar="sm_80,sm_90a",
                    help="also compile the kernels for these GPU targets and print their resources (as attncc aot)")
     aot_options(p, output=False)
@@ -519,6 +732,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated targets (sm_80, sm_86, sm_89, sm_90a, sm_100a; default sm_80,sm_90a)")
     aot_options(p, output=True)
     p.set_defaults(func=cmd_aot)
+
+    p = sub.add_parser("list", help="list the pattern library, one line each")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("cache", help="show (info) or delete (clear) attncc's cache of generated kernels")
+    p.add_argument("action", choices=("info", "clear"))
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="run the pattern library against the reference and FlexAttention")
     p.add_argument("--patterns", metavar="A,B", help="comma-separated library pattern names (default: all)")

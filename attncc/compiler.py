@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import functools
-from importlib import resources
+import os
 from pathlib import Path
 
 import sympy
 import torch
 import triton
 
-from . import codegen
+from . import __version__ as VERSION, codegen
 from .ir import lower
+from .library import library_patterns, pattern_path  # noqa: F401  (re-exported: attncc.library_patterns)
 from .passes import KernelPlan, plan as make_plan
 
-VERSION = "0.1.0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +53,9 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
 
     Returns:
         An :class:`attncc.runtime.CompiledAttention`; call it like
-        ``scaled_dot_product_attention``.
+        ``scaled_dot_product_attention``. A second call with the same spec text (or the
+        same file contents), pattern, options and params returns the same object (no
+        lowering, planning or cache lookup again).
 
     Raises:
         SpecError: the spec has an error (message gives ``file:line:col``), or
@@ -61,14 +63,49 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         TypeError: unknown params or a param without default left unset.
         ValueError: bad block sizes.
     """
+    from .dsl import PatternSpec, read_spec
+
+    memo = None
+    if not isinstance(spec, PatternSpec):  # text or path: the source text is the key
+        text, file = read_spec(spec)
+        try:
+            memo = (text, file, pattern, block_m, block_n, num_warps, num_stages, deterministic,
+                    tuple(sorted(params.items())), os.environ.get("ATTNCC_CACHE_DIR"))
+            hash(memo)
+        except TypeError:  # an unhashable param value: the compile below reports it
+            memo = None
+        if memo is not None and memo in _COMPILED:
+            return _COMPILED[memo]
+    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params)
+    if memo is not None:
+        _COMPILED[memo] = kern
+    return kern
+
+
+#: compile() results of this process, keyed by (spec text, file, pattern, options, params)
+_COMPILED: dict = {}
+
+
+def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params):
+    """:func:`compile` without the in-process memo."""
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache
 
-    ir = lower(spec, pattern, **params)
-    kp = _plan_cached(ir.key(), ir)
+    from .dsl import PatternSpec, read_spec
+
     tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
-    key = cache.digest(ir.key(), tmpl, VERSION, compiler_fingerprint(), triton.__version__, torch.__version__,
-                       sympy.__version__)
+    versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
+    kp = pre = None
+    if not isinstance(spec, PatternSpec):  # a warm disk cache skips lowering and planning (sympy)
+        text, file = read_spec(spec)
+        pre = cache.digest(text, file, repr(pattern), repr(sorted(params.items())), *versions)
+        kp = cache.load_plan(pre)
+    if kp is None:
+        ir = lower(spec, pattern, **params)
+        kp = _plan_cached(ir.key(), ir)
+        if pre is not None:
+            cache.store_plan(pre, kp)
+    key = cache.digest(kp.ir.key(), tmpl, *versions)
     path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
     config = None
     if block_m is not None or block_n is not None:
@@ -104,42 +141,3 @@ def explain(spec, pattern: str | None = None, **params) -> str:
     """Text describing the IR and the analysis (closed form or block table) of a pattern."""
     ir = lower(spec, pattern, **params)
     return describe(_plan_cached(ir.key(), ir))
-
-
-def _patterns_dir() -> Path:
-    try:
-        p = Path(str(resources.files("attncc.patterns")))
-        if p.is_dir() and any(p.glob("*.attn")):
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "patterns"
-
-
-def library_patterns(grid: bool | None = None) -> dict[str, Path]:
-    """The pattern library: pattern name -> path of its ``.attn`` file.
-
-    Args:
-        grid: ``True``: only grid (N-D) patterns; ``False``: only 1-D sequence patterns;
-            ``None``: all.
-    """
-    out = {}
-    for f in sorted(_patterns_dir().glob("*.attn")):
-        from .dsl import parse
-
-        for p in parse(f.read_text(), str(f)):
-            if grid is None or ("grid" in p.clauses) == grid:
-                out[p.name] = f
-    return out
-
-
-def pattern_path(name: str) -> Path:
-    """Path of the library file holding pattern ``name``.
-
-    Raises:
-        KeyError: no library pattern of that name.
-    """
-    lib = library_patterns()
-    if name not in lib:
-        raise KeyError(f"no library pattern {name!r} (have: {', '.join(lib)})")
-    return lib[name]

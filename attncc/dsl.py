@@ -420,6 +420,12 @@ def load(spec, pattern: str | None = None) -> PatternSpec:
             raise SpecError(f"pattern {pattern!r} requested but the spec given is pattern {spec.name!r}")
         return spec
     text, file = read_spec(spec)
+    if isinstance(spec, str) and spec.strip().isidentifier() and file == "<string>":
+        from .library import library_patterns
+
+        if spec.strip() in library_patterns():
+            raise SpecError(f"{spec.strip()!r} is the name of a library pattern, not spec text: use "
+                            f"attncc.compile(attncc.pattern_path({spec.strip()!r}))")
     pats = parse(text, file)
     if pattern is None:
         if len(pats) > 1:

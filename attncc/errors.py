@@ -59,3 +59,8 @@ class SpecError(ValueError):
         line = sp.text.rstrip("\n")
         caret = " " * (sp.col - 1) + "^" * max(1, min(sp.length, max(1, len(line) - sp.col + 1)))
         return f"{sp}: error: {self.reason}\n    {line}\n    {caret}"
+
+
+class MissingParamError(SpecError, TypeError):
+    """A ``param`` without default left unset at :func:`attncc.compile`: a :class:`SpecError`
+    pointing at the declaration, and a ``TypeError`` (a missing argument) as well."""

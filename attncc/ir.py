@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .dsl import GRID_SIZE_NAMES, INDEX_NAMES, SIZE_NAMES, PatternSpec, SpecExpr, check_param_value, load
-from .errors import SpecError
+from .errors import MissingParamError, SpecError
 
 # ----------------------------------------------------------------------------- symbols
 b, h, q, kv = (sp.Symbol(n, integer=True, nonnegative=True) for n in INDEX_NAMES)
@@ -265,7 +265,8 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
         elif p.default is not None:
             values[p.name] = p.default
         else:
-            raise TypeError(f"param {p.name!r} of pattern {pat.name!r} has no default: pass {p.name}=VALUE")
+            raise MissingParamError(f"param {p.name!r} of pattern {pat.name!r} has no default and no value: pass "
+                                    f"{p.name}=VALUE to attncc.compile (or give it a default in the spec)", p.span)
     lw = _Lowerer(pat, values)
     if "grid" in pat.clauses:
         lw.set_grid(pat.clauses["grid"])
@@ -471,6 +472,10 @@ class _Lowerer:
     def visit_BinOp(self, node):
         op = _BINOPS.get(type(node.op))
         if op is None:
+            if isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+                word = "and" if isinstance(node.op, ast.BitAnd) else "or"
+                self.err(node, f"'{'&' if word == 'and' else '|'}' is not an operator of the spec language: "
+                               f"write '{word}' (boolean {word}; comparisons chain as in Python)")
             self.err(node, "unsupported operator (expected + - * / // % **)")
         a, ka = self.visit(node.left)
         c, kc = self.visit(node.right)
@@ -498,6 +503,8 @@ class _Lowerer:
         return a ** c, ("float" if kind == "float" or (c.is_number and c < 0) else "int")
 
     def visit_UnaryOp(self, node):
+        if isinstance(node.op, ast.Invert):
+            self.err(node, "'~' is not an operator of the spec language: write 'not'")
         e, k = self.visit(node.operand)
         if isinstance(node.op, ast.Not):
             if k != "bool":

@@ -1,12 +1,21 @@
 """Shared fixtures: a private kernel cache per test session, tolerances, library access."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# a fresh on-disk cache for the whole run (the cache tests check rebuilds in it)
-os.environ.setdefault("ATTNCC_CACHE_DIR", tempfile.mkdtemp(prefix="attncc-test-cache-"))
+# a fresh on-disk cache for the whole run (the cache tests check rebuilds in it), removed at the end
+_OWN_CACHE = None if "ATTNCC_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="attncc-test-cache-")
+if _OWN_CACHE:
+    os.environ["ATTNCC_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the run's private kernel cache (not a directory the user set)."""
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 import attncc  # noqa: E402  (sets TRITON_INTERPRET=1 on machines without a GPU)
 import torch  # noqa: E402

@@ -95,3 +95,47 @@ def test_params_override_and_errors():
         attncc.lower(src, window="x")
     with pytest.raises(TypeError, match="has no default"):
         attncc.lower("pattern w:\n    param window: int\n    mask: q - kv < window\n")
+
+
+# ---------------------------------------------------------------- hints for the usual first mistakes
+@pytest.mark.parametrize("op, word", [("&", "and"), ("|", "or")])
+def test_bitwise_operators_suggest_and_or(op, word):
+    with pytest.raises(SpecError, match=f"write '{word}'") as e:
+        attncc.compile(f"pattern a:\n    mask: (kv <= q) {op} (q - kv < 4)\n")
+    assert "<string>:2:11" in str(e.value)
+    with pytest.raises(SpecError, match="write 'not'"):
+        attncc.compile("pattern a:\n    mask: ~(kv > q)\n")
+
+
+def test_param_without_default_is_a_spec_error_at_its_declaration():
+    with pytest.raises(SpecError, match="param 'w' of pattern 'a' has no default") as e:
+        attncc.compile("pattern a:\n    param w: int\n    mask: q - kv < w\n")
+    assert "<string>:2:11" in str(e.value) and isinstance(e.value, TypeError)
+    assert attncc.compile("pattern a:\n    param w: int\n    mask: q - kv < w\n", w=3).ir.params == (("w", 3),)
+
+
+def test_library_name_as_spec_suggests_pattern_path():
+    with pytest.raises(SpecError, match=r"attncc.pattern_path\('causal'\)"):
+        attncc.compile("causal")
+
+
+def test_param_at_call_time_says_it_is_compile_time():
+    import torch
+
+    kern = attncc.compile(attncc.pattern_path("sliding_window"))
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(TypeError, match=r"'window' is a compile-time param .*attncc.compile\(spec, window=VALUE\)"):
+        kern(q, q, q, window=4)
+
+
+def test_second_compile_of_the_same_spec_is_the_same_object(monkeypatch):
+    """In a process, compile() of the same spec text, pattern and params returns the first result
+    without lowering again (the compile-latency numbers are in the closing note, not timed here)."""
+    src = "pattern memo_probe:\n    param w: int = 4\n    mask: kv <= q and q - kv < w\n"
+    k1 = attncc.compile(src, w=5)
+    import attncc.compiler as C
+
+    monkeypatch.setattr(C, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("lowered again")))
+    assert attncc.compile(src, w=5) is k1
+    with pytest.raises(AssertionError, match="lowered again"):
+        attncc.compile(src, w=6)

@@ -546,8 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_test(args) -> int:
     """``attncc test FILE``: :func:`attncc.testing.cmd_test` (hypothesis imported only here)."""
-    from .testing import cmd_test as run
-
+    try:
+        from .testing import cmd_test as run
+    except ImportError as e:  # hypothesis is optional
+        print(e, file=sys.stderr)
+        return 1
     return run(args)
 
 

@@ -63,9 +63,13 @@ from dataclasses import dataclass
 
 import sympy as sp
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, Phase, assume, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis import strategies as st
+except ImportError as e:  # an optional dependency: the "testing" extra
+    raise ImportError("attncc.testing needs hypothesis: pip install hypothesis (or the extra: "
+                      "pip install -e \".[testing]\")") from e
 
 from . import ir as I
 from .checks import check_reads, check_sizes, compile_read_checks, compile_size_checks
@@ -262,9 +266,11 @@ def index_bounds(ir: I.AttentionIR) -> dict:
     return out
 
 
-def _concrete_bounds(bounds: dict, sizes: dict) -> dict:
-    """:func:`index_bounds` at these sizes: name -> ``(lo, hi)`` ints (maybe ``lo > hi``)."""
+def _concrete_bounds(bounds: dict, sizes: dict, free: tuple = ()) -> dict:
+    """:func:`index_bounds` at these sizes and free dims (``((name, size), ...)``): name ->
+    ``(lo, hi)`` ints (maybe ``lo > hi``)."""
     subs = {I.SIZES[n]: v for n, v in sizes.items() if n in I.SIZES}
+    subs.update({I.free_dim(n): v for n, v in free})
     out = {}
     for name, pairs in bounds.items():
         los = [int(sp.sympify(lo).subs(subs)) for lo, _ in pairs]
@@ -329,7 +335,7 @@ def _make(ir: I.AttentionIR, case: Case, device, bounds: dict | None = None):
     v = torch.randn(case.B, case.Hkv, *tokens_k, case.Dv, generator=g)
     q, k, v = (_lay_out(x, case.layout, dtype).to(device) for x in (q, k, v))
     if bounds is None:
-        bounds = _concrete_bounds(index_bounds(ir), case.sizes)
+        bounds = _concrete_bounds(index_bounds(ir), case.sizes, case.free)
     tensors = example_tensors(ir, case.sizes, device, g, free=dict(case.free), modes=dict(case.modes),
                               bounds=bounds)
     return q, k, v, tensors
@@ -426,7 +432,7 @@ def inputs(spec, pattern: str | None = None, *, space: Space | None = None, devi
             check_sizes(ir, size_checks, sizes)
         except ValueError:
             assume(False)
-        conc = _concrete_bounds(bounds, sizes)
+        conc = _concrete_bounds(bounds, sizes, case.free)
         assume(all(lo <= hi for lo, hi in conc.values()))
         q, k, v, tensors = _make(ir, case, device, conc)
         try:  # shapes the kernels refuse (a mask read out of bounds), masks undefined here (x % 0)
@@ -814,6 +820,8 @@ def cmd_test(args) -> int:
     import attncc
     from .cli import parse_params, params_for, read_patterns, select_pattern
 
+    if args.examples < 1:
+        raise ValueError(f"--examples must be >= 1, got {args.examples}")
     pats = read_patterns(args.file)
     if args.pattern is not None:
         pats = [select_pattern(args.file, pats, args.pattern)]

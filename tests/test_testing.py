@@ -238,3 +238,15 @@ def test_cli_test_command(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("PASS causal: 2 examples")
     assert main(["test", str(CAUSAL), "--against", "no_such_module_xyz:f"]) == 1
     assert "cannot import module" in capsys.readouterr().err
+
+
+def test_readme_example_runs():
+    """The README's attncc.testing section: its first Python example runs as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Test your own attention code", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.+?)\n```", section, re.S)[0]
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["report"].examples == 20

@@ -1,9 +1,11 @@
 """Example inputs for a pattern: random q, k, v and plausible values for its tensors.
 
-Used by the demo, the benchmarks and the tests. Float tensors get small random
-values (positive for 1-D per-head tensors such as ALiBi slopes); integer tensors
-get sorted segment ids (packed documents) with a padded tail of ``-1``; bool
-tensors get a sparse random pattern.
+Used by the demo, the benchmarks, the tests and :mod:`attncc.testing`. By default float
+tensors get small random values (positive for 1-D per-head tensors such as ALiBi slopes);
+integer tensors get sorted segment ids (packed documents) with a padded tail of ``-1``;
+bool tensors get a sparse random pattern. :func:`tensor_values` also knows the edge-case
+value modes :mod:`attncc.testing` draws (:data:`VALUE_MODES`) and index tensors kept within
+bounds.
 """
 
 from __future__ import annotations

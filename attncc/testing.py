@@ -319,8 +319,15 @@ def _lay_out(x: torch.Tensor, layout: str, dtype) -> torch.Tensor:
     return y[..., ::2]
 
 
-def _lower(spec, pattern, params) -> I.AttentionIR:
-    return I.lower(spec, pattern, **params)
+def _lower(spec, pattern, params, reserved=("space", "device")) -> I.AttentionIR:
+    """The IR of the pattern; a spec param named like one of our keywords cannot be passed
+    through ``**params`` and is refused (instead of silently taking its default)."""
+    ir = I.lower(spec, pattern, **params)
+    clash = sorted({n for n, _ in ir.params} & set(reserved))
+    if clash:
+        raise TypeError(f"pattern {ir.name!r} declares param(s) {', '.join(clash)}, which attncc.testing uses as "
+                        f"keyword arguments ({', '.join(reserved)}): rename the param to test it here")
+    return ir
 
 
 def _make(ir: I.AttentionIR, case: Case, device, bounds: dict | None = None):
@@ -754,8 +761,9 @@ def check(fn, spec, pattern: str | None = None, *, grads: bool = False, return_l
         SpecError / TypeError / ValueError: a bad spec, unknown params, ``return_lse``
             with ``normalize: sigmoid``.
     """
+    ir = _lower(spec, pattern, params, reserved=("space", "device", "seed", "grads", "return_lse", "max_examples",
+                                                 "atol", "rtol"))
     strat = inputs(spec, pattern, space=space, device=device, **params)
-    ir = _lower(spec, pattern, params)
     if return_lse and ir.normalize == "sigmoid":
         raise ValueError(f"pattern {ir.name!r} uses normalize: sigmoid, which has no LSE: check without return_lse")
     report = CheckReport(ir.name)

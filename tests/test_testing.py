@@ -130,6 +130,7 @@ def test_nan_for_fully_masked_rows_caught():
     text, x = caught(doc_causal_nan, DOC, max_examples=100, space=SMALL)
     assert "NaN in out" in text
     assert re.search(r"allows kv in \{none\} \(0 of \d+ keys\)", text), text
+    assert (x.case.B, x.case.H, x.case.dtype, x.case.layout) == (1, 1, "float32", "contiguous")  # shrunk
     # the same function with the empty rows fixed passes
     def fixed(q, k, v, doc):
         Lq, Lk = q.shape[2], k.shape[2]
@@ -155,6 +156,12 @@ def test_exception_and_dtype_reported():
     assert "it raised RuntimeError: Lq must equal Lk" in text and x.case.Lq != x.case.Lk
     text, _ = caught(lambda q, k, v: sdpa_causal(q, k, v).float(), CAUSAL, max_examples=50, space=SMALL)
     assert "expected q's dtype" in text
+
+
+def test_param_named_like_a_keyword_refused():
+    spec = "pattern p:\n    param seed: int = 3\n    mask: kv <= q + seed\n"
+    with pytest.raises(TypeError, match="declares param.*seed"):
+        at.check(sdpa_causal, spec, seed=1)
 
 
 def test_lse_checked():

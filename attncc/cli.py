@@ -8,6 +8,7 @@
     attncc compile patterns/alibi.attn -o build/
     attncc aot patterns/causal.attn --target sm_80,sm_90a --dtype bf16 --head-dim 64,128 -o build/aot
     attncc demo --patterns causal,alibi
+    attncc test patterns/sliding_window.attn --param window=8 [--against mymod:attn] [--grads]
 
 Exit status: 0 on success, 1 for user errors (spec errors, bad arguments, missing
 files: one message on stderr, never a traceback), 2 for usage errors and for
@@ -746,7 +747,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda when available, else cpu (Triton interpreter)")
     p.add_argument("--length", type=int, default=None, help="sequence length (default: 384 on CPU, 8192 on CUDA)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("test", help="property-test attncc's kernel (or your function) against the reference")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", metavar="NAME", help="test only this pattern of FILE (default: every pattern)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a param value (Python literal); repeatable")
+    p.add_argument("--against", metavar="MODULE:FUNCTION",
+                   help="test fn(q, k, v, **tensors) from MODULE (or FILE.py) instead of attncc's kernel")
+    p.add_argument("--lse", action="store_true", help="with --against: the function returns (out, lse)")
+    p.add_argument("--grads", action="store_true", help="also compare gradients of q, k, v and float tensors")
+    p.add_argument("--examples", type=int, default=100, metavar="N", help="Hypothesis examples per pattern (100)")
+    p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: a fresh random run)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.set_defaults(func=cmd_test)
     return ap
+
+
+def cmd_test(args) -> int:
+    """``attncc test FILE``: :func:`attncc.testing.cmd_test` (hypothesis imported only here)."""
+    try:
+        from .testing import cmd_test as run
+    except ImportError as e:  # hypothesis is optional
+        print(e, file=sys.stderr)
+        return 1
+    return run(args)
 
 
 def main(argv=None) -> int:

@@ -196,7 +196,8 @@ class TritonPrinter:
             return f"{helper}({self.p(sp.expand(num))}, {int(den)})"
         if num.is_integer and den.is_integer and den.is_positive:  # e.g. q // X on a grid
             return f"{helper}({self.p(sp.expand(num))}, {self.p(den)})"
-        return f"{float_fn}({self._flt(x)})"
+        # an integer: key-range bounds and indices are int32 (a float bound crashes the launch)
+        return f"{float_fn}({self._flt(x)}).to(tl.int32)"
 
     def index_code(self, e: sp.Indexed) -> tuple[str, str]:
         """``(offset, mask)`` code of a read: the element offset from the tensor's base

@@ -49,6 +49,20 @@ MAX_BOXES = 3
 
 
 # ----------------------------------------------------------------------------- rewrites
+#: what sympy may raise while simplifying or deciding a valid expression (e.g.
+#: ``PrecisionExhausted`` from ``floor(max(14, q) / 7)``, "The argument 'nan' is not comparable")
+SYMPY_ERRORS = (ArithmeticError, TypeError, ValueError, AttributeError, NotImplementedError, RecursionError)
+
+
+def _simplify(e):
+    """``sympy.simplify(e)``, or ``e`` unchanged where sympy fails on it (a simplification
+    is an optimisation: the unsimplified expression means the same)."""
+    try:
+        return sp.simplify(e)
+    except SYMPY_ERRORS:
+        return e
+
+
 def _is_int(e) -> bool:
     return bool(e.is_integer)
 
@@ -362,7 +376,7 @@ def index_range(expr):
         if d is None:
             return None
         lo_subs[var], hi_subs[var] = (a, z) if d >= 0 else (z, a)
-    return sp.simplify(expr.subs(lo_subs)), sp.simplify(expr.subs(hi_subs))
+    return _simplify(expr.subs(lo_subs)), _simplify(expr.subs(hi_subs))
 
 
 def read_in_bounds(ix, dim) -> bool:
@@ -371,7 +385,7 @@ def read_in_bounds(ix, dim) -> bool:
     if r is None:
         return False
     lo, hi = r
-    return bool(sp.simplify(lo).is_nonnegative) and bool(sp.simplify(dim - 1 - hi).is_nonnegative)
+    return bool(_simplify(lo).is_nonnegative) and bool(_simplify(dim - 1 - hi).is_nonnegative)
 
 
 def read_checks(ir: AttentionIR, expr) -> tuple:
@@ -483,7 +497,7 @@ def box_analysis(ir: AttentionIR):
             rn = {q_lo: BQ_LO[i], q_hi: BQ_HI[i], Lk: LG[i]}
             if d == 1:
                 rn[GQ[i]] = sp.Integer(0)
-            axis_sets.append([Interval(*(sp.simplify(x.xreplace(rn)) for x in (v.lo, v.hi, v.flo, v.fhi)))
+            axis_sets.append([Interval(*(_simplify(x.xreplace(rn)) for x in (v.lo, v.hi, v.flo, v.fhi)))
                               for v in ivs])
         for combo in _product(axis_sets):
             boxes.append(Box(tuple(combo)))
@@ -624,9 +638,23 @@ def lowrank_notes(ir: AttentionIR) -> tuple:
 def plan(ir: AttentionIR) -> KernelPlan:
     """Analyse ``ir`` and choose how the kernel finds its key tiles.
 
+    Where sympy fails inside an analysis of a valid mask (:data:`SYMPY_ERRORS`), the
+    pattern takes the block-table path, which evaluates the mask itself and is exact.
+
     Returns:
         The :class:`KernelPlan`.
     """
+    try:
+        return _plan(ir)
+    except SYMPY_ERRORS as e:
+        note = f"the closed-form analysis failed ({type(e).__name__}: {e}); block table instead"
+        return KernelPlan(ir, "table", mask_tensors=tuple(t.name for t in ir.tensors_in(ir.mask)),
+                          score_tensors=tuple(t.name for t in ir.tensors_in(ir.score)),
+                          score_is_identity=(ir.score == s), mask_uses_b=I.b in ir.mask.free_symbols,
+                          mask_uses_h=h in ir.mask.free_symbols, mask_read_checks=(), notes=(note,))
+
+
+def _plan(ir: AttentionIR) -> KernelPlan:
     mask_tensors = tuple(t.name for t in ir.tensors_in(ir.mask))
     score_tensors = tuple(t.name for t in ir.tensors_in(ir.score))
     common = dict(mask_tensors=mask_tensors, score_tensors=score_tensors,
@@ -638,6 +666,9 @@ def plan(ir: AttentionIR) -> KernelPlan:
         return KernelPlan(ir, "table", **common)
     if ir.grid:
         groups, boxes, why = box_analysis(ir)
+        if boxes is not None and not boxes:  # empty everywhere: no key tile to visit, 0 / -inf rows
+            return KernelPlan(ir, "closed", intervals=(), exact=True,
+                              **dict(common, notes=common["notes"] + ("the mask is empty for every pair",)))
         if boxes is not None:
             return KernelPlan(ir, "box", groups=tuple(groups), boxes=tuple(boxes),
                               box_mask=drop_residues(ir.coord_mask, groups), **common)
@@ -653,7 +684,7 @@ def plan(ir: AttentionIR) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         common["notes"] = common.get("notes", ()) + tuple(an.notes)
         return KernelPlan(ir, "table", **common)
-    ivs = [Interval(*(sp.simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
+    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
     ivs = sorted(ivs, key=_full_width, reverse=True)
     common["notes"] = common.get("notes", ()) + tuple(an.notes)
     return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, **common)

@@ -796,7 +796,10 @@ class CompiledAttention:
 def _make_op(kern: CompiledAttention):
     """Register ``attncc::<pattern>_<hash>`` as a torch custom op with a fake (meta)
     implementation, so ``torch.compile(fullgraph=True)`` traces through it."""
-    name = f"attncc::{kern.ir.name}_{kern.key[:16]}"
+    # torch's schema parser takes ASCII identifiers: other characters of a pattern name
+    # (``pattern é:`` is a valid Python identifier) are spelled by their code point
+    safe = "".join(c if c.isascii() and (c.isalnum() or c == "_") else f"u{ord(c):x}" for c in kern.ir.name)
+    name = f"attncc::{safe}_{kern.key[:16]}"
     if kern.config is not None:  # a fixed launch config is part of the op's behaviour
         c = kern.config
         name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"

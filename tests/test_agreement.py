@@ -1,0 +1,164 @@
+"""Kernel and reference agree on every input, or both refuse it (issue 14, section 2).
+
+Each test below failed before its fix: exact integer comparisons against float
+expressions, float coefficients and huge constants in masks, sympy failures inside the
+analyses, non-finite constant folds, empty grid masks, non-ASCII pattern names, stale
+block tables, inference mode, out-of-bounds tensor reads, float-built index expressions
+and rows masked by huge finite biases. The kernels run under the Triton interpreter at
+tiny shapes; every output is compared with ``attncc.reference`` (and torch SDPA where it
+expresses the pattern).
+"""
+
+import math
+
+import pytest
+import torch
+
+import attncc
+from attncc import SpecError
+
+from conftest import max_err
+
+
+def _qkv(L, Lk=None, B=1, H=1, D=16, grid=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shp_q = (B, H, *(grid or (L,)), D)
+    shp_k = (B, H, *(grid or (Lk or L,)), D)
+    return torch.randn(shp_q, generator=g), torch.randn(shp_k, generator=g), torch.randn(shp_k, generator=g)
+
+
+def _agree(spec, q, k, v, **tensors):
+    """Kernel and reference outputs and LSEs agree (0 / -inf rows included)."""
+    f = attncc.compile(spec)
+    out, lse = f(q, k, v, return_lse=True, **tensors)
+    ref, rlse = attncc.reference(spec, q, k, v, return_lse=True, **tensors)
+    assert max_err(out, ref) < 1e-4, (spec, max_err(out, ref))
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), spec
+    fin = torch.isfinite(rlse)
+    assert max_err(lse[fin], rlse[fin]) < 1e-4 if fin.any() else True
+    return f, out, lse
+
+
+def _dense_sdpa(q, k, v, allowed):
+    """SDPA with a boolean mask (the independent oracle for index-only masks)."""
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                            attn_mask=allowed).float()
+
+
+# ----------------------------------------------------------------------------- exact comparisons
+@pytest.mark.parametrize("mask,allowed", [
+    ("kv <= q ** 0.5", lambda qi, ki: ki * ki <= qi),
+    ("kv <= sqrt(q)", lambda qi, ki: ki * ki <= qi),
+    ("kv <= q * 0.5", lambda qi, ki: 2 * ki <= qi),
+    ("kv < Lk * 0.5", lambda qi, ki: 2 * ki < 40 + 0 * qi),
+    ("kv <= ceil(q / 3.5)", lambda qi, ki: ki <= torch.div(2 * qi + 6, 7, rounding_mode="floor")),
+    ("kv >= q * 0.1 and kv <= q", lambda qi, ki: (10 * ki >= qi) & (ki <= qi)),
+])
+def test_float_expressions_in_masks_are_exact(mask, allowed):
+    """``kv <= q ** 0.5`` dropped key 5 at q = 25 (float32 exp2(0.5 * log2(25)) = 4.9999995);
+    float coefficients crashed at launch (a float key-range bound). Checked against SDPA with
+    the integer-exact mask at every query (q = 25, 36 are perfect squares)."""
+    spec = f"pattern p:\n    mask: {mask}\n"
+    q, k, v = _qkv(40)
+    f, out, _ = _agree(spec, q, k, v)
+    qi, ki = torch.arange(40).view(-1, 1), torch.arange(40).view(1, -1)
+    want = allowed(qi, ki)
+    ok = want.any(-1)
+    sd = _dense_sdpa(q, k, v, want)
+    assert max_err(out[..., ok, :], sd[..., ok, :]) < 1e-4
+    assert f.plan.path in ("closed", "table")
+
+
+@pytest.mark.parametrize("mask", ["kv <= q + 2 ** 31", "kv <= q * 10 ** 20", "kv < q - 3000000000",
+                                  "kv <= q * 2147483648.0"])
+def test_integer_constants_beyond_int32_are_spec_errors(mask):
+    """They crashed at launch ("out of range for type int32"): now a SpecError with location."""
+    with pytest.raises(SpecError) as ei:
+        attncc.compile(f"pattern p:\n    mask: {mask}\n")
+    assert ei.value.span.line == 2 and "32-bit" in str(ei.value)
+
+
+def test_int_param_beyond_int32_is_a_spec_error():
+    spec = "pattern p:\n    param w: int = 4\n    mask: kv <= q and q - kv < w\n"
+    with pytest.raises(SpecError, match="32-bit"):
+        attncc.compile(spec, w=2 ** 40)
+
+
+# ----------------------------------------------------------------------------- only SpecError escapes
+@pytest.mark.parametrize("mask", ["max(14, q) // 7 > 2", "kv <= max(14, q) // 7 + q // 2"])
+def test_sympy_failures_in_the_analysis_do_not_escape(mask):
+    """``PrecisionExhausted`` from sympy's simplification escaped compile() on a valid spec."""
+    q, k, v = _qkv(40)
+    _agree(f"pattern p:\n    mask: {mask}\n", q, k, v)
+
+
+@pytest.mark.parametrize("expr,col", [
+    ("log(0)", 17), ("1 / 0.0", 21), ("inf - inf", 17), ("sqrt(-1.0)", 17), ("q % 0.0", 21),
+    ("exp(1) / (1 - 1.0)", 27), ("q // 0.0", 22), ("1e400 + q", 17),
+])
+def test_non_finite_constant_folds_are_spec_errors(expr, col):
+    """NotImplementedError ("cannot print zoo"), ZeroDivisionError or TypeError escaped."""
+    with pytest.raises(SpecError) as ei:
+        attncc.compile(f"pattern p:\n    mask: kv <= {expr}\n")
+    assert (ei.value.span.line, ei.value.span.col) == (2, col), str(ei.value)
+
+
+def test_deep_nesting_is_a_spec_error():
+    deep = "(" * 300 + "q" + ")" * 300
+    with pytest.raises(SpecError):
+        attncc.compile(f"pattern p:\n    mask: kv <= {deep}\n")
+    chain = " + ".join(["q"] * 3000)
+    with pytest.raises(SpecError):
+        attncc.compile(f"pattern p:\n    mask: kv <= {chain} - {chain}\n")
+
+
+@pytest.mark.parametrize("mask", ["False", "q.x < q.x", "kv.x // 3 < -1"])
+def test_empty_grid_masks_compile_and_give_zero(mask):
+    """IndexError in codegen: an empty grid pattern now gives 0 output and -inf LSE."""
+    spec = f"pattern g:\n    grid: y, x\n    mask: {mask}\n"
+    q, k, v = _qkv(0, grid=(4, 5))
+    _, out, lse = _agree(spec, q, k, v)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_non_ascii_pattern_name():
+    """``pattern é:`` raised UnicodeDecodeError registering the torch op."""
+    q, k, v = _qkv(20)
+    _agree("pattern é:\n    mask: kv <= q\n", q, k, v)
+
+
+# ----------------------------------------------------------------------------- block tables
+DOC = "pattern d:\n    tensor doc: int32[Lk]\n    mask: doc[q] == doc[kv] and kv <= q\n"
+
+
+@pytest.mark.parametrize("change", ["numpy", "data"])
+def test_block_table_sees_in_place_changes_without_version_bump(change):
+    """The table cache was keyed on the version counter: ``doc.numpy()[:] = 0`` and
+    ``doc.data.zero_()`` returned the stale table (0.67 off)."""
+    q, k, v = _qkv(48)
+    doc = (torch.arange(48) // 5).to(torch.int32)
+    f = attncc.compile(DOC, block_m=16, block_n=16)
+    f(q, k, v, doc=doc)
+    version = doc._version
+    if change == "numpy":
+        doc.numpy()[:] = 0
+    else:
+        doc.data.zero_()
+    assert doc._version == version  # the case under test: no version bump
+    out = f(q, k, v, doc=doc)
+    assert max_err(out, attncc.reference(DOC, q, k, v, doc=doc)) < 1e-4
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert max_err(out, causal) < 1e-4
+
+
+def test_block_table_pattern_under_inference_mode():
+    """"Inference tensors do not track version counter" under torch.inference_mode()."""
+    q, k, v = _qkv(40)
+    with torch.inference_mode():
+        doc = (torch.arange(40) // 7).to(torch.int32)
+        f = attncc.compile(DOC)
+        out = f(q, k, v, doc=doc)
+        doc[:] = 1  # an in-place change of an inference tensor
+        out2 = f(q, k, v, doc=doc)
+    assert max_err(out, attncc.reference(DOC, q, k, v, doc=(torch.arange(40) // 7).to(torch.int32))) < 1e-4
+    assert max_err(out2, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-4

@@ -242,14 +242,66 @@ def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, devic
             **dict(zip(I.GRID_SIZES, I.grid_sizes(grid).values()))}
 
 
+#: where a clause's reads are evaluated, as errors name it
+_READ_UNITS = {"mask": "some query/key pair", "score": "some allowed query/key pair", "sink": "some row",
+               "gate": "some output element"}
+
+
 def _check_reads(reads, allowed, what):
+    """Raise ``ValueError`` for the first out-of-bounds read of ``reads`` (pairs ``(name,
+    in_range)`` from :func:`eval_expr`) where ``allowed`` (None: everywhere). The message
+    does not depend on how the evaluation was chunked, so the kernels' checks and the
+    reference raise the same error."""
     for name, ok in reads:
         bad = ~ok
         if allowed is not None:
-            bad = bad & allowed
+            bad = bad & allowed.to(bad.device)
         if bool(bad.any()):
-            raise ValueError(f"the {what} reads tensor {name!r} out of its bounds "
-                             f"(at {int(bad.sum())} query/key pairs): check the index expression and the tensor's shape")
+            raise ValueError(f"the {what} reads tensor {name!r} out of its bounds at {_READ_UNITS[what]}: "
+                             f"check the index expression and the tensor's shape")
+
+
+def check_clause_reads(ir: I.AttentionIR, sizes: dict, tensors: dict, device, clauses=("score", "sink", "gate"),
+                       chunk_elems: int | None = None) -> None:
+    """Raise ``ValueError`` when a tensor read of a clause lands outside its tensor: the one
+    rule of :func:`reference` and of the kernels (which check it before the launch).
+
+    * ``score``: every read (also nested ones, ``table[h, bucket[kv - q + Lq - 1]]``, and both
+      branches of a ``where``) at every allowed (query, key) pair; masked pairs may read
+      anywhere (they never contribute).
+    * ``sink``: every read at every row ``(b, h, q)``; ``gate``: at every output element
+      ``(b, h, q, dv)``.
+
+    The kernels' loads are masked to the tensor's bounds, so without this check such a read
+    would silently count as 0 (mask reads are checked by :func:`dense_mask` /
+    :func:`tile_classes`, with the same message).
+
+    Args:
+        sizes: the call's sizes (``Lq`` / ``Lk``: flattened grids).
+        tensors: spec tensor name -> tensor (checked shapes).
+        clauses: which of ``score``, ``sink``, ``gate`` to check.
+        chunk_elems: query rows are evaluated in chunks of at most this many pairs
+            (default :data:`CHUNK_ELEMS`).
+    """
+    B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
+    grid = I.grid_of(sizes)
+    if "score" in clauses and ir.score.atoms(sp.Indexed):
+        top = [r for r in ir.score.atoms(sp.Indexed)]
+        rows_per = max(1, (chunk_elems or CHUNK_ELEMS) // max(1, B * H * Lk))
+        for r0 in range(0, Lq, rows_per):
+            rows = torch.arange(r0, min(Lq, r0 + rows_per), device=device)
+            env = index_env(B, H, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows, grid=grid)
+            env[I.s] = 0.0
+            mask = eval_expr(ir.mask, env, tensors, device=device).to(device)
+            reads: list = []
+            for r in top:
+                eval_expr(r, env, tensors, reads, device=device)
+            _check_reads(reads, mask, "score")
+    for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
+        if clause in clauses and expr is not None and expr.atoms(sp.Indexed):
+            reads = []
+            eval_expr(expr, output_env(sizes, device), tensors, reads, device=device)
+            _check_reads(reads, None, clause)
 
 
 def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.Tensor:
@@ -303,7 +355,7 @@ def tile_classes(ir: I.AttentionIR, sizes: dict, tensors: dict, block_m: int, bl
         env[I.B], env[I.H] = sizes["B"], sizes["H"]
         reads: list = []
         m = eval_expr(ir.mask, env, tensors, reads).to(device)
-        _check_reads(reads, None, "mask")
+        _check_reads(reads, (rows < Lq).view(1, 1, -1, 1), "mask")  # the padding rows repeat row Lq - 1
         m = torch.broadcast_to(m, (TB, TH, rows.numel(), Lk))
         valid_q = (rows < Lq).view(1, 1, -1, 1)
         any_m = torch.nn.functional.pad(m & valid_q, (0, pad_k), value=False)
@@ -371,9 +423,8 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     mask = dense_mask(ir, sizes, tensors, q.device)
     env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device, grid=grid)
     env[I.s] = sc
-    reads_s: list = []
-    score = torch.broadcast_to(eval_expr(ir.score, env, tensors, reads_s).to(torch.float64), (B, Hq, Lq, Lk))
-    _check_reads(reads_s, mask, "score")
+    check_clause_reads(ir, sizes, tensors, q.device)  # score, sink and gate reads in bounds
+    score = torch.broadcast_to(eval_expr(ir.score, env, tensors).to(torch.float64), (B, Hq, Lq, Lk))
     neg = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
     score = torch.where(mask, score, neg)
     if ir.normalize == "sigmoid":  # independent per pair, no row normalization

@@ -162,3 +162,82 @@ def test_block_table_pattern_under_inference_mode():
         out2 = f(q, k, v, doc=doc)
     assert max_err(out, attncc.reference(DOC, q, k, v, doc=(torch.arange(40) // 7).to(torch.int32))) < 1e-4
     assert max_err(out2, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- out-of-bounds reads
+T5 = ("pattern t:\n    tensor table: float32[H, 8]\n    tensor bucket: int32[Lq + Lk - 1]\n    mask: kv <= q\n"
+      "    score: s + table[h, bucket[kv - q + Lq - 1]]\n")
+L_OOB = 24
+
+
+def _raises_alike(spec, q, k, v, match, **tensors):
+    """The kernel (before any launch) and the reference raise the same ValueError."""
+    msgs = []
+    for fn in (attncc.compile(spec), lambda *a, **t: attncc.reference(spec, *a, **t)):
+        with pytest.raises(ValueError, match=match) as ei:
+            fn(q, k, v, **tensors)
+        msgs.append(str(ei.value))
+    assert msgs[0] == msgs[1]
+
+
+@pytest.mark.parametrize("bad", [8, -1, 100])
+def test_score_read_out_of_bounds_raises_in_kernel_and_reference(bad):
+    """The kernel computed such a score as if the bias were absent; the reference raised."""
+    q, k, v = _qkv(L_OOB, H=2)
+    bucket = torch.full((2 * L_OOB - 1,), 3, dtype=torch.int32)
+    bucket[L_OOB - 5] = bad  # kv - q = -4: an allowed pair
+    _raises_alike(T5, q, k, v, "score reads tensor 'table' out of its bounds", table=torch.randn(2, 8),
+                  bucket=bucket)
+
+
+def test_score_read_out_of_bounds_only_at_masked_pairs_is_fine():
+    """Masked pairs never contribute: both compute (and agree with a dense bias in SDPA)."""
+    q, k, v = _qkv(L_OOB, H=2)
+    bucket = torch.cat([torch.arange(L_OOB) % 8, torch.full((L_OOB - 1,), 99)]).to(torch.int32)
+    table = torch.randn(2, 8)
+    _, out, _ = _agree(T5, q, k, v, table=table, bucket=bucket)
+    qi, ki = torch.arange(L_OOB).view(-1, 1), torch.arange(L_OOB).view(1, -1)
+    idx = bucket.long()[(ki - qi + L_OOB - 1).clamp(0, 2 * L_OOB - 2)].clamp(max=7)
+    bias = torch.where(ki <= qi, table[:, idx], torch.tensor(-math.inf))  # (H, Lq, Lk)
+    sd = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+    assert max_err(out, sd) < 1e-4
+
+
+def test_score_read_check_sees_in_place_changes_of_index_tensors():
+    """The value check is remembered per content: a later in-place change is checked again."""
+    q, k, v = _qkv(L_OOB, H=2)
+    bucket = torch.full((2 * L_OOB - 1,), 2, dtype=torch.int32)
+    table = torch.randn(2, 8)
+    f = attncc.compile(T5)
+    out = f(q, k, v, table=table, bucket=bucket)
+    assert max_err(out, attncc.reference(T5, q, k, v, table=table, bucket=bucket)) < 1e-4
+    bucket.numpy()[:] = 8
+    with pytest.raises(ValueError, match="out of its bounds"):
+        f(q, k, v, table=table, bucket=bucket)
+
+
+@pytest.mark.parametrize("spec,tensors,match", [
+    ("pattern t:\n    tensor sk: float32[H]\n    mask: kv <= q\n    sink: sk[h + 1]\n",
+     lambda: dict(sk=torch.randn(2)), "sink reads tensor 'sk'"),
+    ("pattern t:\n    tensor sk: float32[H]\n    tensor which: int32[H]\n    mask: kv <= q\n    sink: sk[which[h]]\n",
+     lambda: dict(sk=torch.randn(2), which=torch.tensor([0, 2], dtype=torch.int32)), "sink reads tensor 'sk'"),
+    ("pattern t:\n    tensor g: float32[Lq, Dv]\n    mask: kv <= q\n    gate: g[q, dv + 1]\n",
+     lambda: dict(g=torch.randn(L_OOB, 16)), "gate reads tensor 'g'"),
+    ("pattern t:\n    tensor g: float32[8]\n    tensor sel: int32[Lq]\n    mask: kv <= q\n    gate: g[sel[q]]\n",
+     lambda: dict(g=torch.randn(8), sel=torch.arange(L_OOB, dtype=torch.int32)), "gate reads tensor 'g'"),
+    ("pattern t:\n    tensor lab: int32[4]\n    tensor doc: int32[Lk]\n    mask: lab[doc[q]] == lab[doc[kv]]\n",
+     lambda: dict(lab=torch.arange(4, dtype=torch.int32), doc=torch.arange(L_OOB, dtype=torch.int32) // 5),
+     "mask reads tensor 'lab'"),
+])
+def test_mask_sink_gate_reads_out_of_bounds_raise_alike(spec, tensors, match):
+    """Sink and gate reads out of bounds were 0 in both (silently); mask reads raised."""
+    q, k, v = _qkv(L_OOB, H=2)
+    _raises_alike(spec, q, k, v, match, **tensors())
+
+
+def test_sink_and_gate_reads_in_bounds_agree():
+    spec = ("pattern t:\n    tensor sk: float32[4]\n    tensor which: int32[H]\n    tensor g: float32[8]\n"
+            "    tensor sel: int32[Lq]\n    mask: kv <= q\n    sink: sk[which[h]]\n    gate: g[sel[q]]\n")
+    q, k, v = _qkv(L_OOB, H=2)
+    _agree(spec, q, k, v, sk=torch.randn(4), which=torch.tensor([3, 0], dtype=torch.int32), g=torch.randn(8),
+           sel=(torch.arange(L_OOB) % 8).to(torch.int32))

@@ -119,9 +119,9 @@ class TritonPrinter:
                 return f"tl.sqrt({self._flt(base)})"
             return f"tl.exp2({self._flt(ex)} * tl.log2({self._flt(base)}))"
         if isinstance(e, sp.floor):
-            return self._intdiv(e.args[0], "_floordiv", "tl.floor")
+            return self._intdiv(e.args[0], "_floordiv", "_floor_snap")
         if isinstance(e, sp.ceiling):
-            return self._intdiv(e.args[0], "_cdiv", "tl.ceil")
+            return self._intdiv(e.args[0], "_cdiv", "_ceil_snap")
         if isinstance(e, sp.Mod):
             a, m = e.args
             if a.is_integer and m.is_integer:

@@ -241,3 +241,90 @@ def test_sink_and_gate_reads_in_bounds_agree():
     q, k, v = _qkv(L_OOB, H=2)
     _agree(spec, q, k, v, sk=torch.randn(4), which=torch.tensor([3, 0], dtype=torch.int32), g=torch.randn(8),
            sel=(torch.arange(L_OOB) % 8).to(torch.int32))
+
+
+# ----------------------------------------------------------------------------- huge finite biases
+BIAS = "pattern b:\n    tensor bias: float32[Lq, Lk]\n    score: s + bias[q, kv]\n"
+
+
+def test_rows_masked_by_huge_finite_biases_give_the_mean_of_v():
+    """A bias <= about -2.36e38 on every key of a row gave 0 / -inf (score * log2(e) overflowed);
+    SDPA and FlexAttention give the mean of V. The rule (attncc.dense.clamp_score): finite
+    scores are clamped to +-2**127 in kernel and reference; only -inf excludes a pair."""
+    L = 20
+    q, k, v = _qkv(L)
+    bias = torch.zeros(L, L)
+    bias[3] = -3e38
+    bias[5] = -2.36e38
+    bias[7, :4] = -1e38
+    bias[9] = -math.inf  # excluded by the score: 0 / -inf
+    bias[11] = torch.finfo(torch.float32).max  # huge positive: clamped as well (not NaN)
+    bias[11, 1:] = 0
+    _, out, lse = _agree(BIAS, q, k, v, bias=bias)
+    sd = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    rows = [r for r in range(L) if r != 9]
+    assert max_err(out[..., rows, :], sd[..., rows, :]) < 1e-4
+    assert max_err(out[0, 0, 3], v[0, 0].mean(0)) < 1e-5
+    assert torch.equal(out[0, 0, 9], torch.zeros(16)) and torch.isneginf(lse[0, 0, 9])
+
+
+def test_huge_finite_bias_gradients_agree():
+    """Clamped scores get derivative 0 (bias, q, k). Rows whose every score is clamped are
+    left out: the backward recomputes P from the float32 LSE, which cannot resolve log(Lk)
+    at |LSE| ~ 1e38 (as in every LSE-based FlashAttention backward)."""
+    L = 16
+    q, k, v = _qkv(L)
+    bias = torch.randn(L, L)
+    bias[2, 3:] = -3e38
+    bias[6, :5] = -2.5e38
+    bias[9, 1] = 3e38  # a huge positive bias: one-hot at the limit
+    ins = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    ref_ins = [x.clone().double().requires_grad_() for x in (q, k, v, bias)]
+    out = attncc.compile(BIAS)(*ins[:3], bias=ins[3])
+    ref = attncc.reference(BIAS, *ref_ins[:3], bias=ref_ins[3])
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    for a, b_ in zip(ins, ref_ins):
+        assert max_err(a.grad, b_.grad) < 1e-4
+    assert torch.equal(ins[3].grad[2, 3:], torch.zeros(L - 3))  # clamped scores: derivative 0
+    assert torch.equal(ins[3].grad[6, :5], torch.zeros(5))
+
+
+# ----------------------------------------------------------------------------- float-built indices
+T5_INLINE = ("pattern t5:\n    tensor table: float32[H, 16]\n    mask: kv <= q\n"
+             "    score: s + table[h, where(q - kv < 8, q - kv, min(15, 8 + floor(8 * log((q - kv) / 8) / log(16))))]\n")
+
+
+def _t5_bucket_exact(d: torch.Tensor) -> torch.Tensor:
+    """T5's causal bucket (8 exact, 8 log-spaced up to distance 128) in integer arithmetic:
+    ``8 + floor(8 * log(d / 8) / log(16)) = 8 + floor(log2(d * d)) - 6``."""
+    d = d.long()
+    big = torch.tensor([8 + (int(x) * int(x)).bit_length() - 7 for x in d.flatten().clamp(min=1)]).view(d.shape)
+    return torch.where(d < 8, d, big.clamp(max=15))
+
+
+def test_float_built_bucket_index_agrees_at_exact_powers():
+    """The float32 kernel put |kv - q| = 64 in bucket 13 (5.9999995), the float64 reference in
+    14 (0.53 in the output). Both now follow the FLOOR_TOL rule; checked against exact
+    integer buckets through SDPA at every distance up to 129 (16, 32, 64, 128 included)."""
+    L = 130
+    q, k, v = _qkv(L, D=16)
+    table = torch.randn(1, 16) * 3
+    _, out, _ = _agree(T5_INLINE, q, k, v, table=table)
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    d = (qi - ki).clamp(min=0)
+    bias = torch.where(ki <= qi, table[0, _t5_bucket_exact(d)], torch.tensor(-math.inf))
+    sd = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert max_err(out, sd) < 1e-4
+
+
+@pytest.mark.parametrize("d", [8, 16, 64, 128, 4096])
+def test_float_built_index_boundaries_in_the_reference(d):
+    """The rule itself at exact powers (float64 and float32 evaluation alike)."""
+    from attncc.dense import eval_expr
+    expr = attncc.lower(T5_INLINE).score.atoms(__import__("sympy").Indexed).pop().indices[1]
+    for dt in (torch.float64, torch.float32):
+        env = {attncc.ir.q: torch.tensor([d]), attncc.ir.kv: torch.tensor([0])}
+        got = int(eval_expr(expr, env, {}, float_dtype=dt).floor())
+        assert got == int(_t5_bucket_exact(torch.tensor([d]))[0]), (d, dt, got)

@@ -76,6 +76,9 @@ class TritonPrinter:
             return repr(v) if v >= 0 else f"({v!r})"
         if e is sp.E:
             return repr(float(sp.E))
+        if e.is_number and e.is_extended_real and e.is_finite:  # exp(1) * sqrt(2), pi / 3, ...: one float
+            v = float(e)
+            return repr(v) if v >= 0 else f"({v!r})"
         if isinstance(e, sp.Symbol):
             raise KeyError(f"no kernel name for symbol {e}")
         if isinstance(e, sp.Indexed):

@@ -274,3 +274,34 @@ def check_reads(compiled: list, sizes: dict, tensors: dict) -> None:
             raise ValueError(f"the mask reads {text} with index {axis} ranging over [{lo}, {hi}] for these sizes, "
                              f"but tensor {name!r} has {n} entries on that axis "
                              f"(sizes: {', '.join(f'{k}={v}' for k, v in sizes.items())})")
+
+
+def compile_value_checks(value_read_checks: tuple) -> list:
+    """:attr:`attncc.passes.KernelPlan.value_read_checks` as ``(clause, [(tensor, axis,
+    f_lo, f_hi), ...])`` with plain Python callables of the sizes (``None`` for reads
+    without a static range)."""
+    syms = [I.SIZES[n] for n in I.SIZES]
+    out = []
+    for clause, checks in value_read_checks:
+        fs = []
+        for name, axis, _text, lo, hi in checks:
+            if lo is None:
+                fs.append((name, axis, None, None))
+            else:
+                fs.append((name, axis, sp.lambdify(syms, lo, modules="math"), sp.lambdify(syms, hi, modules="math")))
+        out.append((clause, fs))
+    return out
+
+
+def clauses_to_check(compiled: list, sizes: dict, tensors: dict) -> tuple:
+    """The clauses of :func:`compile_value_checks` whose reads are not shown in bounds by
+    their static index ranges at these sizes: they need the value check
+    (:func:`attncc.dense.check_clause_reads`)."""
+    args = I.size_values(sizes)
+    out = []
+    for clause, fs in compiled:
+        for name, axis, f_lo, f_hi in fs:
+            if f_lo is None or int(f_lo(*args)) < 0 or int(f_hi(*args)) >= tensors[name].shape[axis]:
+                out.append(clause)
+                break
+    return tuple(out)

@@ -76,6 +76,9 @@ class TritonPrinter:
             return repr(v) if v >= 0 else f"({v!r})"
         if e is sp.E:
             return repr(float(sp.E))
+        if e.is_number and e.is_extended_real and e.is_finite:  # exp(1) * sqrt(2), pi / 3, ...: one float
+            v = float(e)
+            return repr(v) if v >= 0 else f"({v!r})"
         if isinstance(e, sp.Symbol):
             raise KeyError(f"no kernel name for symbol {e}")
         if isinstance(e, sp.Indexed):
@@ -119,9 +122,9 @@ class TritonPrinter:
                 return f"tl.sqrt({self._flt(base)})"
             return f"tl.exp2({self._flt(ex)} * tl.log2({self._flt(base)}))"
         if isinstance(e, sp.floor):
-            return self._intdiv(e.args[0], "_floordiv", "tl.floor")
+            return self._intdiv(e.args[0], "_floordiv", "_floor_snap")
         if isinstance(e, sp.ceiling):
-            return self._intdiv(e.args[0], "_cdiv", "tl.ceil")
+            return self._intdiv(e.args[0], "_cdiv", "_ceil_snap")
         if isinstance(e, sp.Mod):
             a, m = e.args
             if a.is_integer and m.is_integer:
@@ -196,7 +199,8 @@ class TritonPrinter:
             return f"{helper}({self.p(sp.expand(num))}, {int(den)})"
         if num.is_integer and den.is_integer and den.is_positive:  # e.g. q // X on a grid
             return f"{helper}({self.p(sp.expand(num))}, {self.p(den)})"
-        return f"{float_fn}({self._flt(x)})"
+        # an integer: key-range bounds and indices are int32 (a float bound crashes the launch)
+        return f"{float_fn}({self._flt(x)}).to(tl.int32)"
 
     def index_code(self, e: sp.Indexed) -> tuple[str, str]:
         """``(offset, mask)`` code of a read: the element offset from the tensor's base

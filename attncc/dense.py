@@ -219,15 +219,26 @@ def _integer_fraction(x):
     return _FRACTIONS[x]
 
 
+#: floor / ceil of a float expression treat a value within ``FLOOR_TOL * max(1, |x|)`` of an
+#: integer as that integer (2**-18: 64 float32 ulps), in the reference and in the kernels
+#: (``templates/attention.py.j2``: ``_floor_snap``). Integer-valued expressions built from
+#: floats (T5's log-spaced buckets ``floor(8 * log(d / 8) / log(16))``) are then the same
+#: integer in float32 and float64 at exact powers (float32 gives 5.9999995 at d = 64).
+FLOOR_TOL = 2.0 ** -18
+
+
 def _exact_floor(x, ev, fn, float_dtype=torch.float64):
-    """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding)."""
+    """floor/ceil of ``P / c`` with P integer: integer arithmetic (no float rounding); of
+    any other float expression: within :data:`FLOOR_TOL` of an integer snaps to it."""
     frac = _integer_fraction(x)
     if frac is not None:
         n = ev(frac[0])
         d = frac[1] if isinstance(frac[1], int) else ev(frac[1])
         if not n.dtype.is_floating_point and (isinstance(d, int) or not d.dtype.is_floating_point):
             return torch.div(n, d, rounding_mode="floor") if fn is torch.floor else -torch.div(-n, d, rounding_mode="floor")
-    return fn(ev(x).to(float_dtype))
+    xv = ev(x).to(float_dtype)
+    tol = FLOOR_TOL * torch.clamp(torch.abs(xv), min=1.0)
+    return fn(xv + tol) if fn is torch.floor else fn(xv - tol)
 
 
 def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, device, q_rows=None,
@@ -242,14 +253,66 @@ def index_env(B: int, H: int, Lq: int, Lk: int, Hkv: int, D: int, Dv: int, devic
             **dict(zip(I.GRID_SIZES, I.grid_sizes(grid).values()))}
 
 
+#: where a clause's reads are evaluated, as errors name it
+_READ_UNITS = {"mask": "some query/key pair", "score": "some allowed query/key pair", "sink": "some row",
+               "gate": "some output element"}
+
+
 def _check_reads(reads, allowed, what):
+    """Raise ``ValueError`` for the first out-of-bounds read of ``reads`` (pairs ``(name,
+    in_range)`` from :func:`eval_expr`) where ``allowed`` (None: everywhere). The message
+    does not depend on how the evaluation was chunked, so the kernels' checks and the
+    reference raise the same error."""
     for name, ok in reads:
         bad = ~ok
         if allowed is not None:
-            bad = bad & allowed
+            bad = bad & allowed.to(bad.device)
         if bool(bad.any()):
-            raise ValueError(f"the {what} reads tensor {name!r} out of its bounds "
-                             f"(at {int(bad.sum())} query/key pairs): check the index expression and the tensor's shape")
+            raise ValueError(f"the {what} reads tensor {name!r} out of its bounds at {_READ_UNITS[what]}: "
+                             f"check the index expression and the tensor's shape")
+
+
+def check_clause_reads(ir: I.AttentionIR, sizes: dict, tensors: dict, device, clauses=("score", "sink", "gate"),
+                       chunk_elems: int | None = None) -> None:
+    """Raise ``ValueError`` when a tensor read of a clause lands outside its tensor: the one
+    rule of :func:`reference` and of the kernels (which check it before the launch).
+
+    * ``score``: every read (also nested ones, ``table[h, bucket[kv - q + Lq - 1]]``, and both
+      branches of a ``where``) at every allowed (query, key) pair; masked pairs may read
+      anywhere (they never contribute).
+    * ``sink``: every read at every row ``(b, h, q)``; ``gate``: at every output element
+      ``(b, h, q, dv)``.
+
+    The kernels' loads are masked to the tensor's bounds, so without this check such a read
+    would silently count as 0 (mask reads are checked by :func:`dense_mask` /
+    :func:`tile_classes`, with the same message).
+
+    Args:
+        sizes: the call's sizes (``Lq`` / ``Lk``: flattened grids).
+        tensors: spec tensor name -> tensor (checked shapes).
+        clauses: which of ``score``, ``sink``, ``gate`` to check.
+        chunk_elems: query rows are evaluated in chunks of at most this many pairs
+            (default :data:`CHUNK_ELEMS`).
+    """
+    B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
+    grid = I.grid_of(sizes)
+    if "score" in clauses and ir.score.atoms(sp.Indexed):
+        top = [r for r in ir.score.atoms(sp.Indexed)]
+        rows_per = max(1, (chunk_elems or CHUNK_ELEMS) // max(1, B * H * Lk))
+        for r0 in range(0, Lq, rows_per):
+            rows = torch.arange(r0, min(Lq, r0 + rows_per), device=device)
+            env = index_env(B, H, Lq, Lk, sizes["Hkv"], sizes["D"], sizes["Dv"], device, q_rows=rows, grid=grid)
+            env[I.s] = 0.0
+            mask = eval_expr(ir.mask, env, tensors, device=device).to(device)
+            reads: list = []
+            for r in top:
+                eval_expr(r, env, tensors, reads, device=device)
+            _check_reads(reads, mask, "score")
+    for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
+        if clause in clauses and expr is not None and expr.atoms(sp.Indexed):
+            reads = []
+            eval_expr(expr, output_env(sizes, device), tensors, reads, device=device)
+            _check_reads(reads, None, clause)
 
 
 def dense_mask(ir: I.AttentionIR, sizes: dict, tensors: dict, device) -> torch.Tensor:
@@ -303,7 +366,7 @@ def tile_classes(ir: I.AttentionIR, sizes: dict, tensors: dict, block_m: int, bl
         env[I.B], env[I.H] = sizes["B"], sizes["H"]
         reads: list = []
         m = eval_expr(ir.mask, env, tensors, reads).to(device)
-        _check_reads(reads, None, "mask")
+        _check_reads(reads, (rows < Lq).view(1, 1, -1, 1), "mask")  # the padding rows repeat row Lq - 1
         m = torch.broadcast_to(m, (TB, TH, rows.numel(), Lk))
         valid_q = (rows < Lq).view(1, 1, -1, 1)
         any_m = torch.nn.functional.pad(m & valid_q, (0, pad_k), value=False)
@@ -320,6 +383,24 @@ def nonempty_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> int:
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
     m = torch.nn.functional.pad(mask, (0, n_n * block_n - Lk, 0, n_m * block_m - Lq), value=False)
     return int(m.view(B, H, n_m, block_m, n_n, block_n).any(dim=5).any(dim=3).sum())
+
+
+#: finite scores are clamped to ``[-SCORE_LIMIT, SCORE_LIMIT]`` (2**127) by the reference and
+#: by every kernel with a score clause (``templates/attention.py.j2``: ``_clamp_score``)
+SCORE_LIMIT = 2.0 ** 127
+
+
+def clamp_score(score: torch.Tensor) -> torch.Tensor:
+    """The rule for huge finite scores: clamped to ``[-SCORE_LIMIT, SCORE_LIMIT]``; ``-inf``
+    (a pair excluded by the score, e.g. ``where(c, s, -inf)``) stays ``-inf``.
+
+    So a row whose every allowed key carries a finite bias, however negative (``-3e38``),
+    is normalized as usual -- the mean of V when all its scores are at the limit, as
+    ``scaled_dot_product_attention`` and FlexAttention give -- and only a row with no
+    allowed key, or only ``-inf`` scores, gives 0 output and LSE ``-inf``. The kernels
+    compute in base 2 (``score * log2(e)``), which overflows float32 beyond about
+    ``2.36e38``; the limit keeps it finite. Gradients are 0 at clamped scores."""
+    return torch.where(score == -math.inf, score, score.clamp(-SCORE_LIMIT, SCORE_LIMIT))
 
 
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
@@ -340,7 +421,9 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     Returns:
         ``out`` ``(B, Hq, Lq, Dv)`` in ``q.dtype`` (computed in float64), and with
         ``return_lse`` also ``lse`` ``(B, Hq, Lq)`` float32. A row with no allowed
-        key gives 0 output and LSE ``-inf``.
+        key (or only ``-inf`` scores) gives 0 output and LSE ``-inf``; finite scores are
+        clamped to ``+-2**127`` first (:func:`clamp_score`: a row masked by huge finite
+        biases gives the mean of V, as SDPA does).
 
     Raises:
         SpecError, TypeError, ValueError: as :func:`attncc.compile` and the kernel
@@ -371,11 +454,10 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     mask = dense_mask(ir, sizes, tensors, q.device)
     env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device, grid=grid)
     env[I.s] = sc
-    reads_s: list = []
-    score = torch.broadcast_to(eval_expr(ir.score, env, tensors, reads_s).to(torch.float64), (B, Hq, Lq, Lk))
-    _check_reads(reads_s, mask, "score")
+    check_clause_reads(ir, sizes, tensors, q.device)  # score, sink and gate reads in bounds
+    score = torch.broadcast_to(eval_expr(ir.score, env, tensors).to(torch.float64), (B, Hq, Lq, Lk))
     neg = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
-    score = torch.where(mask, score, neg)
+    score = torch.where(mask, clamp_score(score), neg)
     if ir.normalize == "sigmoid":  # independent per pair, no row normalization
         lse = None
         p = torch.where(mask, torch.sigmoid(score), torch.zeros_like(score))
@@ -383,8 +465,14 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         full = score
         if ir.sink is not None:  # exp(sink) joins the denominator; the sink has no value
             full = torch.cat([score, sink_values(ir, tensors, sizes, q.device)[..., None]], dim=-1)
-        lse = torch.logsumexp(full, dim=-1)
-        p = torch.exp(score - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        # normalized by the row max first: at scores near the clamp limit (|score| ~ 1e38) the
+        # LSE cannot hold the log of the row sum (it is below float64's resolution there)
+        m = full.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e_full = torch.exp(full - m)
+        denom = e_full.sum(dim=-1, keepdim=True)
+        lse = (m + torch.log(denom))[..., 0]
+        p = torch.exp(score - m) / torch.where(denom == 0, torch.ones_like(denom), denom)
         p = torch.where(mask, p, torch.zeros_like(p))
     out = torch.matmul(p, vd)
     if ir.gate is not None:

@@ -218,6 +218,8 @@ def _expr_after(tokens: list, idx: int, file: str, lines: list[str], what: str, 
         src = lines[r0 - 1][c0:] + "".join(lines[r0:r1 - 1]) + lines[r1 - 1][:c1]
     try:
         node = ast.parse(src, mode="eval").body
+    except (RecursionError, MemoryError):
+        raise SpecError(f"{what} is nested too deeply", _span(file, lines, r0, c0)) from None
     except SyntaxError as e:
         rel_line = e.lineno or 1
         rel_col = (e.offset or 1) - 1
@@ -359,7 +361,7 @@ def _parse_param(name, sp, toks, file, lines) -> ParamDecl:
     expr = _expr_after(toks, 5, file, lines, "a default value", toks[4])
     try:
         value = ast.literal_eval(expr.node)
-    except ValueError:
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         raise SpecError("a param default must be a literal number or True/False", expr.span_of()) from None
     value = check_param_value(name, ptype, value, expr.span_of())
     return ParamDecl(name, ptype, value, sp)

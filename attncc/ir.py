@@ -302,6 +302,68 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
                        normalize, sink, gate, tuple(lw.lowrank), tuple(lw.free_dims))
 
 
+#: integers in expressions must satisfy |value| < 2**31 (the kernels' index arithmetic is int32)
+INT32_LIMIT = 2 ** 31
+#: a float literal whose shortest decimal form is a fraction with a denominator up to this
+#: is lowered to that exact fraction (see :func:`exact_float`)
+MAX_EXACT_DENOMINATOR = 10 ** 4
+
+
+def exact_float(v: float) -> sp.Expr:
+    """A float literal of a spec as a sympy number: the exact fraction its shortest decimal
+    form names (``0.5`` -> 1/2, ``3.5`` -> 7/2, ``0.1`` -> 1/10) when its denominator is at
+    most :data:`MAX_EXACT_DENOMINATOR`, else a ``Float``. Exact fractions let comparisons
+    of integer indices with scaled indices (``kv <= q * 0.5``) be rewritten to integer form
+    (:func:`exact_relational`), so the kernels and the reference agree on every pair."""
+    if v != v or v in (float("inf"), float("-inf")):
+        return sp.Float(v)
+    r = sp.Rational(repr(v))
+    return r if r.q <= MAX_EXACT_DENOMINATOR else sp.Float(v)
+
+
+def exact_relational(rel):
+    """Rewrite a comparison to an integer-exact form, or return it unchanged.
+
+    * ``lhs OP rhs`` where ``lhs - rhs`` is a sum of rational multiples of integer terms
+      (``kv <= q / 2``, ``kv < Lk * 7 / 10``): both sides multiplied by the common
+      denominator (``2 * kv <= q``).
+    * ``X OP sqrt(Y)`` (either side, also ``Y ** 0.5``) with integer ``X``, ``Y``: squared,
+      ``X <= sqrt(Y)`` <=> ``Y >= 0 and (X < 0 or X**2 <= Y)`` and the mirrored forms (no
+      float rounding: the float32 ``exp2(0.5 * log2(25))`` is 4.9999995).
+
+    Used by the lowering on every comparison, so the reference, the block tables and the
+    kernels all evaluate the exact form."""
+    if not isinstance(rel, (sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne)):
+        return rel
+    lhs, rhs = rel.lhs, rel.rhs
+    op = type(rel)
+    mirror = {sp.Lt: sp.Gt, sp.Le: sp.Ge, sp.Gt: sp.Lt, sp.Ge: sp.Le, sp.Eq: sp.Eq, sp.Ne: sp.Ne}
+    for a, c, o in ((lhs, rhs, op), (rhs, lhs, mirror[op])):
+        if isinstance(c, sp.Pow) and c.exp == sp.Rational(1, 2) and c.base.is_integer and a.is_integer:
+            Y, X = c.base, a
+            sq = o(X ** 2, Y)
+            if o in (sp.Lt, sp.Le):  # X below sqrt(Y)
+                out = sp.And(sp.Ge(Y, 0), sp.Or(sp.Lt(X, 0), sq))
+            elif o in (sp.Gt, sp.Ge):
+                out = sp.And(sp.Ge(Y, 0), sp.Ge(X, 0), sq)
+            else:
+                out = sp.And(sp.Ge(Y, 0), sp.Ge(X, 0), sq)
+                out = out if o is sp.Eq else sp.Not(out)
+            return out
+    d = sp.expand(lhs - rhs)
+    if d.is_integer or not d.free_symbols:
+        return rel
+    den = 1
+    for t in sp.Add.make_args(d):
+        coeff, rest = t.as_coeff_Mul()
+        if not (coeff.is_Rational and (rest == 1 or rest.is_integer)):
+            return rel
+        den = sp.ilcm(den, coeff.q)
+    if den == 1:
+        return rel
+    return op(sp.expand(lhs * den), sp.expand(rhs * den))
+
+
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
 _CMPOPS = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
 
@@ -395,7 +457,10 @@ class _Lowerer:
         self.allow_s = allow_s
         self.dims_mode = False
         self.clause = clause
-        e, kind = self.visit(expr.node)
+        try:
+            e, kind = self.visit(expr.node)
+        except RecursionError:
+            raise SpecError(f"the {clause} expression is nested too deeply", expr.span_of()) from None
         if want == "bool" and kind != "bool":
             raise SpecError(f"the {clause} must be a boolean expression (a comparison, and/or/not), "
                             f"but this is {'an integer' if kind == 'int' else 'a float'} expression", expr.span_of())
@@ -413,7 +478,35 @@ class _Lowerer:
         if meth is None:
             self.err(node, f"unsupported syntax {type(node).__name__} "
                            f"(expressions use numbers, names, operators, comparisons, and/or/not, [] and calls)")
-        return meth(node)
+        try:
+            e, kind = meth(node)
+        except SpecError:
+            raise
+        except (ArithmeticError, TypeError, ValueError, AttributeError, NotImplementedError) as exc:
+            # sympy failing on a constant fold (PrecisionExhausted, Modulo by zero, invalid comparisons...)
+            self.err(node, f"this expression cannot be evaluated ({type(exc).__name__}: {exc})")
+        self._check_finite(node, e, kind)
+        return e, kind
+
+    def _check_finite(self, node, e, kind) -> None:
+        """Refuse constant folds the kernels cannot represent: non-finite or complex values
+        (``log(0)``, ``1 / 0.0``, ``inf - inf``, ``sqrt(-1.0)``; the name ``inf`` itself is
+        allowed) and integers outside the kernels' signed 32-bit range."""
+        if kind == "bool" or not isinstance(e, sp.Expr):
+            return
+        if e.has(sp.zoo, sp.nan, sp.I) or (e.is_number and e.is_extended_real is False):
+            self.err(node, "this expression folds to a non-finite or complex value "
+                           f"({e}): the kernels and the reference compute in real floating point")
+        if e.is_number and e.is_extended_real and not e.is_finite and not isinstance(node, (ast.Name, ast.UnaryOp)):
+            if not any(isinstance(n, ast.Name) and n.id == "inf" for n in ast.walk(node)):
+                self.err(node, f"this expression folds to {e}: use the name inf for an infinite value")
+        for a in sp.preorder_traversal(e):
+            if a.is_Integer and abs(int(a)) >= INT32_LIMIT:
+                self.err(node, f"the integer {a} is outside the kernels' 32-bit index range "
+                               f"(|value| < 2**31): use a smaller constant")
+            if a.is_Rational and not a.is_Integer and max(abs(a.p), a.q) >= INT32_LIMIT:
+                self.err(node, f"the fraction {a} has a numerator or denominator outside the kernels' 32-bit "
+                               f"range (< 2**31)")
 
     def visit_Constant(self, node):
         v = node.value
@@ -422,7 +515,7 @@ class _Lowerer:
         if isinstance(v, int):
             return sp.Integer(v), "int"
         if isinstance(v, float):
-            return sp.Float(v), "float"
+            return exact_float(v), "float"
         self.err(node, f"unsupported constant {v!r} (expected a number or True/False)")
 
     def visit_Name(self, node):
@@ -446,7 +539,11 @@ class _Lowerer:
             v, t = self.values[n], self.ptypes[n]
             if t == "bool":
                 return (sp.true if v else sp.false), "bool"
-            return (sp.Integer(v), "int") if t == "int" else (sp.Float(v), "float")
+            if t == "int":
+                if abs(int(v)) >= INT32_LIMIT:
+                    self.err(node, f"param {n!r} = {v} is outside the kernels' 32-bit index range (|value| < 2**31)")
+                return sp.Integer(v), "int"
+            return exact_float(float(v)), "float"
         if n in self.tensor_decls:
             if self.dims_mode:
                 self.err(node, "a tensor dimension cannot read a tensor")
@@ -489,15 +586,15 @@ class _Lowerer:
         if op == "*":
             return a * c, kind
         if op == "/":
-            if c == 0:
+            if c.is_zero:
                 self.err(node.right, "division by zero")
             return a / c, "float"
         if op == "//":
-            if c == 0:
+            if c.is_zero:
                 self.err(node.right, "division by zero")
             return sp.floor(a / c), kind
         if op == "%":
-            if c == 0:
+            if c.is_zero:
                 self.err(node.right, "modulo by zero")
             return sp.Mod(a, c), kind
         return a ** c, ("float" if kind == "float" or (c.is_number and c < 0) else "int")
@@ -542,7 +639,7 @@ class _Lowerer:
             else:
                 self._num(lnode, left, kl, "a comparison")
                 self._num(rnode, right, kr, "a comparison")
-                terms.append(f(left, right))
+                terms.append(exact_relational(f(left, right)))
             left, kl, lnode = right, kr, rnode
         return sp.And(*terms), "bool"
 

@@ -30,6 +30,7 @@ one matcher (:func:`rewrite`), in the style of tinygrad's pattern matcher.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -49,6 +50,20 @@ MAX_BOXES = 3
 
 
 # ----------------------------------------------------------------------------- rewrites
+#: what sympy may raise while simplifying or deciding a valid expression (e.g.
+#: ``PrecisionExhausted`` from ``floor(max(14, q) / 7)``, "The argument 'nan' is not comparable")
+SYMPY_ERRORS = (ArithmeticError, TypeError, ValueError, AttributeError, NotImplementedError, RecursionError)
+
+
+def _simplify(e):
+    """``sympy.simplify(e)``, or ``e`` unchanged where sympy fails on it (a simplification
+    is an optimisation: the unsimplified expression means the same)."""
+    try:
+        return sp.simplify(e)
+    except SYMPY_ERRORS:
+        return e
+
+
 def _is_int(e) -> bool:
     return bool(e.is_integer)
 
@@ -346,8 +361,8 @@ def kv_sets(mask, an: _Analysis) -> list[Interval] | None:
 # ----------------------------------------------------------------------------- index ranges
 #: ranges of the index variables: b in [0, B-1], h in [0, H-1], q in [0, Lq-1], kv in [0, Lk-1]
 def _var_box():
-    from .ir import B, H, Lq, b
-    return {b: (0, B - 1), h: (0, H - 1), q: (0, Lq - 1), kv: (0, Lk - 1)}
+    from .ir import B, H, Dv, Lq, b, dv
+    return {b: (0, B - 1), h: (0, H - 1), q: (0, Lq - 1), kv: (0, Lk - 1), dv: (0, Dv - 1)}
 
 
 def index_range(expr):
@@ -362,7 +377,7 @@ def index_range(expr):
         if d is None:
             return None
         lo_subs[var], hi_subs[var] = (a, z) if d >= 0 else (z, a)
-    return sp.simplify(expr.subs(lo_subs)), sp.simplify(expr.subs(hi_subs))
+    return _simplify(expr.subs(lo_subs)), _simplify(expr.subs(hi_subs))
 
 
 def read_in_bounds(ix, dim) -> bool:
@@ -371,7 +386,7 @@ def read_in_bounds(ix, dim) -> bool:
     if r is None:
         return False
     lo, hi = r
-    return bool(sp.simplify(lo).is_nonnegative) and bool(sp.simplify(dim - 1 - hi).is_nonnegative)
+    return bool(_simplify(lo).is_nonnegative) and bool(_simplify(dim - 1 - hi).is_nonnegative)
 
 
 def read_checks(ir: AttentionIR, expr) -> tuple:
@@ -387,6 +402,39 @@ def read_checks(ir: AttentionIR, expr) -> tuple:
             if r is not None:
                 out.append((t.name, axis, str(read), r[0], r[1]))
     return tuple(out)
+
+
+def value_read_checks(ir: AttentionIR, expr) -> tuple:
+    """The tensor reads of a score, sink or gate expression that are not provably in bounds:
+    tuples ``(tensor, axis, index text, min expr, max expr)``, min / max ``None`` when the
+    index depends on tensor values or is not monotone (``table[h, bucket[kv - q]]``).
+
+    A read is checked before the launch only when its static range does not fit the tensor
+    at the call's sizes, or it has none (see :func:`attncc.dense.check_clause_reads`)."""
+    if expr is None:
+        return ()
+    out = []
+    for read in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
+        t = ir.tensor(str(read.base.label))
+        for axis, ix in enumerate(read.indices):
+            if ix.atoms(sp.Indexed):
+                out.append((t.name, axis, str(read), None, None))
+                continue
+            if read_in_bounds(ix, t.shape[axis]):
+                continue
+            r = index_range(ix)
+            out.append((t.name, axis, str(read), *(r if r is not None else (None, None))))
+    return tuple(out)
+
+
+def index_tensors(expr) -> tuple:
+    """Names of the tensors read inside the indices of other reads of ``expr`` (whose values
+    decide where those reads land), sorted."""
+    names = set()
+    for read in expr.atoms(sp.Indexed) if expr is not None else ():
+        for ix in read.indices:
+            names |= {str(r.base.label) for r in sp.sympify(ix).atoms(sp.Indexed)}
+    return tuple(sorted(names))
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -483,7 +531,7 @@ def box_analysis(ir: AttentionIR):
             rn = {q_lo: BQ_LO[i], q_hi: BQ_HI[i], Lk: LG[i]}
             if d == 1:
                 rn[GQ[i]] = sp.Integer(0)
-            axis_sets.append([Interval(*(sp.simplify(x.xreplace(rn)) for x in (v.lo, v.hi, v.flo, v.fhi)))
+            axis_sets.append([Interval(*(_simplify(x.xreplace(rn)) for x in (v.lo, v.hi, v.flo, v.fhi)))
                               for v in ivs])
         for combo in _product(axis_sets):
             boxes.append(Box(tuple(combo)))
@@ -527,6 +575,9 @@ class KernelPlan:
         mask_uses_b / mask_uses_h: the mask depends on the batch / head index.
         notes: lines for ``attncc explain``.
         mask_read_checks: see :func:`read_checks` (checked before each launch).
+        value_read_checks: ``((clause, checks), ...)`` for the clauses ``score``, ``sink``,
+            ``gate`` with reads not provably in bounds (:func:`value_read_checks`), checked
+            before each launch as :func:`attncc.reference` checks them.
         groups / boxes: ``box`` only: dilation groups per grid axis (sympy expressions of
             the sizes) and the :class:`Box` list (see :func:`box_analysis`).
         box_mask: ``box`` only: the coordinate-form mask with the residue tests that the
@@ -544,6 +595,7 @@ class KernelPlan:
     mask_uses_h: bool = False
     notes: tuple = ()
     mask_read_checks: tuple = ()
+    value_read_checks: tuple = ()
     groups: tuple = ()
     boxes: tuple = ()
     box_mask: sp.Basic = None
@@ -624,9 +676,25 @@ def lowrank_notes(ir: AttentionIR) -> tuple:
 def plan(ir: AttentionIR) -> KernelPlan:
     """Analyse ``ir`` and choose how the kernel finds its key tiles.
 
+    Where sympy fails inside an analysis of a valid mask (:data:`SYMPY_ERRORS`), the
+    pattern takes the block-table path, which evaluates the mask itself and is exact.
+
     Returns:
         The :class:`KernelPlan`.
     """
+    try:
+        kp = _plan(ir)
+    except SYMPY_ERRORS as e:
+        note = f"the closed-form analysis failed ({type(e).__name__}: {e}); block table instead"
+        return KernelPlan(ir, "table", mask_tensors=tuple(t.name for t in ir.tensors_in(ir.mask)),
+                          score_tensors=tuple(t.name for t in ir.tensors_in(ir.score)),
+                          score_is_identity=(ir.score == s), mask_uses_b=I.b in ir.mask.free_symbols,
+                          mask_uses_h=h in ir.mask.free_symbols, mask_read_checks=(), notes=(note,))
+    checks = {c: value_read_checks(ir, e) for c, e in (("score", ir.score), ("sink", ir.sink), ("gate", ir.gate))}
+    return dataclasses.replace(kp, value_read_checks=tuple((c, v) for c, v in checks.items() if v))
+
+
+def _plan(ir: AttentionIR) -> KernelPlan:
     mask_tensors = tuple(t.name for t in ir.tensors_in(ir.mask))
     score_tensors = tuple(t.name for t in ir.tensors_in(ir.score))
     common = dict(mask_tensors=mask_tensors, score_tensors=score_tensors,
@@ -638,6 +706,9 @@ def plan(ir: AttentionIR) -> KernelPlan:
         return KernelPlan(ir, "table", **common)
     if ir.grid:
         groups, boxes, why = box_analysis(ir)
+        if boxes is not None and not boxes:  # empty everywhere: no key tile to visit, 0 / -inf rows
+            return KernelPlan(ir, "closed", intervals=(), exact=True,
+                              **dict(common, notes=common["notes"] + ("the mask is empty for every pair",)))
         if boxes is not None:
             return KernelPlan(ir, "box", groups=tuple(groups), boxes=tuple(boxes),
                               box_mask=drop_residues(ir.coord_mask, groups), **common)
@@ -653,7 +724,7 @@ def plan(ir: AttentionIR) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         common["notes"] = common.get("notes", ()) + tuple(an.notes)
         return KernelPlan(ir, "table", **common)
-    ivs = [Interval(*(sp.simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
+    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
     ivs = sorted(ivs, key=_full_width, reverse=True)
     common["notes"] = common.get("notes", ()) + tuple(an.notes)
     return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, **common)

@@ -13,19 +13,20 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, compile_read_checks,
-                           compile_size_checks, flatten_grid, shape_functions)
+from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, clauses_to_check,
+                           compile_read_checks, compile_size_checks, compile_value_checks, flatten_grid,
+                           shape_functions)
 from attncc.codegen import backward_support
-from attncc.dense import lowrank_factors
+from attncc.dense import check_clause_reads, lowrank_factors
 from attncc.gradients import partial_shape, reduce_partials
 from attncc.ir import grid_sizes, size_values
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
-from attncc.passes import KernelPlan
+from attncc.passes import KernelPlan, index_tensors
 
 from . import cache
 from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates
-from .tiles import block_table
+from .tiles import block_table, tensor_digest
 
 
 _OPS: dict = {}
@@ -218,6 +219,13 @@ class CompiledAttention:
         self.config = config
         self._module = None
         self._read_checks = compile_read_checks(plan.mask_read_checks)
+        self._value_checks = compile_value_checks(plan.value_read_checks)
+        #: the tensors whose values decide whether the value checks pass (mask tensors and
+        #: tensors read inside indices), and the keys of the checks passed (see _check_values)
+        self._value_keyed = tuple(sorted(set(plan.mask_tensors) | {n for e in (plan.ir.score, plan.ir.sink,
+                                                                               plan.ir.gate)
+                                                                   for n in index_tensors(e)}))
+        self._values_ok: dict = {}
         self._shapes = shape_functions(plan.ir)
         self._size_checks = compile_size_checks(plan.ir)
         self._tuned = {}
@@ -456,6 +464,27 @@ class CompiledAttention:
         check_reads(self._read_checks, sizes, tens)
         return sizes, tens
 
+    def _check_values(self, sizes: dict, named: dict, device) -> None:
+        """Before a launch: the score / sink / gate reads in bounds, by the reference's rule
+        (:func:`attncc.dense.check_clause_reads`), where their static index ranges do not
+        show it for these sizes. A check passed is remembered per (clauses, sizes, content
+        of the mask tensors and of the tensors read inside indices), so repeated calls cost a
+        content comparison (see :func:`attncc.runtime.tiles.tensor_digest`).
+
+        Raises:
+            ValueError: a read outside its tensor (the reference's message).
+        """
+        if not self._value_checks:
+            return
+        clauses = clauses_to_check(self._value_checks, sizes, named)
+        if not clauses:
+            return
+        key = (clauses, tuple(sorted(sizes.items())), tuple(tensor_digest(named[n]) for n in self._value_keyed))
+        if key in self._values_ok:
+            return
+        check_clause_reads(self.ir, sizes, named, device, clauses)
+        _remember(self._values_ok, key, True)
+
     def module(self, device: torch.device):
         """The loaded generated module, checked to be able to run on ``device``.
 
@@ -528,6 +557,9 @@ class CompiledAttention:
         # gated patterns also keep the ungated output (the backward needs it)
         gated = self.ir.gate is not None
         out_u = torch.empty_like(out) if gated else out.new_empty(0)
+        if self._value_checks:  # the grid's own token count, not the box layout's padded one
+            n = math.prod(layout[:3]) if self.plan.path == "box" else None
+            self._check_values(dict(lp.sizes, **({"Lq": n, "Lk": n} if n else {})), self._named(tensors), q.device)
         if lp.tables is not None:
             tables, tstrides = lp.tables
         else:
@@ -796,7 +828,10 @@ class CompiledAttention:
 def _make_op(kern: CompiledAttention):
     """Register ``attncc::<pattern>_<hash>`` as a torch custom op with a fake (meta)
     implementation, so ``torch.compile(fullgraph=True)`` traces through it."""
-    name = f"attncc::{kern.ir.name}_{kern.key[:16]}"
+    # torch's schema parser takes ASCII identifiers: other characters of a pattern name
+    # (``pattern é:`` is a valid Python identifier) are spelled by their code point
+    safe = "".join(c if c.isascii() and (c.isalnum() or c == "_") else f"u{ord(c):x}" for c in kern.ir.name)
+    name = f"attncc::{safe}_{kern.key[:16]}"
     if kern.config is not None:  # a fixed launch config is part of the op's behaviour
         c = kern.config
         name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"

@@ -55,24 +55,31 @@ class BlockTable:
         return (TH * n_n if TB > 1 else 0, n_n if TH > 1 else 0, 1, n_m)
 
 
-_DIGESTS: dict = {}  # id(tensor) -> (weakref, version, digest)
+_DIGESTS: dict = {}  # id(tensor) -> (weakref, data_ptr, snapshot, digest)
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """Content hash of a tensor (shape, dtype and bytes).
+    """Content hash of a tensor (shape, dtype and bytes): the block-table cache's key for a
+    mask tensor, so a table is reused exactly when the mask tensor holds the same values.
 
-    Remembered per tensor object and version counter, so calling again with the same,
-    unmodified tensor does not copy it to the host (no device sync).
+    The hash of a tensor seen before is reused only after an exact on-device comparison
+    with a snapshot taken when it was hashed (``torch.equal``: no copy to the host, one
+    scalar result). Every in-place change is caught, also those that do not bump the
+    version counter (``t.numpy()[:] = 0``, ``t.data.zero_()``), and inference tensors
+    (``torch.inference_mode()``, which have no version counter) work the same way. The
+    snapshot costs one copy of each mask tensor passed, freed with the tensor.
     """
     seen = _DIGESTS.get(id(t))
-    if seen is not None and seen[0]() is t and seen[1] == t._version:
-        return seen[2]
+    if (seen is not None and seen[0]() is t and seen[1] == t.data_ptr() and seen[2].shape == t.shape
+            and seen[2].dtype == t.dtype and torch.equal(seen[2], t.detach())):
+        return seen[3]
+    snap = t.detach().clone()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    h.update(snap.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     d = h.hexdigest()
     key = id(t)
-    _DIGESTS[key] = (weakref.ref(t, lambda _r, key=key: _DIGESTS.pop(key, None)), t._version, d)
+    _DIGESTS[key] = (weakref.ref(t, lambda _r, key=key: _DIGESTS.pop(key, None)), t.data_ptr(), snap, d)
     return d
 
 

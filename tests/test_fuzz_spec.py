@@ -121,19 +121,21 @@ BATCH = 10
 @fuzz(140)
 @given(st.randoms(use_true_random=False))
 def test_random_specs_raise_only_spec_errors(rnd):
-    """1,400 random specs per run: all parsed and lowered, one in ten planned."""
+    """1,400 random specs per run: all parsed and lowered, one in twenty planned (planning is
+    the sympy-heavy part; the suite's time budget)."""
+    plan_this_batch = rnd.random() < 0.5
     for i in range(BATCH):
-        _pipeline(random_spec(rnd), with_plan=(i == 0))
+        _pipeline(random_spec(rnd), with_plan=(i == 0 and plan_this_batch))
 
 
 @fuzz(70)
 @given(st.randoms(use_true_random=False))
 def test_mutated_library_specs_raise_only_spec_errors(rnd):
-    """700 mutated library specs per run, parsed and lowered; one in three planned (each
+    """700 mutated library specs per run, parsed and lowered; one in five planned (each
     distinct IR once)."""
     texts = sorted({p.read_text() for p in attncc.library_patterns().values()})
     for i in range(BATCH):
-        _pipeline(mutated_spec(rnd, texts), with_plan=(i % 3 == 0))
+        _pipeline(mutated_spec(rnd, texts), with_plan=(i % 5 == 0))
 
 
 def test_rendering_of_random_specs():

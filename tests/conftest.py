@@ -5,6 +5,9 @@ import tempfile
 
 import pytest
 
+# the suite checks the Triton kernels (under the interpreter on CPU); tests/test_cpu_exec.py
+# forces the PyTorch executor with backend="torch"
+os.environ.setdefault("ATTNCC_CPU", "interpret")
 # a fresh on-disk cache for the whole run (the cache tests check rebuilds in it)
 os.environ.setdefault("ATTNCC_CACHE_DIR", tempfile.mkdtemp(prefix="attncc-test-cache-"))
 

@@ -17,7 +17,10 @@ slower). It computes what the kernel computes, from the same plan:
   score and mask expressions of the IR evaluated with :func:`attncc.dense.eval_expr` (the
   dense reference's evaluator) in float32, then a tile-wise exact softmax over the chunk's
   keys in float32 (sink logits join the denominator, sigmoid attention weights each pair),
-  ``O = P V``, the gate. GQA maps query head ``h`` to key/value head ``h // (Hq / Hkv)``
+  ``O = P V``, the gate. Chunks whose score is plain ``s`` (no score expression, dot() terms,
+  sink or sigmoid; ``D == Dv``) run torch's fused CPU attention kernel instead, once on
+  their full tiles (no mask) and once on their partial tiles (the mask as a ``0 / -inf``
+  bias), the two merged by their LSEs. GQA maps query head ``h`` to key/value head ``h // (Hq / Hkv)``
   without copying K/V. A row with no allowed key gives 0 output and LSE ``-inf``.
 * **Backward.** Per chunk, the chunk's forward is recomputed with autograd and
   differentiated (FlashAttention-2's recomputation: memory is one chunk's score matrix,
@@ -319,6 +322,9 @@ def _chunk_forward(kern, sizes: dict, ch: Chunk, qc, kc, vc, uc, wc, named: dict
         lse = sink + 0.0 if sink is not None else torch.full((B, Hq, R), -math.inf, device=device)
         if ir.normalize == "sigmoid":
             lse = torch.zeros((B, Hq, R), device=device)
+    elif (not grad and _FUSED is not None and kern.plan.score_is_identity and uc is None and sink is None
+          and ir.normalize != "sigmoid" and qc.shape[-1] == vc.shape[-1]):  # the fused kernel wants D == Dv
+        out, lse = _fused_chunk(ir, ch, env, qc, kc, vc, named, scale)
     else:
         identity = kern.plan.score_is_identity
         qs = qc * scale if identity and uc is None else qc
@@ -376,6 +382,56 @@ def _chunk_forward(kern, sizes: dict, ch: Chunk, qc, kc, vc, uc, wc, named: dict
     if ir.gate is not None:
         out = out * eval_expr(ir.gate, env, named, float_dtype=torch.float32).to(torch.float32)
     return out, lse, out_u
+
+
+#: torch's fused CPU attention kernel (FlashAttention-style, returns the LSE too); chunks whose
+#: score is plain ``s`` (no score expression, dot() terms, sink or sigmoid) run through it
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_chunk(ir, ch: Chunk, env: dict, qc, kc, vc, named: dict, scale: float):
+    """One chunk with an identity score through :data:`_FUSED`: the mask of the partial tiles'
+    columns as an additive ``0 / -inf`` bias (full tiles get none), K/V expanded to the query
+    heads under GQA. Rows with no allowed key: 0 and LSE ``-inf``."""
+    B, Hq, R, _ = qc.shape
+    n = kc.shape[2]
+    G = Hq // kc.shape[1]
+    if G > 1:
+        kc, vc = kc.repeat_interleave(G, dim=1), vc.repeat_interleave(G, dim=1)
+    runs = ch.runs if ch.runs is not None else ((0, n),)
+    if ir.mask == sp.true:
+        runs = ()
+    full = _runs([not any(a <= c < z for a, z in runs) for c in range(n)]) if runs else [(0, n)]
+    if runs and full:  # full tiles without a mask, the partial ones masked; merged by their LSEs
+        def cols(x, spans):
+            return x[:, :, spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat(
+                [x[:, :, a:z] for a, z in spans], 2)
+
+        o1, l1 = _FUSED(qc.contiguous(), cols(kc, full).contiguous(), cols(vc, full).contiguous(), 0.0, False,
+                        scale=scale)
+        sub = dict(env)
+        sub[I.kv] = cols(env[I.kv].transpose(-1, 2), runs).transpose(-1, 2)
+        o2, l2 = _fused_chunk(ir, Chunk(ch.r0, ch.r1, None, 0, 0, None), sub, qc, cols(kc, runs), cols(vc, runs),
+                              named, scale)
+        lse = torch.logaddexp(l1, l2)
+        return o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None], lse
+    bias, empty = None, None
+    if runs:
+        keeps = []
+        for a, z in runs:
+            sub = dict(env)
+            sub[I.kv] = env[I.kv][..., a:z]
+            keeps.append((a, z, eval_expr(ir.mask, sub, named)))
+        shape = torch.broadcast_shapes((1, 1, R, n), *[x.shape[:-1] + (n,) for _, _, x in keeps])
+        bias = torch.zeros(shape, dtype=qc.dtype, device=qc.device)
+        for a, z, keep in keeps:
+            bias[..., a:z].masked_fill_(~torch.broadcast_to(keep, shape[:-1] + (z - a,)), -math.inf)
+        empty = (bias == -math.inf).all(-1)
+    out, lse = _FUSED(qc.contiguous(), kc.contiguous(), vc.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+    if empty is not None and bool(empty.any()):
+        out = torch.where(empty[..., None], 0.0, out)
+        lse = torch.where(empty, -math.inf, lse)
+    return out, lse
 
 
 def _setup(kern, q, k, v, tensors: List[torch.Tensor], layout: list, lowrank):

@@ -34,7 +34,8 @@ def _plan_cached(ir_key: str, ir) -> KernelPlan:
 
 
 def compile(spec, pattern: str | None = None, *, block_m: int | None = None, block_n: int | None = None,
-            num_warps: int = 4, num_stages: int = 2, deterministic: bool = True, **params):
+            num_warps: int = 4, num_stages: int = 2, deterministic: bool = True, backend: str | None = None,
+            **params):
     """Compile an attention pattern to a fused Triton kernel.
 
     Args:
@@ -48,6 +49,11 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
             fixed order, bitwise reproducible (default); ``False`` adds them with
             floating-point atomics in the kernel instead (no partial buffers, but the
             last bits vary from run to run). q/k/v gradients never use atomics.
+        backend: what runs on CPU tensors: ``"torch"``, a tiled PyTorch executor built from
+            the same plan (:mod:`attncc.runtime.cpu`; fast), or ``"interpret"``, the generated
+            Triton kernels under the Triton interpreter (slow; what the test suite checks).
+            Default ``None``: the environment variable ``ATTNCC_CPU`` (``torch`` or
+            ``interpret``), else ``"torch"``. CUDA tensors always run the Triton kernels.
         **params: values for the spec's ``param`` declarations (specialised into
             the kernel).
 
@@ -61,7 +67,7 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         SpecError: the spec has an error (message gives ``file:line:col``), or
             ``pattern`` is missing/ambiguous.
         TypeError: unknown params or a param without default left unset.
-        ValueError: bad block sizes.
+        ValueError: bad block sizes, or an unknown ``backend``.
     """
     from .dsl import PatternSpec, read_spec
 
@@ -114,7 +120,7 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val}")
         config = Config(bm, bn, num_warps, num_stages)
-    return CompiledAttention(kp, source, path, key, config, deterministic=deterministic)
+    return CompiledAttention(kp, source, path, key, config, deterministic=deterministic, backend=backend)
 
 
 def describe(kp: KernelPlan) -> str:

@@ -24,7 +24,7 @@ from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_con
                            layout_sizes)
 from attncc.passes import KernelPlan, index_tensors
 
-from . import cache
+from . import cache, cpu
 from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates
 from .tiles import block_table, tensor_digest
 
@@ -206,10 +206,17 @@ class CompiledAttention:
         deterministic: spec tensor gradients reduced from per-program partials in a fixed
             order (default), or, when False, added with atomics in the kernel (see
             :mod:`attncc.gradients`).
+        backend: what runs on CPU tensors: ``"torch"`` (the tiled PyTorch executor of
+            :mod:`attncc.runtime.cpu`, built from the same plan), ``"interpret"`` (the
+            Triton kernels under the Triton interpreter), or ``None``: the environment
+            variable ``ATTNCC_CPU``, default ``"torch"``. CUDA tensors always run the kernels.
     """
 
     def __init__(self, plan: KernelPlan, source: str, path, key: str, config: Optional[Config] = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, backend: Optional[str] = None):
+        if backend is not None:
+            cpu.cpu_backend(backend)  # raises for an unknown name
+        self.backend = backend
         self.plan = plan
         self.deterministic = deterministic
         self.ir = plan.ir
@@ -276,6 +283,8 @@ class CompiledAttention:
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
         key = self._call_key(q, k, v, scale, return_lse, tensors) if self.cache_calls else None
+        if key is not None and q.device.type == "cpu":  # the CPU backend decides the box layout
+            key += (cpu.cpu_backend(self.backend),)
         op = self.op
         if key is not None and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
                                                                  any(t.requires_grad for t in tensors.values()))):
@@ -367,7 +376,8 @@ class CompiledAttention:
         if self.ir.lowrank:
             q, k, v, lowrank = self._lowrank_factors(q, k, v, tens, sizes, scale)
         lay = None
-        if self.plan.path == "box":  # differentiated calls take the backward's tiles (see _box_config)
+        if self.plan.path == "box" and not self._torch_cpu(q.device):  # differentiated calls take the
+            # backward's tiles (see _box_config); the CPU executor runs on the row-major grid
             training = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs, *lowrank])
             lay = self.layout_for(sizes, device=q.device, training=training)
         plan = _CallPlan(sizes, tuple(grid), float(scale), names, tuple(tens[n] is not tensors[n] for n in names),
@@ -494,13 +504,20 @@ class CompiledAttention:
         if device.type == "cpu" and not cache.interpreting():
             raise RuntimeError("attncc kernels run on CPU tensors only under the Triton interpreter: set "
                                "TRITON_INTERPRET=1 before triton is imported (attncc does so itself when it is "
-                               "imported first on a machine without a GPU)")
+                               "imported first on a machine without a GPU), or use the CPU executor "
+                               "(backend=\"torch\" or ATTNCC_CPU=torch)")
         if self._module is None:
             mod = cache.load_module(self.path, self.key[:24])
             assert [[g.tensor, g.kind] for g in self._grad_reads] == mod.GRAD_READS, "generated module out of date"
             assert [[g.tensor, g.kind] for g in self._epi_reads] == mod.EPI_READS, "generated module out of date"
             self._module = mod
         return self._module
+
+    def _torch_cpu(self, device) -> bool:
+        """Whether a call on ``device`` runs the CPU executor (:mod:`attncc.runtime.cpu`): CPU
+        tensors, backend ``"torch"`` (see :func:`~attncc.runtime.cpu.cpu_backend`), and not
+        inside :class:`capture` (which records the kernels' launches)."""
+        return device.type == "cpu" and _CAPTURE.get() is None and cpu.cpu_backend(self.backend) == "torch"
 
     def _run(self, device, *launches: Launch) -> None:
         """Launch on ``device`` (or record them inside :func:`capture`)."""
@@ -539,8 +556,12 @@ class CompiledAttention:
         see :meth:`_lowrank_factors`).
 
         Returns:
-            ``(out, lse)``.
+            ``(out, lse, out_u)`` (``out_u``: the ungated output of gated patterns, else empty).
+            CPU tensors run the executor of :mod:`attncc.runtime.cpu` unless the backend is
+            ``"interpret"`` (see :meth:`_torch_cpu`).
         """
+        if self._torch_cpu(q.device) and (self.plan.path != "box" or _is_identity(layout)):
+            return cpu.forward(self, q, k, v, tensors, scale, layout, lowrank)
         if call_key is not None:  # from __call__'s cache: the call's signature fixes this launch's
             key = ("call", call_key)
         else:
@@ -631,6 +652,8 @@ class CompiledAttention:
         """
         if self.backward_error:
             raise NotImplementedError(f"pattern {self.ir.name!r}: {self.backward_error}")
+        if self._torch_cpu(q.device) and (self.plan.path != "box" or _is_identity(layout)):
+            return cpu.backward(self, q, k, v, dout, dlse, tensors, scale, want, layout, lowrank)
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
@@ -825,6 +848,11 @@ class CompiledAttention:
         return out
 
 
+def _is_identity(layout) -> bool:
+    """Whether a layout list is the identity (tokens in the grid's row-major order)."""
+    return not layout or list(layout) == identity_layout(list(layout)[:3])
+
+
 def _make_op(kern: CompiledAttention):
     """Register ``attncc::<pattern>_<hash>`` as a torch custom op with a fake (meta)
     implementation, so ``torch.compile(fullgraph=True)`` traces through it."""
@@ -837,6 +865,8 @@ def _make_op(kern: CompiledAttention):
         name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
     if not kern.deterministic:
         name += "_atomic"
+    if kern.backend is not None:  # a fixed CPU backend too
+        name += f"_{kern.backend}"
     with _LOCK:
         if name in _OPS:  # same IR, templates, compiler and config: the kernel it runs is identical
             return _OPS[name]

@@ -6,6 +6,9 @@ import tempfile
 
 import pytest
 
+# the suite checks the Triton kernels (under the interpreter on CPU); tests/test_cpu_exec.py
+# forces the PyTorch executor with backend="torch"
+os.environ.setdefault("ATTNCC_CPU", "interpret")
 # a fresh on-disk cache for the whole run (the cache tests check rebuilds in it), removed at the end
 _OWN_CACHE = None if "ATTNCC_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="attncc-test-cache-")
 if _OWN_CACHE:

@@ -76,23 +76,25 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         text, file = read_spec(spec)
         try:
             memo = (text, file, pattern, block_m, block_n, num_warps, num_stages, deterministic,
-                    tuple(sorted(params.items())), os.environ.get("ATTNCC_CACHE_DIR"))
+                    tuple(sorted(params.items())), backend, os.environ.get("ATTNCC_CPU"),
+                    os.environ.get("ATTNCC_CACHE_DIR"))
             hash(memo)
         except TypeError:  # an unhashable param value: the compile below reports it
             memo = None
         if memo is not None and memo in _COMPILED:
             return _COMPILED[memo]
-    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params)
+    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params)
     if memo is not None:
         _COMPILED[memo] = kern
     return kern
 
 
-#: compile() results of this process, keyed by (spec text, file, pattern, options, params)
+#: compile() results of this process, keyed by (spec text, file, pattern, options, params, backend and the
+#: environment that decides the backend and the cache)
 _COMPILED: dict = {}
 
 
-def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, params):
+def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params):
     """:func:`compile` without the in-process memo."""
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache

@@ -396,3 +396,41 @@ def test_default_backend_inductor():
         out = torch.compile(model, backend="attncc")(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert all(s.replaced for r in attncc.fx.reports() for s in r.sites)
+
+
+def _masked_fill_not(q, k, v):
+    """``masked_fill(~keep, -inf)``: the most common hand-written causal form."""
+    i, j = torch.arange(q.shape[-2]), torch.arange(k.shape[-2])
+    keep = j[None, :] <= i[:, None]
+    return F.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def _where_keep(q, k, v):
+    """``torch.where(keep, s, -inf)``."""
+    i, j = torch.arange(q.shape[-2]), torch.arange(k.shape[-2])
+    s = torch.where(j[None, :] <= i[:, None], q @ k.transpose(-1, -2) * 0.25, float("-inf"))
+    return F.softmax(s, dim=-1) @ v
+
+
+def _where_chain_window(q, k, v):
+    """A chain of ``where`` (causal, then a window of 4 with ``finfo.min``) and a ``where(drop, min, s)``."""
+    i, j = torch.arange(q.shape[-2]), torch.arange(k.shape[-2])
+    s = torch.where(j[None, :] <= i[:, None], q @ k.transpose(-1, -2) * 0.25, float("-inf"))
+    s = torch.where(i[:, None] - j[None, :] < 4, s, torch.finfo(s.dtype).min)
+    s = torch.where(i[:, None] - j[None, :] > 100, torch.finfo(s.dtype).min, s)
+    return F.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("fn,window", [(_masked_fill_not, None), (_where_keep, None), (_where_chain_window, 4)])
+def test_where_and_masked_fill_not_chains(fn, window):
+    """``masked_fill(~mask, -inf)`` and ``torch.where(mask, s, -inf)`` chains are matched like the
+    additive form: the mask is recovered (no tensor), results equal eager and SDPA."""
+    q, k, v = _qkv(Hkv=4, Lq=16, Lk=16)
+    out, rep = _compile(fn, q, k, v)
+    assert len(rep.replaced) == 1 and not rep.left_alone, str(rep)
+    assert rep.sites[0].pattern.split(";")[0] == ("causal" if window is None else f"sliding_window(window={window})")
+    torch.testing.assert_close(out, fn(q, k, v), atol=2e-5, rtol=1e-5)
+    i = torch.arange(16)
+    keep = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)

@@ -227,6 +227,19 @@ def _rule_fill(g, n):
             yield n.args[0], Step("fill", arg(n, 1, "mask"))
 
 
+def _rule_where(g, n):
+    """``torch.where(keep, x, v)`` (True = attend) or ``torch.where(drop, v, x)`` with ``v``
+    -inf, ``<= -1e30`` or the dtype's lowest value: the hand-written form of masked_fill."""
+    if op_of(n) == "where" and len(n.args) == 3 and isinstance(n.args[0], fx.Node):
+        cond, a, b = n.args
+        for x, v, kind in ((a, b, "keepfill"), (b, a, "fill")):
+            if isinstance(x, fx.Node) and not isinstance(v, fx.Node) and _number(v) is not None:
+                xv = value_of(x)
+                low = torch.finfo(xv.dtype).min if isinstance(xv, torch.Tensor) and xv.is_floating_point() else -1e30
+                if _number(v) <= -1e30 or _number(v) <= low:
+                    yield x, Step(kind, cond)
+
+
 def _rule_add(g, n):
     if op_of(n) == "add" and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
@@ -262,7 +275,7 @@ def _rule_cast(g, n):
 
 
 #: steps between matmul(q, k^T) and the softmax, tried in this order
-SCORE_RULES: List[Callable] = [_rule_softcap, _rule_scale, _rule_add, _rule_fill, _rule_sinks, _rule_shift,
+SCORE_RULES: List[Callable] = [_rule_softcap, _rule_scale, _rule_add, _rule_fill, _rule_where, _rule_sinks, _rule_shift,
                                _rule_cast]
 
 
@@ -386,8 +399,8 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
-        if kind == "drop" and not movable:
-            raise LeaveAlone(f"the masked_fill with {node.name} comes before a non-linear score step")
+        if kind in ("drop", "keep") and not movable:
+            raise LeaveAlone(f"the masked_fill / where with {node.name} comes before a non-linear score step")
         try:
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
@@ -524,11 +537,11 @@ def match_chain(g: Graph, sm: fx.Node) -> Found:
                 f.masks.append((s.value, "additive", True))
             else:
                 f.score_ops.append(("bias", s.value))
-        elif s.kind == "fill":
+        elif s.kind in ("fill", "keepfill"):
             mv = value_of(s.value)
             if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
-                raise LeaveAlone(f"masked_fill with {s.value.name}, which is not a bool tensor")
-            f.masks.append((s.value, "drop", not any(j > i for j in nonlinear_after)))
+                raise LeaveAlone(f"masked_fill / where with {s.value.name}, which is not a bool tensor")
+            f.masks.append((s.value, "drop" if s.kind == "fill" else "keep", not any(j > i for j in nonlinear_after)))
         elif s.kind == "sinks":
             if not dropped_col:
                 raise LeaveAlone("a column is appended to the scores but not dropped after the softmax")

@@ -414,7 +414,16 @@ def padded_chain(q, k, v, am):
     return torch.matmul(p, v)
 
 
-@pytest.mark.parametrize("fn", [padded_sdpa, padded_chain])
+def padded_gather(q, k, v, am):
+    """transformers' padding_mask_function form: ``am[batch_idx, kv_idx]`` by index tensors."""
+    b = torch.arange(q.shape[0])[:, None, None, None]
+    kv = torch.arange(k.shape[2])[None, None, None, :]
+    i = torch.arange(q.shape[2])[None, None, :, None]
+    keep = am.bool()[b, kv] & (kv <= i)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("fn", [padded_sdpa, padded_chain, padded_gather])
 def test_padding_mask_is_a_key_validity_read(fn):
     q, k, v = (x.repeat(2, 1, 1, 1) for x in _qkv(Hq=2, Lq=20, Lk=20))
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
@@ -429,7 +438,7 @@ def test_padding_mask_is_a_key_validity_read(fn):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     # independent: SDPA with the dense mask built here
     dense = am[:, None, None, :].bool().expand(2, 1, 20, 20)
-    if fn is padded_sdpa:
+    if fn is not padded_chain:
         dense = dense & torch.ones(20, 20, dtype=torch.bool).tril()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=dense), atol=2e-5, rtol=1e-5)
     g = torch.randn_like(out)

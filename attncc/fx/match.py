@@ -256,8 +256,13 @@ def _rule_shift(g, n):
             yield x, Step("shift", (m, mx))
 
 
+def _is_bool(n) -> bool:
+    v = value_of(n)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
 def _rule_cast(g, n):
-    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node):
+    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node) and not _is_bool(n):
         yield n.args[0], Step("cast")
 
 
@@ -317,7 +322,7 @@ def _walk_probs(g: Graph, sm: fx.Node):
         op = op_of(u)
         if op == "matmul" and u.args[0] is n:
             return u, u.args[1], dropped_col, notes
-        if op in ("to", "contiguous"):
+        if op in ("to", "contiguous") and not _is_bool(u):
             pass
         elif op == "dropout":
             p, training = arg(u, 1, "p", 0.5), arg(u, 2, "training", True)

@@ -25,7 +25,7 @@ def compiler_fingerprint() -> str:
 
     here = Path(__file__).resolve().parent
     return cache.digest(*[(here / f).read_text()
-                          for f in ("ir.py", "passes.py", "gradients.py", "codegen.py", "compiler.py")])
+                          for f in ("dsl.py", "ir.py", "passes.py", "gradients.py", "codegen.py", "compiler.py")])
 
 
 @functools.lru_cache(maxsize=256)

@@ -434,3 +434,68 @@ def test_where_and_masked_fill_not_chains(fn, window):
     keep = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ padding masks (issue 13 section 3)
+def padded_sdpa(q, k, v, am):
+    """A (B, 1, 1, Lk) key-validity mask from an int attention_mask, and causal."""
+    keep = am[:, None, None, :].to(torch.bool)
+    i, j = torch.arange(q.shape[2]), torch.arange(k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep & (j[None, :] <= i[:, None]))
+
+
+def padded_chain(q, k, v, am):
+    """A (B, 1, Lq, Lk) additive padding mask where(am == 1, 0, -inf), expanded."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    add = torch.where(am[:, None, None, :] == 1, 0.0, float("-inf")).expand(-1, 1, q.shape[2], -1)
+    p = torch.softmax(s + add, dim=-1)
+    return torch.matmul(p, v)
+
+
+def padded_gather(q, k, v, am):
+    """transformers' padding_mask_function form: ``am[batch_idx, kv_idx]`` by index tensors."""
+    b = torch.arange(q.shape[0])[:, None, None, None]
+    kv = torch.arange(k.shape[2])[None, None, None, :]
+    i = torch.arange(q.shape[2])[None, None, :, None]
+    keep = am.bool()[b, kv] & (kv <= i)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@pytest.mark.parametrize("fn", [padded_sdpa, padded_chain, padded_gather])
+def test_padding_mask_is_a_key_validity_read(fn):
+    q, k, v = (x.repeat(2, 1, 1, 1) for x in _qkv(Hq=2, Lq=20, Lk=20))
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    am = torch.ones(2, 20, dtype=torch.long)
+    am[1, 7:] = 0  # the second sequence is padded after 7 keys
+    out, rep = _compile(fn, q, k, v, am)
+    assert len(rep.replaced) == 1 and not rep.left_alone, str(rep)
+    site = rep.sites[0]
+    assert "key_padding" in site.pattern and "pad0[B, Lk]" in site.pattern, site.pattern
+    assert "tensor pad0: int32[B, Lk]" in site.spec and "bool[" not in site.spec, site.spec
+    ref = fn(q, k, v, am)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # independent: SDPA with the dense mask built here
+    dense = am[:, None, None, :].bool().expand(2, 1, 20, 20)
+    if fn is not padded_chain:
+        dense = dense & torch.ones(20, 20, dtype=torch.bool).tril()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=dense), atol=2e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    # other padding values through the same compiled graph: the mask is read, not baked in
+    am2 = torch.ones(2, 20, dtype=torch.long)
+    am2[0, 3:] = 0
+    comp = torch.compile(fn, backend=EAGER, fullgraph=True)
+    torch.testing.assert_close(comp(q, k, v, am2), fn(q, k, v, am2), atol=2e-5, rtol=1e-5)
+
+
+def test_float_input_mask_stays_a_tensor():
+    """A float mask read from the input is not a key-validity read (its values are biases)."""
+    q, k, v = _qkv(Hq=2, Lq=12, Lk=12)
+    bias = torch.randn(1, 1, 1, 12)
+    out, rep = _compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, :, :, :]),
+                        q, k, v, bias)
+    assert "pad0" not in rep.sites[0].spec and "bias" in rep.sites[0].pattern, str(rep)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), atol=2e-5, rtol=1e-5)

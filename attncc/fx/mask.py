@@ -77,17 +77,23 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
 
 def _distinct(x: Index, y: Index) -> Index:
     """``y`` with a fresh symbol for each index axis it shares with ``x`` in another dim
-    (``pos[None, :] <= pos[:, None]`` from one ``arange``: two axes, not one)."""
+    (``pos[None, :] <= pos[:, None]`` from one ``arange``: two axes, not one), and with
+    ``x``'s symbol for an axis of its own along a dim where ``x`` has one (broadcasting
+    pairs elements by position: ``mask[:, None, None, :] & (j[None, :] <= i[:, None])``)."""
     n = max(len(x.axes), len(y.axes))
     xa, ya = (None,) * (n - len(x.axes)) + x.axes, (None,) * (n - len(y.axes)) + y.axes
     where = {a[0]: i for i, a in enumerate(xa) if a is not None}
     subs, axes = {}, list(y.axes)
     for i, a in enumerate(ya):
-        if a is not None and a[0] in where and where[a[0]] != i:
+        if a is not None and xa[i] is not None and xa[i][0] != a[0] and a[0] not in where:
+            # two index axes along one dim (an input read and an arange): one index
+            subs[a[0]] = xa[i][0]
+            axes[i - (n - len(y.axes))] = xa[i]
+        elif a is not None and a[0] in where and where[a[0]] != i:
             fresh = sympy.Symbol(f"i{next(_counter)}", integer=True)
             subs[a[0]] = fresh
             axes[i - (n - len(y.axes))] = (fresh, a[1])
-    return Index(y.expr.subs(subs), tuple(axes)) if subs else y
+    return Index(y.expr.subs(subs, simultaneous=True), tuple(axes)) if subs else y
 
 
 def _binary(f):
@@ -114,8 +120,10 @@ def _arange(ev, node, *args, **kw):
 
 
 def _getitem(ev, node, x, idx):
-    x = ev.arg(x)
     idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, fx.Node) for i in idx):
+        return _gather(ev, x, idx)
+    x = ev.arg(x)
     axes, src = [], list(x.axes)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     for i in idx:
@@ -130,6 +138,40 @@ def _getitem(ev, node, x, idx):
         else:
             raise Opaque(f"indexing with {i!r}")
     return Index(x.expr, tuple(axes + src))
+
+
+def _gather(ev, x, idx):
+    """``t[i0, i1, ...]`` with index tensors (transformers' ``padding_mask[batch_idx, kv_idx]``):
+    each indexed axis's symbol replaced by the index's value, axes broadcast."""
+    x = ev.arg(x)
+    if len(idx) != len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
+        raise Opaque("advanced indexing that is not one index tensor per dim")
+    subs, axes = {}, ()
+    for ax, i in zip(x.axes, idx):
+        iv = ev.node(i)
+        if ax is not None:
+            subs[ax[0]] = iv.expr
+        axes = _broadcast(axes, iv.axes)
+    return Index(x.expr.subs(subs, simultaneous=True), axes)
+
+
+def _input_read(n: fx.Node, val) -> Index:
+    """An integer / bool input tensor (a key-validity ``attention_mask``) as a symbolic
+    read ``t(i0, i1, ...)`` of its dims of size != 1; bool reads are ``t(...) != 0``."""
+    if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex() or val.dim() > 4:
+        raise Opaque(f"it reads the input tensor {n.target!r} (values unknown at compile time)")
+    axes, args = [], []
+    for d in val.shape:
+        if not isinstance(d, torch.SymInt) and d == 1:
+            axes.append(None)
+        else:
+            s = sympy.Symbol(f"i{next(_counter)}", integer=True)
+            axes.append((s, _sym(d)))
+            args.append(s)
+    if not args:
+        raise Opaque(f"it reads the one-element input tensor {n.target!r}")
+    e = sympy.Function(f"read_{n.name}")(*args)
+    return Index(sympy.Ne(e, 0) if val.dtype == torch.bool else e, tuple(axes))
 
 
 def _same(ev, node, x, *a, **k):
@@ -172,25 +214,29 @@ def _unsqueeze(ev, node, x, dim):
 
 
 def _view(ev, node, x, *shape, **kw):
-    """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast."""
+    """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast.
+
+    ``expand`` keeps every dim in place (right-aligned); a view / reshape carries the
+    dims of size != 1 over in order (their sizes must agree pairwise), so equal sizes
+    (``Lq == Lk``) never move an axis to the wrong dim."""
+    src = x
     x = ev.arg(x)
-    out = value_of(node)
-    if not isinstance(out, torch.Tensor):
+    out, before = value_of(node), value_of(src)
+    if not isinstance(out, torch.Tensor) or not isinstance(before, torch.Tensor) or before.dim() != len(x.axes):
         raise Opaque("a view without an example value")
-    real = [a for a in x.axes if a is not None]
-    sizes = [_sym(s) for s in out.shape]
-    axes, it = [], iter(real)
-    pending = next(it, None)
-    for s in sizes:
-        if pending is not None and sympy.simplify(s - pending[1]) == 0:
-            axes.append(pending)
-            pending = next(it, None)
-        else:
-            axes.append(None)
-    if pending is not None:
-        raise Opaque("a reshape that merges or splits index axes")
     if op_of(node) == "expand":
-        pass
+        return Index(x.expr, (None,) * (out.dim() - len(x.axes)) + x.axes)
+
+    def big(shape):
+        return [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) or d != 1]
+
+    src_dims, out_dims = big(before.shape), big(out.shape)
+    if len(src_dims) != len(out_dims) or any(sympy.simplify(_sym(before.shape[i]) - _sym(out.shape[j])) != 0
+                                             for i, j in zip(src_dims, out_dims)):
+        raise Opaque("a reshape that merges or splits dims")
+    axes = [None] * out.dim()
+    for i, j in zip(src_dims, out_dims):
+        axes[j] = x.axes[i]
     return Index(x.expr, tuple(axes))
 
 
@@ -249,6 +295,7 @@ class Evaluator:
 
     def __init__(self):
         self.memo: dict = {}
+        self.reads: dict = {}  # function name -> the input node it reads
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -270,7 +317,8 @@ class Evaluator:
         if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
             res = Index(_sym(val))  # sizes and size arithmetic: their symbolic value
         elif n.op == "placeholder" or n.op == "get_attr":
-            raise Opaque(f"it reads the input tensor {n.target!r} (values unknown at compile time)")
+            res = _input_read(n, val)
+            self.reads[f"read_{n.name}"] = n
         else:
             rule = RULES.get(op_of(n))
             if rule is None:
@@ -280,13 +328,19 @@ class Evaluator:
         return res
 
 
-def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None):
+def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: Optional[list] = None):
     """The mask a node computes, as a sympy boolean over ``q, kv, b, h, Lq, Lk``.
 
     Args:
         node: the mask (bool: True = keep; float: additive, ``0`` keep and
             ``-inf`` / a value ``<= -1e30`` drop).
         sizes: ``{"B", "H", "Lq", "Lk"}`` -> the site's sizes (ints or SymInts).
+
+        reads: when given, an integer / bool input tensor the mask reads (a padding
+            ``attention_mask`` of key validity, ``(B, Lk)`` or ``(B, 1, 1, Lk)``) is kept as
+            a tensor read ``padN[b, kv]`` in the expression (an undefined sympy function
+            ``padN``) and ``(name, dims, node)`` is appended here, ``dims`` the spec's
+            dim names of the read (``("B", "Lk")``); without it such masks are opaque.
 
     Returns:
         The boolean mask expression.
@@ -295,7 +349,10 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None):
         Opaque: the mask is not a function of the indices alone, or its values are not
             exactly keep / drop.
     """
-    v = Evaluator().node(node)
+    ev = Evaluator()
+    v = ev.node(node)
+    if ev.reads and reads is None:
+        raise Opaque(f"it reads the input tensor {next(iter(ev.reads.values())).target!r}")
     e = v.expr
     if isinstance(e, sympy.Piecewise):  # additive: where(keep, 0, -big)
         pieces = e.args
@@ -318,10 +375,12 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None):
         if sympy.simplify(extent - _sym(sizes[name])) != 0:
             raise Opaque(f"its {name} axis has extent {extent}, not the attention's {sizes[name]}")
         subs[sym] = idx
-    e = e.subs(subs)
+    e = e.subs(subs, simultaneous=True)
+    if ev.reads:
+        e = _name_reads(e, ev.reads, reads)
     # the graph's size symbols (dynamic shapes), rewritten in Lq and Lk where possible
     lq, lk = _sym(sizes["Lq"]), _sym(sizes["Lk"])
-    free = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx}
+    free = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
     if free:
         unknowns = sorted((lq.free_symbols | lk.free_symbols) & free, key=str)
         sol = sympy.solve([sympy.Eq(Lq, lq), sympy.Eq(Lk, lk)], unknowns, dict=True) if unknowns else []
@@ -334,3 +393,28 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None):
     if e is sympy.false:
         raise Opaque("the mask drops every pair")
     return e
+
+
+_DIM_OF = {b_idx: "B", h_idx: "H", q_idx: "Lq", kv_idx: "Lk"}
+
+
+def _name_reads(e, inputs: dict, reads: list):
+    """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
+    as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
+    not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor)."""
+    from sympy.core.function import AppliedUndef
+
+    subs = {}
+    for app in sorted(e.atoms(AppliedUndef), key=str):
+        node = inputs.get(app.func.__name__)
+        if node is None:
+            raise Opaque(f"an unknown function {app.func.__name__}")
+        if not all(a in _DIM_OF for a in app.args) or len(set(app.args)) != len(app.args):
+            raise Opaque(f"it reads {node.target!r} at {app.args}, not at plain (b, h, q, kv) indices")
+        if q_idx in app.args and kv_idx in app.args:  # a dense mask: the mask tensor path reads it as bool
+            raise Opaque(f"it reads the input tensor {node.target!r} at every (q, kv) pair (values unknown at "
+                         "compile time)")
+        name = f"pad{len(reads)}"
+        reads.append((name, tuple(_DIM_OF[a] for a in app.args), node))
+        subs[app] = sympy.Function(name)(*app.args)
+    return e.subs(subs)

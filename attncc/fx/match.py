@@ -269,8 +269,13 @@ def _rule_shift(g, n):
             yield x, Step("shift", (m, mx))
 
 
+def _is_bool(n) -> bool:
+    v = value_of(n)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
 def _rule_cast(g, n):
-    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node):
+    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node) and not _is_bool(n):
         yield n.args[0], Step("cast")
 
 
@@ -330,7 +335,7 @@ def _walk_probs(g: Graph, sm: fx.Node):
         op = op_of(u)
         if op == "matmul" and u.args[0] is n:
             return u, u.args[1], dropped_col, notes
-        if op in ("to", "contiguous"):
+        if op in ("to", "contiguous") and not _is_bool(u):
             pass
         elif op == "dropout":
             p, training = arg(u, 1, "p", 0.5), arg(u, 2, "training", True)
@@ -395,7 +400,7 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if f.causal:
         mask = S.kv_idx <= S.q_idx
     tensors, mask_tensor, ops, drops = [], None, [], False
-    notes = []
+    notes, reads = [], []
     for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
@@ -404,7 +409,9 @@ def _site_of(f: Found, sizes: dict, g: Graph):
         try:
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
-            e = recover(node, sizes)
+            got = list(reads)  # names continue after the reads of earlier masks
+            e = recover(node, sizes, reads=got)
+            reads[:] = got
             mask = sympy.And(mask, sympy.Not(e) if kind == "drop" else e)
         except Opaque as e:
             notes.append(f"mask {node.name} passed as a tensor ({e})")
@@ -433,8 +440,8 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if mask is sympy.false:
         raise LeaveAlone("the recovered mask drops every pair")
     site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None,
-                  mask_tensor_drops=drops)
-    return site, tensors + biases, notes
+                  mask_tensor_drops=drops, mask_reads=tuple((n, d) for n, d, _ in reads))
+    return site, tensors + [x for _, _, x in reads] + biases, notes
 
 
 def _sizes(q: fx.Node, k: fx.Node) -> dict:

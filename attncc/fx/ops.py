@@ -45,7 +45,7 @@ _METHODS = {
     "logical_and": "and", "logical_or": "or", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
     "abs": "abs", "matmul": "matmul", "tanh": "tanh", "sigmoid": "sigmoid", "softmax": "softmax",
     "transpose": "transpose", "permute": "permute", "view": "view", "reshape": "reshape", "expand": "expand",
-    "unsqueeze": "unsqueeze", "contiguous": "contiguous", "to": "to", "float": "to", "half": "to",
+    "unsqueeze": "unsqueeze", "contiguous": "contiguous", "to": "to", "float": "to", "half": "to", "bool": "to",
     "bfloat16": "to", "type_as": "to", "clone": "clone", "repeat_interleave": "repeat_interleave", "max": "max",
     "amax": "amax", "new_ones": "new_ones", "new_zeros": "new_zeros", "masked_fill": "masked_fill",
     "__getitem__": "getitem", "div_": "idiv", "mul_": "imul", "__itruediv__": "idiv", "__imul__": "imul",

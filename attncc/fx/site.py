@@ -65,19 +65,26 @@ class Site:
     sinks: bool = False
     gate: bool = False
     mask_tensor_drops: bool = False
+    #: ``((name, dims), ...)``: integer tensors the mask reads (``pad0[b, kv]``, a padding
+    #: ``attention_mask`` of key validity recovered as a per-batch read), ``dims`` the
+    #: spec's dim names (``("B", "Lk")``); passed as int32 with their size-1 dims dropped
+    mask_reads: tuple = ()
 
     def tensor_names(self) -> List[str]:
         """Names of the run-time tensors the spec declares, in call order."""
         names = ["allowed"] if self.mask_tensor else []
+        names += [n for n, _ in self.mask_reads]
         names += [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
         return names + (["sink"] if self.sinks else []) + (["g"] if self.gate else [])
 
     def describe(self) -> str:
         """One-line summary: the inferred pattern name and its clauses."""
-        full = mask_name(self.mask)
+        full = mask_name(without_reads(self.mask))
         bits = [pattern_name(self) + (full[full.index("("):] if "(" in full else "")]
         if self.mask is not None:
             bits.append(f"mask: {print_mask(self.mask)}")
+        for n, dims in self.mask_reads:
+            bits.append(f"key padding {n}[{', '.join(dims)}] read in the mask (padded key tiles skipped)")
         if self.mask_tensor:
             bits.append(f"{'drop ' if self.mask_tensor_drops else ''}mask tensor [{', '.join(self.mask_tensor)}]")
         for op, arg in self.score_ops:
@@ -125,6 +132,33 @@ def _read(dims: tuple) -> str:
     return ", ".join("0" if d == "1" else i for d, i in zip(dims, _INDEX))
 
 
+def without_reads(mask):
+    """``mask`` with every comparison that reads a tensor (``pad0[b, kv] != 0``) set to
+    True: the index-only part, which :func:`mask_name` names."""
+    from sympy.core.function import AppliedUndef
+
+    if mask is None or not mask.atoms(AppliedUndef):
+        return mask
+    rels = [r for r in mask.atoms(sympy.Rel) if r.atoms(AppliedUndef)]
+    out = mask.subs({r: sympy.true for r in rels})
+    return None if out is sympy.true else out
+
+
+class _SpecPrinter(sympy.printing.str.StrPrinter):
+    """sympy's str printer, with tensor reads ``f(b, kv)`` written ``f[b, kv]``."""
+
+    def _print_Function(self, expr):
+        from sympy.core.function import AppliedUndef
+
+        if isinstance(expr, AppliedUndef):
+            return f"{expr.func.__name__}[{', '.join(self._print(a) for a in expr.args)}]"
+        return super()._print_Function(expr)
+
+
+def _sstr(e) -> str:
+    return _SpecPrinter().doprint(e)
+
+
 def print_mask(e) -> str:
     """A sympy boolean as ``.attn`` expression text (``and``/``or``/``not``)."""
     if e is sympy.true or e is True:
@@ -138,7 +172,7 @@ def print_mask(e) -> str:
     if isinstance(e, sympy.Not):
         return f"not ({print_mask(e.args[0])})"
     if isinstance(e, sympy.Rel):
-        return f"{sympy.sstr(e.lhs)} {e.rel_op} {sympy.sstr(e.rhs)}"
+        return f"{_sstr(e.lhs)} {e.rel_op} {_sstr(e.rhs)}"
     raise ValueError(f"cannot print {e!r} as a mask")
 
 
@@ -153,6 +187,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
     lines = [f"pattern {name or pattern_name(site)}:"]
     if site.mask_tensor:
         lines.append(f"    tensor allowed: bool[{', '.join(site.mask_tensor)}]")
+    for n, dims in site.mask_reads:
+        lines.append(f"    tensor {n}: int32[{', '.join(dims)}]")
     score = "s"
     for i, (op, arg) in enumerate(site.score_ops):
         if op == "softcap":
@@ -227,7 +263,9 @@ def mask_name(mask) -> str:
 def pattern_name(site: Site) -> str:
     """An identifier naming the site's pattern (``causal``, ``sliding_window_softcap``,
     ``causal_bias`` ...): the report's label and the spec's ``pattern`` name."""
-    parts = [mask_name(site.mask).split("(")[0]]
+    parts = [mask_name(without_reads(site.mask)).split("(")[0]]
+    if site.mask_reads:
+        parts.append("key_padding")
     if site.mask_tensor:
         parts.append("mask_tensor")
     parts += ["softcap" if op == "softcap" else "bias" for op, _ in site.score_ops]
@@ -355,7 +393,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
     """
     kern = _KERNELS[key].kern
     names = [n for n in _KERNELS[key].site.tensor_names() if n not in ("sink", "g")]
-    named = {n: _as4d(t) for n, t in zip(names, tensors)}
+    reads = {n for n, _ in _KERNELS[key].site.mask_reads}
+    named = {n: (t.to(torch.int32).reshape([d for d in t.shape if d != 1]) if n in reads else _as4d(t))
+             for n, t in zip(names, tensors)}
     if sink is not None:  # the sink clause reads sink[b, h, q]
         named["sink"] = sink.expand(q.shape[0], q.shape[1], q.shape[2])
     if gate is not None:  # the gate clause reads g[b, h, q, dv]

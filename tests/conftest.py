@@ -35,3 +35,13 @@ def library():
 def max_err(a, b):
     """max |a - b| in float64."""
     return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_memo():
+    """Each test module compiles its own kernels: attncc.compile's in-process memo (same spec,
+    same object) is cleared between modules, so no module sees another's kernel state."""
+    import attncc.compiler
+
+    attncc.compiler._COMPILED.clear()
+    yield

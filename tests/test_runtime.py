@@ -60,9 +60,9 @@ def test_cache_entry_written_deterministic_and_rebuilt_when_corrupt():
     k2 = attncc.compile(src)
     assert k2.source == text  # deterministic, same key
     k1.path.write_text("def broken(:\n")  # corrupt the entry
-    import attncc.compiler
+    from attncc import compiler as C
 
-    attncc.compiler._COMPILED.clear()  # as a new process would: no in-process memo
+    C._COMPILED.clear()  # as a new process would: no in-process memo
     k3 = attncc.compile(src)
     assert k3.source == text and k3.path.read_text() == text
     q, k, v, _, _ = example_inputs(k3.ir, 1, 1, 1, 30, 30, 16)

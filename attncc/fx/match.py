@@ -221,10 +221,16 @@ def _rule_fill(g, n):
     """``x.masked_fill(drop, v)`` with ``v`` -inf, ``<= -1e30`` or the dtype's lowest
     value (MPT's ``finfo(dtype).min``): ``drop`` (True = masked out) is a mask."""
     if op_of(n) == "masked_fill" and isinstance(n.args[0], fx.Node) and isinstance(arg(n, 1, "mask"), fx.Node):
-        v, x = _number(arg(n, 2, "value")), value_of(n.args[0])
-        low = torch.finfo(x.dtype).min if isinstance(x, torch.Tensor) and x.is_floating_point() else -1e30
-        if v is not None and (v <= -1e30 or v <= low):
+        if _masks_out(arg(n, 2, "value"), n.args[0]):
             yield n.args[0], Step("fill", arg(n, 1, "mask"))
+
+
+def _masks_out(v, x: fx.Node) -> bool:
+    """``v`` is a fill value that removes a score of ``x``: -inf, ``<= -1e30`` or the lowest
+    value of ``x``'s dtype (MPT's ``finfo(dtype).min``)."""
+    v, xv = _number(v), value_of(x)
+    low = torch.finfo(xv.dtype).min if isinstance(xv, torch.Tensor) and xv.is_floating_point() else -1e30
+    return v is not None and (v <= -1e30 or v <= low)
 
 
 def _rule_where(g, n):
@@ -233,11 +239,8 @@ def _rule_where(g, n):
     if op_of(n) == "where" and len(n.args) == 3 and isinstance(n.args[0], fx.Node):
         cond, a, b = n.args
         for x, v, kind in ((a, b, "keepfill"), (b, a, "fill")):
-            if isinstance(x, fx.Node) and not isinstance(v, fx.Node) and _number(v) is not None:
-                xv = value_of(x)
-                low = torch.finfo(xv.dtype).min if isinstance(xv, torch.Tensor) and xv.is_floating_point() else -1e30
-                if _number(v) <= -1e30 or _number(v) <= low:
-                    yield x, Step(kind, cond)
+            if isinstance(x, fx.Node) and not isinstance(v, fx.Node) and _masks_out(v, x):
+                yield x, Step(kind, cond)
 
 
 def _rule_add(g, n):

@@ -60,38 +60,6 @@ def load_or_build(key: str, build) -> tuple[Path, str, bool]:
     return src_path, src, True
 
 
-def load_plan(key: str):
-    """The kernel plan stored under ``key`` by :func:`store_plan` (``plans/<key>.pkl``), or
-    ``None`` when absent or unreadable. The key covers the spec text, its file name, the
-    pattern, the params and the compiler's own fingerprint and versions, so a hit is the plan
-    the compiler would build (a warm process skips lowering and planning)."""
-    import pickle
-
-    try:
-        data = (cache_dir() / "plans" / f"{key}.pkl").read_bytes()
-        # normal sympy evaluation (suspected: a plan rebuilt unevaluated rendered the same kernel
-        # but the full suite then saw NaN gradients for gated_causal; the runtime works on its trees)
-        return pickle.loads(data)
-    except Exception:  # noqa: BLE001 - absent, truncated or from an incompatible version: rebuild
-        return None
-
-
-def store_plan(key: str, plan) -> None:
-    """Store a kernel plan for :func:`load_plan` (atomic; a plan that cannot be pickled is skipped)."""
-    import pickle
-
-    try:
-        data = pickle.dumps(plan)
-    except Exception:  # noqa: BLE001 - e.g. a sympy object without pickle support: no disk entry
-        return
-    path = cache_dir() / "plans" / f"{key}.pkl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -387,11 +387,11 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
             for dt in dtypes:
                 for fam in families:
                     if fam == "fwd":
-                        cands = configs or [str(c) for c in forward_candidates(hd, arch)]
+                        cands = configs or [str(c) for c in forward_candidates(hd, arch, dt)]
                     elif fam == "bwd":
-                        cands = bwd_configs or configs or [str(c) for c in backward_candidates(hd, arch)]
+                        cands = bwd_configs or configs or [str(c) for c in backward_candidates(hd, arch, dt)]
                     else:  # the counting kernel runs at the CPU / first forward config (no math: small)
-                        cands = [str(forward_candidates(hd, arch)[0])] if not configs else configs[:1]
+                        cands = [str(forward_candidates(hd, arch, dt)[0])] if not configs else configs[:1]
                     jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c) for c in cands]
     return jobs
 
@@ -432,7 +432,8 @@ def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16"
 # ----------------------------------------------------------------------------- reports
 def problems(rec: dict) -> list[str]:
     """What is wrong with one kernel record: a compile error, spills, local memory
-    traffic, shared memory over the target's limit, no tensor-core MMA (wgmma on sm_90a)."""
+    traffic, shared memory over the target's limit, no tensor-core MMA for fp16 / bf16
+    (wgmma on sm_90a; fp32 computes exact fp32 products without tensor cores)."""
     if rec.get("error"):
         return [f"does not compile: {rec['error']}"]
     out = []
@@ -440,8 +441,10 @@ def problems(rec: dict) -> list[str]:
         out.append(f"spills {rec['spill_bytes']} B ({rec['local_stores']} local stores)")
     if not rec["shared_ok"]:
         out.append(f"shared memory {rec['shared_bytes']} B > {rec['shared_limit']} B")
-    if rec["kernel"] in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"):
-        if rec["target"] == "sm_90a" and not rec["wgmma"] and rec["dtype"] != "fp32":
+    if rec["kernel"] in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv") and rec["dtype"] != "fp32":
+        # fp32 inputs use exact fp32 products (input_precision="ieee", torch's default matmul
+        # precision): FMA, no tensor cores, by design
+        if rec["target"] == "sm_90a" and not rec["wgmma"]:
             out.append("no wgmma")
         elif not (rec["wgmma"] or rec["mma"]):
             out.append("no tensor-core mma")

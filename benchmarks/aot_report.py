@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     print(f"compiling {len(jobs)} jobs ({len(names)} patterns) for {args.target}", flush=True)
     records = aot.run_jobs(jobs, workers=args.workers,
                            progress=lambda recs: print(f"  worker done: {aot.summary(recs)}", flush=True))
-    fa2 = fa2_records(args.target, args.dtype, args.head_dim, [str(c) for c in forward_candidates(args.head_dim, arch)])
+    fa2 = fa2_records(args.target, args.dtype, args.head_dim, [str(c) for c in forward_candidates(args.head_dim, arch, args.dtype)])
     table, missed = comparison(records, fa2)
     problems = [f"{r['pattern']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}"
                 for r in records if aot.problems(r)]

@@ -76,10 +76,32 @@ class Config:
 CPU_CONFIG = Config(32, 32, 1, 1)
 
 
-def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
+def dtype_name(dtype) -> str:
+    """``torch.float32`` / ``"float32"`` / ``"fp32"`` -> ``"fp32"`` (likewise ``"fp16"``,
+    ``"bf16"``); None -> ``"bf16"``. Candidates differ between fp32 (exact fp32 products,
+    no tensor cores) and the 16-bit dtypes (tensor cores), not between fp16 and bf16.
+
+    Raises:
+        ValueError: an unknown dtype.
+    """
+    name = str(dtype if dtype is not None else "bf16").replace("torch.", "")
+    out = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+           "bfloat16": "bf16", "bf16": "bf16"}.get(name)
+    if out is None:
+        raise ValueError(f"no launch configs for dtype {dtype!r} (float32, float16 or bfloat16)")
+    return out
+
+
+def forward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Config, ...]:
     """The forward configs the autotuner may try for head dim ``head_dim`` (padded to a
-    power of two by the kernel) on compute capability ``arch`` (80: Ampere, 90: Hopper),
-    fastest-first by expectation (the first is used when timing is not possible)."""
+    power of two by the kernel) on compute capability ``arch`` (80: Ampere, 90: Hopper)
+    for inputs of ``dtype`` (default bf16; see :func:`dtype_name`), fastest-first by
+    expectation (the first is used when timing is not possible)."""
+    if dtype_name(dtype) == "fp32":
+        # exact fp32 products (FMA): the q tile and both operands of each product live in
+        # registers; 32 x 16 and 16 x 16 tiles at 4 warps are the spill-free ones at D = 128
+        # (32 x 32 at 4 or 8 warps and 16 x 32 spill 200-500 B in gated_causal / lowrank_bias)
+        return (Config(32, 16, 4, 2), Config(16, 16, 4, 2))
     stages = 3 if arch >= 90 or head_dim <= 64 else 2
     if head_dim <= 64:
         if arch < 90:  # 128x128 tiles exceed sm_80's shared memory; 128-row tiles spill at 4 warps
@@ -92,9 +114,11 @@ def forward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
     return (Config(64, 64, 8, 2), Config(64, 32, 8, 2))  # 4 warps spill at D = 256 (gated: 680-768 B)
 
 
-def backward_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
+def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Config, ...]:
     """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring.
     Box plans train at the tiles of the first one."""
+    if dtype_name(dtype) == "fp32":
+        return (Config(16, 16, 4, 1), Config(16, 16, 4, 2))
     if head_dim <= 64:
         return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:

@@ -379,7 +379,7 @@ class CompiledAttention:
         if self.plan.path == "box" and not self._torch_cpu(q.device):  # differentiated calls take the
             # backward's tiles (see _box_config); the CPU executor runs on the row-major grid
             training = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs, *lowrank])
-            lay = self.layout_for(sizes, device=q.device, training=training)
+            lay = self.layout_for(sizes, device=q.device, training=training, dtype=q.dtype)
         plan = _CallPlan(sizes, tuple(grid), float(scale), names, tuple(tens[n] is not tensors[n] for n in names),
                          lay, lay.as_list() if lay is not None else identity_layout(grid))
         return q, k, v, plan, targs, lowrank
@@ -412,7 +412,7 @@ class CompiledAttention:
         return q, k, v, [u, w]
 
     def layout_for(self, sizes: dict, config: Optional[Config] = None, device=None,
-                   training: bool = False) -> BoxLayout:
+                   training: bool = False, dtype=torch.bfloat16) -> BoxLayout:
         """Box plans: the token layout (tile shape per axis, chosen by
         :func:`attncc.layout.choose_layout`) used for these sizes (``B, H, ..., G0..G2``).
 
@@ -421,10 +421,10 @@ class CompiledAttention:
         """
         if self.plan.path != "box":
             raise ValueError(f"pattern {self.ir.name!r} has no box plan (path {self.plan.path!r})")
-        cfg = config or self._box_config(max(sizes["D"], sizes["Dv"]), device, training)
+        cfg = config or self._box_config(max(sizes["D"], sizes["Dv"]), device, training, dtype)
         return choose_layout(self.plan, sizes, cfg.block_m, cfg.block_n)
 
-    def _box_config(self, head_dim: int, device=None, training: bool = False) -> Config:
+    def _box_config(self, head_dim: int, device=None, training: bool = False, dtype=torch.bfloat16) -> Config:
         """Tile sizes of box plans (the tile shape per axis, not the block size, is what the
         cost model chooses): fixed, CPU, or the first forward candidate of the device; when
         the call will be differentiated, the tiles of the first backward candidate (the
@@ -433,21 +433,22 @@ class CompiledAttention:
         if self.config or cache.interpreting():
             return self.config or CPU_CONFIG
         arch = _arch(device) if device is not None and torch.device(device).type == "cuda" else 90
-        fwd = forward_candidates(head_dim, arch)
+        fwd = forward_candidates(head_dim, arch, dtype)
         if not training:
             return fwd[0]
-        bwd = backward_candidates(head_dim, arch)[0]
+        bwd = backward_candidates(head_dim, arch, dtype)[0]
         return next((c for c in fwd if (c.block_m, c.block_n) == (bwd.block_m, bwd.block_n)), bwd)
 
     def _launch_config(self, layout: list, cfg: Optional[Config], head_dim: int,
-                       backward: bool = False, device=None) -> Optional[Config]:
+                       backward: bool = False, device=None, dtype=torch.bfloat16) -> Optional[Config]:
         """Box plans launch with the block sizes of their layout's tile shapes (warps and
         stages: ``cfg``, fixed, or the first forward / backward candidate)."""
         if self.plan.path != "box":
             return cfg
         if cfg is None and backward and not self.config and not cache.interpreting():
-            cfg = backward_candidates(head_dim, _arch(device) if device is not None and device.type == "cuda" else 90)[0]
-        base = cfg or self._box_config(head_dim, device)
+            cfg = backward_candidates(head_dim, _arch(device) if device is not None and device.type == "cuda" else 90,
+                                      dtype)[0]
+        base = cfg or self._box_config(head_dim, device, dtype=dtype)
         return Config(math.prod(layout[9:12]), math.prod(layout[12:15]), base.num_warps, base.num_stages)
 
     # ------------------------------------------------------------------ internals
@@ -596,7 +597,7 @@ class CompiledAttention:
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
-        cfg = self._launch_config(layout, cfg, max(sizes["D"], Dv), device=q.device)
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], Dv), device=q.device, dtype=q.dtype)
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
                                   self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
@@ -618,8 +619,9 @@ class CompiledAttention:
         q, k, v, grid = flatten_grid(self.ir, q, k, v)
         sizes, tens = self._check(q, k, v, tensors, grid)
         if self.plan.path == "box":
-            lay = self.layout_for(sizes, device=q.device)
-            return self._launch_config(lay.as_list(), None, max(sizes["D"], sizes["Dv"]), device=q.device)
+            lay = self.layout_for(sizes, device=q.device, dtype=q.dtype)
+            return self._launch_config(lay.as_list(), None, max(sizes["D"], sizes["Dv"]), device=q.device,
+                                       dtype=q.dtype)
         scale = 1.0 / math.sqrt(sizes["D"]) if scale is None else float(scale)
         lowrank = []
         if self.ir.lowrank:
@@ -657,7 +659,8 @@ class CompiledAttention:
         layout = list(layout or identity_layout(None))
         sizes = _sizes(q, k, v, layout[:3])
         B, Hq, Hkv, Lq, Lk = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk"))
-        cfg = self._launch_config(layout, cfg, max(sizes["D"], sizes["Dv"]), backward=True, device=q.device)
+        cfg = self._launch_config(layout, cfg, max(sizes["D"], sizes["Dv"]), backward=True, device=q.device,
+                                  dtype=q.dtype)
         if cfg is None:  # fixed, the CPU config, or the fastest spill-free backward candidate
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else self._tune(
                 "bwd", q, sizes, layout, lowrank, backward_candidates,
@@ -762,7 +765,7 @@ class CompiledAttention:
                   f"|R{lowrank[0].shape[-1] if lowrank else 0}")
         if bucket in self._tuned:
             return self._tuned[bucket]
-        cands = candidates(head_dim, arch)
+        cands = candidates(head_dim, arch, q.dtype)
         with _LOCK:
             saved = cache.read_json("autotune.json")
             if bucket in saved:

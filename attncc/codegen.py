@@ -205,13 +205,17 @@ class TritonPrinter:
     def index_code(self, e: sp.Indexed) -> tuple[str, str]:
         """``(offset, mask)`` code of a read: the element offset from the tensor's base
         pointer (its stride arguments) and the in-bounds condition ("" when the read
-        is provably in bounds). Query/key indices are clamped to the valid range
-        (ragged tile lanes are discarded anyway)."""
+        is provably in bounds). Query, key and output-column indices are clamped to the
+        valid range (ragged tile lanes are discarded anyway): the in-bounds proof assumes
+        ``q < Lq``, ``kv < Lk`` and ``dv < Dv``, and a padded lane (``dv >= Dv`` when
+        ``BLOCK_DV > Dv``) must not read past the tensor, whose memory may hold NaN that a
+        zero ``dO`` lane would turn into a NaN row sum (delta)."""
         t = self.tensors[str(e.base.label)]
         offs, block_conds, scalar_conds = [], [], []
-        clamp = {I.q: sp.Symbol("q_idx_c"), I.kv: sp.Symbol("kv_idx_c")}
+        clamp = {I.q: sp.Symbol("q_idx_c"), I.kv: sp.Symbol("kv_idx_c"), I.dv: sp.Symbol("dv_idx_c")}
         saved = dict(self.names)
-        self.names.update({clamp[I.q]: "q_idx_c", clamp[I.kv]: "kv_idx_c"})
+        dv_c = f"tl.minimum({self.names.get(I.dv, 'dv_idx')}, {self.names.get(I.Dv, 'Dv')} - 1)"
+        self.names.update({clamp[I.q]: "q_idx_c", clamp[I.kv]: "kv_idx_c", clamp[I.dv]: dv_c})
         try:
             for i, ix in enumerate(e.indices):
                 code = self.p(ix.subs(clamp))

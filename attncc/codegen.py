@@ -18,13 +18,16 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import sympy as sp
 
 from . import ir as I
-from .gradients import derivative, epilogue_reads, grad_reads
-from .passes import BQ_HI, BQ_LO, GQ, LG, KernelPlan, q_hi, q_lo, read_in_bounds
+from .ir import BQ_HI, BQ_LO, GQ, LG, q_hi, q_lo
+
+if TYPE_CHECKING:  # codegen only prints the plan: it imports neither the analysis nor the gradients
+    from .passes import KernelPlan
 
 #: names of IR symbols inside the generated kernels
 KERNEL_NAMES = {
@@ -45,12 +48,16 @@ class TritonPrinter:
         names: symbol -> code name.
         tensors: tensor name -> :class:`attncc.ir.TensorSpec`.
         prefix: prefix of the temporaries holding loads.
+        bounds: read -> per index ``(in_bounds, nonnegative)``, the plan's
+            :attr:`~attncc.passes.KernelPlan.read_bounds` (a read without an entry is an
+            error: the bounds masks are printed from the analysis, never derived here).
     """
 
-    def __init__(self, names: dict, tensors: dict, prefix: str = "r"):
+    def __init__(self, names: dict, tensors: dict, prefix: str = "r", bounds: dict | None = None):
         self.names = names
         self.tensors = tensors
         self.prefix = prefix
+        self.bounds = bounds or {}
         self.loads: dict = {}
         self.lines: list[str] = []
 
@@ -205,13 +212,20 @@ class TritonPrinter:
     def index_code(self, e: sp.Indexed) -> tuple[str, str]:
         """``(offset, mask)`` code of a read: the element offset from the tensor's base
         pointer (its stride arguments) and the in-bounds condition ("" when the read
-        is provably in bounds). Query/key indices are clamped to the valid range
-        (ragged tile lanes are discarded anyway)."""
+        is provably in bounds). Query, key and output-column indices are clamped to the
+        valid range (ragged tile lanes are discarded anyway): the in-bounds proof assumes
+        ``q < Lq``, ``kv < Lk`` and ``dv < Dv``, and a padded lane (``dv >= Dv`` when
+        ``BLOCK_DV > Dv``) must not read past the tensor, whose memory may hold NaN that a
+        zero ``dO`` lane would turn into a NaN row sum (delta)."""
         t = self.tensors[str(e.base.label)]
+        flags = self.bounds.get(e)
+        if flags is None:
+            raise KeyError(f"the plan has no bounds analysis of the read {e} (see attncc.passes.read_bounds)")
         offs, block_conds, scalar_conds = [], [], []
-        clamp = {I.q: sp.Symbol("q_idx_c"), I.kv: sp.Symbol("kv_idx_c")}
+        clamp = I.CLAMPED
         saved = dict(self.names)
-        self.names.update({clamp[I.q]: "q_idx_c", clamp[I.kv]: "kv_idx_c"})
+        dv_c = f"tl.minimum({self.names.get(I.dv, 'dv_idx')}, {self.names.get(I.Dv, 'Dv')} - 1)"
+        self.names.update({clamp[I.q]: "q_idx_c", clamp[I.kv]: "kv_idx_c", clamp[I.dv]: dv_c})
         try:
             for i, ix in enumerate(e.indices):
                 code = self.p(ix.subs(clamp))
@@ -219,10 +233,11 @@ class TritonPrinter:
                     offs.append(f"{int(ix)} * t_{t.name}_s{i}")
                 else:
                     offs.append(f"({code}).to(tl.int64) * t_{t.name}_s{i}")
-                if read_in_bounds(ix, t.shape[i]):
+                in_bounds, nonnegative = flags[i]
+                if in_bounds:
                     continue
                 conds = scalar_conds if _is_scalar(ix) else block_conds
-                if not ix.is_nonnegative:
+                if not nonnegative:
                     conds.append(f"({code} >= 0)")
                 conds.append(f"({code} < t_{t.name}_n{i})")
         finally:
@@ -328,12 +343,14 @@ def _pieces(i: int, starts_at_zero=()) -> list[tuple[str, str]]:
     return pieces
 
 
-def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
-    """Print the score's derivatives for the backward with printer ``ps``.
+def _printer(plan: KernelPlan, names: dict, prefix: str) -> TritonPrinter:
+    """A :class:`TritonPrinter` of ``plan``'s expressions (its tensors and read bounds)."""
+    return TritonPrinter(names, {t.name: t for t in plan.ir.tensors}, prefix, dict(plan.read_bounds))
 
-    ``score``: the form of the score the kernel evaluates (default ``ir.score``; box plans:
-    the coordinate form). Its reads are paired with the reads of ``ir.score`` (whose
-    :class:`~attncc.gradients.GradRead` s the runtime reduces) by flattening coordinates.
+
+def _backward_parts(plan: KernelPlan, ps: TritonPrinter) -> tuple:
+    """Print the plan's score derivatives (:attr:`~attncc.passes.KernelPlan.backward`) for the
+    backward with printer ``ps``.
 
     Returns:
         ``(dscore_code, backward_error, printed, tensor_grad_errors)``: ``printed`` holds
@@ -341,20 +358,16 @@ def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
         read (a tensor with one read that cannot be printed gets no gradient at all);
         the errors say why the backward, or a tensor's gradient, cannot be generated.
     """
-    score = ir.score if score is None else score
-    try:
-        dscore = ps(derivative(score, I.s))
-        backward_error = ""
-    except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
-        dscore = 'float("nan")'
-        backward_error = f"the derivative of the score in s cannot be generated: {e}"
+    back = plan.backward
+    backward_error = back.error
+    dscore = 'float("nan")'
+    if back.dscore is not None:
+        try:
+            dscore = ps(back.dscore)
+        except NotImplementedError as e:  # the forward still compiles; the backward says why it cannot
+            backward_error = f"the derivative of the score in s cannot be generated: {e}"
     printed, tgrad_errors = [], {}
-    if score is ir.score:
-        pairs = [(g, g) for g in grad_reads(ir)]
-    else:
-        own = {I.flatten_coords(c.read, len(ir.grid)): c for c in grad_reads(ir, score)}
-        pairs = [(g, own.get(g.read)) for g in grad_reads(ir)]
-    for g, c in pairs:
+    for g, c in back.reads:
         if c is None:
             tgrad_errors.setdefault(g.tensor, f"the read {g.read} has no counterpart in the coordinate form")
             continue
@@ -366,23 +379,23 @@ def _backward_parts(ir, ps: TritonPrinter, score=None) -> tuple:
     return dscore, backward_error, [x for x in printed if x[0].tensor not in tgrad_errors], tgrad_errors
 
 
-def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
+def _epilogue_parts(plan: KernelPlan, names: dict) -> tuple:
     """The sink and gate clauses as the forward's epilogue and the backward preprocessing
     kernel evaluate them (value and the derivatives in its reads, sharing one set of loads).
 
     Returns:
-        ``(ereads, lines, tensor_grad_errors)``: per printable read of
-        :func:`~attncc.gradients.epilogue_reads` a dict ``j, clause, tensor, kind, read,
-        code`` (``j``: its ``PE<j>`` buffer); ``lines``: ``{"sink": [...], "gate": [...]}``,
-        the loads of each clause's value and derivatives (the value as ``sink_val`` /
-        ``gate_val``); errors: tensor name -> why it gets no gradient.
+        ``(ereads, lines, tensor_grad_errors)``: per printable read of the plan's
+        ``backward.epilogue`` (:func:`~attncc.gradients.epilogue_reads`) a dict ``j, clause,
+        tensor, kind, read, code`` (``j``: its ``PE<j>`` buffer); ``lines``: ``{"sink": [...],
+        "gate": [...]}``, the loads of each clause's value and derivatives (the value as
+        ``sink_val`` / ``gate_val``); errors: tensor name -> why it gets no gradient.
     """
+    ir = plan.ir
     ereads, lines, errors = [], {}, {}
-    reads = epilogue_reads(ir)
     for clause, expr in (("sink", ir.sink), ("gate", ir.gate)):
-        pr = TritonPrinter(names, tensors, prefix="se" if clause == "sink" else "ge")
+        pr = _printer(plan, names, "se" if clause == "sink" else "ge")
         value = pr(expr) if expr is not None else "0.0"
-        for c, g in reads:
+        for c, g in plan.backward.epilogue:
             if c != clause:
                 continue
             try:
@@ -395,7 +408,7 @@ def _epilogue_parts(ir, names: dict, tensors: dict) -> tuple:
     return ereads, lines, errors
 
 
-def _gradient_parts(ir, ps: TritonPrinter, score, names: dict, tensors: dict) -> tuple:
+def _gradient_parts(plan: KernelPlan, ps: TritonPrinter, names: dict) -> tuple:
     """:func:`_backward_parts` and :func:`_epilogue_parts` together: a tensor whose gradient
     cannot be generated in one place gets none at all.
 
@@ -404,8 +417,8 @@ def _gradient_parts(ir, ps: TritonPrinter, score, names: dict, tensors: dict) ->
         ``printed`` / ``ereads`` keep the reads of tensors that get a gradient (``ereads``
         numbered ``j``: their ``PE<j>`` buffers).
     """
-    dscore, err, printed, terr = _backward_parts(ir, ps, score)
-    ereads, epi_lines, eerr = _epilogue_parts(ir, names, tensors)
+    dscore, err, printed, terr = _backward_parts(plan, ps)
+    ereads, epi_lines, eerr = _epilogue_parts(plan, names)
     for n, why in eerr.items():
         terr.setdefault(n, why)
     printed = [x for x in printed if x[0].tensor not in terr]
@@ -423,30 +436,29 @@ def backward_support(plan: KernelPlan) -> tuple:
         kernel argument order; those of the sink / gate reads whose partials the
         preprocessing kernel writes (``PE<j>`` order).
     """
-    ir = plan.ir
     names, _, score = _kernel_forms(plan)
-    tensors = {t.name: t for t in ir.tensors}
-    ps = TritonPrinter(names, tensors, prefix="sc")
+    ps = _printer(plan, names, "sc")
     ps(score)
-    _, err, printed, terr, ereads, _ = _gradient_parts(ir, ps, score, names, tensors)
+    _, err, printed, terr, ereads, _ = _gradient_parts(plan, ps, names)
     return err, terr, tuple(x[0] for x in printed), tuple(e["g"] for e in ereads)
 
 
 def _kernel_forms(plan: KernelPlan) -> tuple:
-    """``(names, mask, score)`` as the kernels evaluate them: the IR's forms with the
-    default symbol names, or, for box plans, the coordinate forms with grid names (the
-    original lengths for ``Lq``/``Lk``, which the kernel sees permuted)."""
+    """``(names, mask, score)`` as the kernels evaluate them (:meth:`~attncc.passes.KernelPlan.forms`):
+    the default symbol names, or, for box plans, grid names (the original lengths for
+    ``Lq``/``Lk``, which the kernel sees permuted)."""
     ir = plan.ir
     names = dict(KERNEL_NAMES)
+    mask, score = plan.forms()
     if plan.path != "box":
-        return names, ir.mask, ir.score
+        return names, mask, score
     n = len(ir.grid)
     flat = "(" + " * ".join(f"G{i}" for i in range(n)) + ")"
     names.update({I.Lq: flat, I.Lk: flat})
     for i in range(n):
         names.update({I.QC[i]: f"qc{i}", I.KC[i]: f"kc{i}", GQ[i]: f"g{i}", BQ_LO[i]: f"q_lo{i}",
                       BQ_HI[i]: f"q_hi{i}", LG[i]: f"lg{i}"})
-    return names, plan.box_mask, ir.coord_score
+    return names, mask, score
 
 
 def render_forward(plan: KernelPlan, version: str = "") -> str:
@@ -458,24 +470,22 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         ``@triton.jit``.
     """
     ir = plan.ir
-    tensors = {t.name: t for t in ir.tensors}
     box = plan.path == "box"
     names, mask, score = _kernel_forms(plan)
     # score and mask inside the kv loop (2-D blocks)
-    pm = TritonPrinter(names, tensors, prefix="m")
+    pm = _printer(plan, names, "m")
     mask_lines, m = _block(pm, {"mask": mask})
-    ps = TritonPrinter(names, tensors, prefix="sc")
+    ps = _printer(plan, names, "sc")
     # the score and its derivative in s (for the backward) share their tensor loads
     score_lines, sc = _block(ps, {"score": score})
     # with the epilogue's reads (sink / gate) and their derivatives for the backward preprocessing
-    sc["dscore"], backward_error, printed, tgrad_errors, ereads, epi_lines = _gradient_parts(
-        ir, ps, score, names, tensors)
+    sc["dscore"], backward_error, printed, tgrad_errors, ereads, epi_lines = _gradient_parts(plan, ps, names)
     greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
                    inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
     score_lines = list(ps.lines)
     intervals = []
     if plan.path == "closed":
-        pr = TritonPrinter(names, tensors, prefix="rg")
+        pr = _printer(plan, names, "rg")
         for i, iv in enumerate(plan.intervals):
             zero = sp.Integer(0)
             _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi,
@@ -490,7 +500,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             # no full loop (the first keys of global_sliding_window's sinks)
             d["no_full"] = sp.Min(iv.fhi, 15) == iv.fhi
             intervals.append(d)
-    ctx = _box_context(plan if box else None, names, tensors)
+    ctx = _box_context(plan if box else None, names)
     ctx.update(_lowrank_context(bool(ir.lowrank)))
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,
                ereads=ereads, epi_lines=epi_lines, epi_meta=[[e["tensor"], e["kind"]] for e in ereads],
@@ -557,7 +567,7 @@ _TILE_CX = ("TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr, "
             "TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,")
 
 
-def _box_context(plan, names: dict, tensors: dict) -> dict:
+def _box_context(plan, names: dict) -> dict:
     """Template variables of the box iteration (see the box_* macros of ``templates/macros.j2``)."""
     ctx = dict(IDX=_IDX, SZ=_SZ, TILE_CX=_TILE_CX, box=plan is not None, axes=[], boxes=[],
                lqo="Lq", lko="Lk")
@@ -566,7 +576,7 @@ def _box_context(plan, names: dict, tensors: dict) -> dict:
     n = len(plan.ir.grid)
     axes = list(range(n))
     flat = "(" + " * ".join(f"G{i}" for i in axes) + ")"
-    pr = TritonPrinter(names, tensors, prefix="bx")
+    pr = _printer(plan, names, "bx")
     boxes = []
     for bx in plan.boxes:
         per_axis = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
+import tempfile
 from pathlib import Path
 
 import sympy
@@ -24,13 +26,55 @@ def compiler_fingerprint() -> str:
     from attncc.runtime import cache
 
     here = Path(__file__).resolve().parent
-    return cache.digest(*[(here / f).read_text()
-                          for f in ("dsl.py", "ir.py", "passes.py", "gradients.py", "codegen.py", "compiler.py")])
+    return cache.digest(*[(here / f).read_text() for f in
+                          ("dsl.py", "ir.py", "passes.py", "gradients.py", "codegen.py", "compiler.py", "errors.py")])
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(ir_key: str, ir) -> KernelPlan:
     return make_plan(ir)
+
+
+def _plan_path(text: str, file: str, pattern, params: dict, versions: tuple) -> Path:
+    """Where the plan of (spec text, file, pattern, params) lives on disk: ``plans/<key>.pkl``
+    in the cache dir, the key also covering the compiler's fingerprint and the versions of
+    attncc, Triton, torch and sympy (compile options do not enter the plan: they are applied
+    after it, to the runtime object)."""
+    from attncc.runtime import cache
+
+    key = cache.digest("plan", text, file, repr(pattern), repr(sorted(params.items())), *versions)
+    return cache.cache_dir() / "plans" / f"{key}.pkl"
+
+
+def load_plan(path: Path) -> KernelPlan | None:
+    """The plan pickled at ``path`` by :func:`store_plan`, or ``None`` when it is absent or
+    unreadable (truncated, corrupt, not a plan): the caller plans again and overwrites it.
+
+    The plan carries every analysis result the kernels and the runtime use (key ranges, box
+    plans, read bounds, the backward's derivatives), so a warm process neither lowers nor
+    plans. Its expressions were stored in sympy's canonical form, so they are rebuilt without
+    re-evaluating them (``sympy.evaluate(False)``: the same trees, many times faster; the
+    tests compare every field, the rendered kernel and the results with a fresh plan)."""
+    try:
+        data = path.read_bytes()
+        with sympy.evaluate(False):
+            kp = pickle.loads(data)
+    except Exception:  # noqa: BLE001 - absent, truncated, garbage or from an incompatible version: plan again
+        return None
+    return kp if isinstance(kp, KernelPlan) else None
+
+
+def store_plan(path: Path, kp: KernelPlan) -> None:
+    """Write ``kp`` for :func:`load_plan` (atomically; a plan that cannot be pickled is not stored)."""
+    try:
+        data = pickle.dumps(kp, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - e.g. a sympy object without pickle support: no disk entry
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def compile(spec, pattern: str | None = None, *, block_m: int | None = None, block_n: int | None = None,
@@ -61,7 +105,8 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         An :class:`attncc.runtime.CompiledAttention`; call it like
         ``scaled_dot_product_attention``. A second call with the same spec text (or the
         same file contents), pattern, options and params returns the same object (no
-        lowering, planning or cache lookup again).
+        lowering, planning or cache lookup again); a new process with a warm disk cache
+        loads the plan and the generated module (no lowering, planning or rendering).
 
     Raises:
         SpecError: the spec has an error (message gives ``file:line:col``), or
@@ -99,12 +144,21 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache
 
+    from .dsl import PatternSpec, read_spec
+
     tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
     versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
-    # (a disk cache of the plan was tried: the unpickled plan rendered the same kernel but gave NaN
-    # q-gradients for gated_causal; off until understood -- a new process lowers and plans again)
-    ir = lower(spec, pattern, **params)
-    kp = _plan_cached(ir.key(), ir)
+    # a warm disk cache skips lowering and planning (sympy): the plan is stored per spec text
+    kp = where = None
+    if not isinstance(spec, PatternSpec):
+        text, file = read_spec(spec)
+        where = _plan_path(text, file, pattern, params, versions)
+        kp = load_plan(where)
+    if kp is None:
+        ir = lower(spec, pattern, **params)
+        kp = _plan_cached(ir.key(), ir)
+        if where is not None:
+            store_plan(where, kp)
     key = cache.digest(kp.ir.key(), tmpl, *versions)
     path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
     config = None

@@ -234,3 +234,41 @@ def epilogue_reads(ir: I.AttentionIR) -> tuple[tuple[str, GradRead], ...]:
             uses_dv = any(I.dv in sp.sympify(ix).free_symbols for ix in g.read.indices)
             out.append((clause, GradRead(g.tensor, g.read, g.deriv, "out" if uses_dv else "row")))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward's analysis of a pattern, carried by the kernel plan (codegen prints it).
+
+    Attributes:
+        dscore: ``d score / d s`` of the score form the kernels evaluate (``None`` when it
+            cannot be taken: see ``error``).
+        error: ``""`` or why the score's derivative in ``s`` cannot be taken.
+        reads: per :class:`GradRead` of ``ir.score`` (whose partials the runtime reduces), in
+            kernel argument order, ``(read, counterpart)``: the same read in the kernel's score
+            form (itself, or for box plans the coordinate form's read; ``None`` when it has
+            none there).
+        epilogue: :func:`epilogue_reads` (sink / gate reads, ``PE<j>`` order).
+    """
+
+    dscore: sp.Expr | None
+    error: str
+    reads: tuple
+    epilogue: tuple
+
+
+def backward_analysis(ir: I.AttentionIR, score=None) -> BackwardPlan:
+    """The :class:`BackwardPlan` of ``ir`` for the kernels' score form ``score`` (default
+    ``ir.score``; box plans: the coordinate form, whose reads are paired with those of
+    ``ir.score`` by flattening coordinates)."""
+    score = ir.score if score is None else score
+    try:
+        dscore, error = derivative(score, I.s), ""
+    except NotImplementedError as e:
+        dscore, error = None, f"the derivative of the score in s cannot be generated: {e}"
+    if score is ir.score:
+        reads = tuple((g, g) for g in grad_reads(ir))
+    else:
+        own = {I.flatten_coords(c.read, len(ir.grid)): c for c in grad_reads(ir, score)}
+        reads = tuple((g, own.get(g.read)) for g in grad_reads(ir))
+    return BackwardPlan(dscore, error, reads, epilogue_reads(ir))

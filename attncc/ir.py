@@ -31,6 +31,20 @@ GRID_SIZES = tuple(SIZES[n] for n in GRID_SIZE_NAMES)
 #: grid coordinates of the query / key token on axis i (the coordinate form of grid patterns)
 QC = tuple(sp.Symbol(f"qc{i}", integer=True, nonnegative=True) for i in range(3))
 KC = tuple(sp.Symbol(f"kc{i}", integer=True, nonnegative=True) for i in range(3))
+#: symbols of the analysis's closed forms (:mod:`attncc.passes`), which the kernels evaluate:
+#: the first and last valid query row of a query tile; per grid axis i the group (dilation
+#: residue) of the query tile, first / last valid row of the query box in group coordinates,
+#: and the group's length (tokens of the group on the axis)
+q_lo = sp.Symbol("q_lo", integer=True, nonnegative=True)
+q_hi = sp.Symbol("q_hi", integer=True, nonnegative=True)
+GQ = tuple(sp.Symbol(f"g{i}", integer=True, nonnegative=True) for i in range(3))
+BQ_LO = tuple(sp.Symbol(f"q_lo{i}", integer=True, nonnegative=True) for i in range(3))
+BQ_HI = tuple(sp.Symbol(f"q_hi{i}", integer=True, nonnegative=True) for i in range(3))
+LG = tuple(sp.Symbol(f"lg{i}", integer=True, nonnegative=True) for i in range(3))
+#: the query, key and output-column indices as the kernels' tensor reads use them: clamped to
+#: the valid range (a ragged or padded tile lane reads the last row / column; its result is
+#: discarded), so a read nested in another read's index is analysed in this form
+CLAMPED = {q: sp.Symbol("q_idx_c"), kv: sp.Symbol("kv_idx_c"), dv: sp.Symbol("dv_idx_c")}
 
 
 def grid_sizes(grid=None) -> dict:

@@ -36,11 +36,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from . import ir as I
-from .ir import AttentionIR, Lk, h, kv, q, s
-
-#: symbols of the first and last valid query row of a query tile
-q_lo = sp.Symbol("q_lo", integer=True, nonnegative=True)
-q_hi = sp.Symbol("q_hi", integer=True, nonnegative=True)
+from .ir import BQ_HI, BQ_LO, GQ, LG, AttentionIR, Lk, h, kv, q, q_hi, q_lo, s  # noqa: F401 (re-exported)
 
 MAX_INTERVALS = 3
 #: the key index and the key's grid coordinates
@@ -438,12 +434,7 @@ def index_tensors(expr) -> tuple:
 
 
 # ----------------------------------------------------------------------------- boxes
-#: per grid axis i: group (dilation residue) of the query tile, first / last valid row of the
-#: query box in group coordinates, and the group's length (tokens of the group on the axis)
-GQ = tuple(sp.Symbol(f"g{i}", integer=True, nonnegative=True) for i in range(3))
-BQ_LO = tuple(sp.Symbol(f"q_lo{i}", integer=True, nonnegative=True) for i in range(3))
-BQ_HI = tuple(sp.Symbol(f"q_hi{i}", integer=True, nonnegative=True) for i in range(3))
-LG = tuple(sp.Symbol(f"lg{i}", integer=True, nonnegative=True) for i in range(3))
+# (the box symbols GQ, BQ_LO, BQ_HI, LG are defined in attncc.ir)
 
 
 @dataclass(frozen=True)
@@ -582,6 +573,13 @@ class KernelPlan:
             the sizes) and the :class:`Box` list (see :func:`box_analysis`).
         box_mask: ``box`` only: the coordinate-form mask with the residue tests that the
             grouping guarantees replaced by ``True`` (what partial tiles evaluate).
+        backward: the :class:`~attncc.gradients.BackwardPlan` (score derivatives, the reads
+            whose gradients the kernels compute, the sink / gate reads) of :meth:`forms`'s score.
+        read_bounds: ``((read, ((in_bounds, nonnegative), ...)), ...)``: per tensor read the
+            kernels evaluate (mask, score, derivatives, sink, gate, key ranges), per index
+            whether it provably lies in ``[0, size)`` (no bounds mask needed) and whether it
+            is provably ``>= 0`` (see :func:`read_bounds`). Codegen only prints the plan: these
+            are every analysis result it needs.
     """
 
     ir: AttentionIR
@@ -599,6 +597,15 @@ class KernelPlan:
     groups: tuple = ()
     boxes: tuple = ()
     box_mask: sp.Basic = None
+    backward: object = None
+    read_bounds: tuple = ()
+
+    def forms(self) -> tuple:
+        """``(mask, score)`` as the kernels evaluate them: the IR's, or for box plans the
+        coordinate forms (the mask without the residue tests the grouping guarantees)."""
+        if self.path == "box":
+            return self.box_mask, self.ir.coord_score
+        return self.ir.mask, self.ir.score
 
     def describe(self) -> str:
         """Multi-line description of the analysis (used by ``attncc explain``)."""
@@ -682,16 +689,58 @@ def plan(ir: AttentionIR) -> KernelPlan:
     Returns:
         The :class:`KernelPlan`.
     """
+    from .gradients import backward_analysis
+
     try:
         kp = _plan(ir)
     except SYMPY_ERRORS as e:
         note = f"the closed-form analysis failed ({type(e).__name__}: {e}); block table instead"
-        return KernelPlan(ir, "table", mask_tensors=tuple(t.name for t in ir.tensors_in(ir.mask)),
-                          score_tensors=tuple(t.name for t in ir.tensors_in(ir.score)),
-                          score_is_identity=(ir.score == s), mask_uses_b=I.b in ir.mask.free_symbols,
-                          mask_uses_h=h in ir.mask.free_symbols, mask_read_checks=(), notes=(note,))
-    checks = {c: value_read_checks(ir, e) for c, e in (("score", ir.score), ("sink", ir.sink), ("gate", ir.gate))}
-    return dataclasses.replace(kp, value_read_checks=tuple((c, v) for c, v in checks.items() if v))
+        kp = KernelPlan(ir, "table", mask_tensors=tuple(t.name for t in ir.tensors_in(ir.mask)),
+                        score_tensors=tuple(t.name for t in ir.tensors_in(ir.score)),
+                        score_is_identity=(ir.score == s), mask_uses_b=I.b in ir.mask.free_symbols,
+                        mask_uses_h=h in ir.mask.free_symbols, mask_read_checks=(), notes=(note,))
+    else:
+        checks = {c: value_read_checks(ir, e) for c, e in (("score", ir.score), ("sink", ir.sink), ("gate", ir.gate))}
+        kp = dataclasses.replace(kp, value_read_checks=tuple((c, v) for c, v in checks.items() if v))
+    back = backward_analysis(ir, kp.forms()[1])
+    return dataclasses.replace(kp, backward=back, read_bounds=read_bounds(ir, _printed_exprs(kp, back)))
+
+
+def _printed_exprs(kp: KernelPlan, back) -> list:
+    """Every expression of ``kp`` (with its backward analysis ``back``) that the kernels evaluate."""
+    ir = kp.ir
+    out = [*kp.forms(), back.dscore, ir.sink, ir.gate]
+    out += [x for g, c in back.reads for x in (g.read, *((c.read, c.deriv) if c is not None else ()))]
+    out += [x for _, g in back.epilogue for x in (g.read, g.deriv)]
+    ivs = list(kp.intervals) + [iv for bx in kp.boxes for iv in bx.axes]
+    out += [x for iv in ivs for x in (iv.lo, iv.hi, iv.flo, iv.fhi)]
+    return [e for e in out if e is not None]
+
+
+def read_bounds(ir: AttentionIR, exprs) -> tuple:
+    """``((read, ((in_bounds, nonnegative), ...)), ...)`` for every tensor read in ``exprs``
+    (nested reads too), in a fixed order: per index of the read, whether it provably lies in
+    ``[0, size)`` for all valid indices (:func:`read_in_bounds`) and whether it is provably
+    nonnegative (what the generated bounds mask leaves out)."""
+    shapes = {t.name: t.shape for t in ir.tensors}
+    reads = set()
+    for e in exprs:
+        reads |= sp.sympify(e).atoms(sp.Indexed)
+    # a read inside another read's index is loaded with the clamped indices (attncc.ir.CLAMPED)
+    todo = list(reads)
+    while todo:
+        for ix in todo.pop().indices:
+            for r in sp.sympify(ix).atoms(sp.Indexed):
+                rc = r.subs(I.CLAMPED)
+                if rc not in reads:
+                    reads.add(rc)
+                    todo.append(rc)
+    out = []
+    for r in sorted(reads, key=sp.default_sort_key):
+        shape = shapes[str(r.base.label)]
+        out.append((r, tuple((read_in_bounds(ix, shape[i]), bool(sp.sympify(ix).is_nonnegative))
+                             for i, ix in enumerate(r.indices))))
+    return tuple(out)
 
 
 def _plan(ir: AttentionIR) -> KernelPlan:

@@ -201,6 +201,30 @@ def test_gated_training_under_torch_compile():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g), g)[0]
     assert max_err(eager, compiled) < 1e-5
 
+def test_gate_reads_stay_inside_the_tensor_when_dv_is_padded():
+    """Dv = 24 runs in BLOCK_DV = 32 lanes: the gate read g[b, q, h, dv] of a padded lane is
+    clamped to the last column, not read past the tensor. Here the memory after g holds NaN
+    (g a view at the start of a NaN-filled buffer): an unclamped read turned the padded
+    lanes' gate into NaN, and 0 * NaN made the backward's row sum (delta) and so dq / dk NaN
+    (the flaky NaN q-gradient of gated_causal, which depended on what the heap held)."""
+    kern = attncc.compile(attncc.pattern_path("gated_causal"))
+    q, k, v, tens, _ = example_inputs(kern.ir, 1, 2, 2, 5, 5, 16, 24, seed=0)
+    n = tens["g"].numel()
+    buf = torch.full((n + 64,), float("nan"))
+    buf[:n] = tens["g"].flatten()
+    g = buf[:n].view(tens["g"].shape).requires_grad_()
+    qs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = kern(*qs, g=g)
+    out.square().sum().backward()
+    rs = [x.detach().clone().double().requires_grad_() for x in (q, k, v, tens["g"])]
+    want = attncc.reference(attncc.pattern_path("gated_causal"), *rs[:3], g=rs[3])
+    want.square().sum().backward()
+    assert max_err(out, want) < 1e-5
+    for got, ref in zip([*qs, g], rs):
+        assert not torch.isnan(got.grad).any()
+        assert max_err(got.grad, ref.grad) < 1e-4 * (1 + ref.grad.abs().max().item())
+
+
 
 #: the four patterns of the issue's contract, verbatim (R is a free dimension)
 CONTRACT = '''

@@ -47,7 +47,12 @@ class Launch:
     Built by :meth:`CompiledAttention.launch`, :meth:`~CompiledAttention.launch_backward`
     and :meth:`~CompiledAttention.tile_stats`, then run on the device or, inside
     :func:`capture`, recorded: ahead-of-time compilation (:mod:`attncc.aot`) compiles
-    exactly these arguments, so the AOT kernel is the kernel the JIT builds."""
+    exactly these arguments, so the AOT kernel is the kernel the JIT builds.
+
+    The kernels read a tensor argument through its data pointer and the strides that
+    follow in ``args``, never through its shape: a repeated call of a grid pattern (see
+    :meth:`CompiledAttention._direct_call`) passes q, k, v and allocates out and lse in the
+    grid's shape ``(B, H, *grid, ...)``, with the strides of their ``(B, H, L, ...)`` views."""
 
     kernel: str
     grid: tuple
@@ -330,8 +335,10 @@ class CompiledAttention:
 
     #: reuse what a call signature seen before resolved to (same shapes, strides, dtypes,
     #: devices, requires_grad, scale, return_lse, grad mode): checked sizes, layout, launch
-    #: config and arguments. False (per instance, or on the class for every kernel): every
-    #: call takes the checked path (benchmarks/bench_host.py times both).
+    #: config and arguments; eager calls with nothing to differentiate launch from a
+    #: remembered argument list (see _Direct), and the last such signature is recognised by
+    #: one C++ check of the tensors' metadata. False (per instance, or on the class for every
+    #: kernel): every call takes the checked path (benchmarks/bench_host.py times both).
     cache_calls: bool = True
 
     def __repr__(self) -> str:

@@ -476,9 +476,9 @@ class CompiledAttention:
         """The :class:`_Direct` of a call signature, built after its first eager call without
         autograd (``given``: q, k, v as passed; ``launched``: as the launch got them,
         grid-flattened; ``targs``: the spec tensors launched; ``tensors``: as passed; ``key``:
-        the call key), or ``None`` when the call
-        needs more than new tensors per call: dot() terms (folded from the tensors' values),
-        a box layout that moves tokens, or no kernel launch (the CPU executor)."""
+        the call key), or ``None`` (remembered too: the key path then takes the plan) when the
+        call needs more than new tensors per call: dot() terms (folded from the tensors'
+        values), a box layout that moves tokens, or no kernel launch (the CPU executor)."""
         lp = self._launches.get(("call", key))
         if lp is None or self.ir.lowrank or (plan.layout is not None and not plan.layout.is_identity()):
             return None
@@ -538,8 +538,11 @@ class CompiledAttention:
         (:meth:`_tables`, the block-table cache), remembered as ``d.memo``: ``(snapshots of
         the mask tensors, the argument list with the tables in place)``. Later calls of the
         signature reuse the list while every mask tensor equals (``torch.equal``, on its
-        device) its snapshot: a mask tensor changed in any way, in place or not, version
-        counter bumped or not, takes this path again."""
+        device; on CUDA a synchronisation, as in :func:`~attncc.runtime.tiles.tensor_digest`)
+        its snapshot: a mask tensor changed in any way, in place or not, version counter
+        bumped or not, takes this path again. The snapshots are the ones ``tensor_digest``
+        keeps; the memo keeps them (one copy of each mask tensor) alive while the signature
+        is cached, also after the tensors they copy are freed."""
         named = {name: tensors[name].contiguous() if copy else tensors[name] for _, name, copy in d.slots}
         tables, tstrides = self._tables(d.launch.sizes, named, d.launch.cfg, d.device)
         args = list(d.args)

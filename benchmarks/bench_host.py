@@ -30,6 +30,9 @@ for grid patterns), D=64, bf16:
   the C++ dispatch, the kernel choice, the allocations and a negligible amount of math
   (no launch). Closest CPU stand-in for the host time of a CUDA SDPA call without its
   launch; ``ratio/tiny`` divides by it.
+* ``--grad`` adds **attncc grad** and **SDPA tiny grad**: the same calls with q requiring
+  grad (the forward's host time: autograd graph built, no backward run), and
+  ``grad/tiny``, their ratio. attncc's go through the custom op's autograd registration.
 * ``--device cuda`` (on a GPU) adds **SDPA cuda**: the real host time of SDPA on the same
   CUDA inputs (asynchronous launches, one synchronize per run), and attncc is timed on
   CUDA tensors (after one real call, so autotuning is done).
@@ -135,9 +138,10 @@ _probe.register_autograd(lambda ctx, *grads: (None,) * 7, setup_context=lambda c
 
 
 def measure(name: str, dtype, device: str, timing: dict, B: int = 1, H: int = 8, L: int = 128, D: int = 64,
-            side: int = 16) -> dict:
+            side: int = 16, grad: bool = False) -> dict:
     """Host times (microseconds) of one pattern: attncc cached / checked (launch stubbed),
-    the op floor, SDPA meta / cpu tiny (and cuda with ``device="cuda"``)."""
+    the op floor, SDPA meta / cpu tiny (and cuda with ``device="cuda"``; with ``grad``:
+    attncc cached and SDPA cpu tiny with q requiring grad, the forward only)."""
     kern = attncc.compile(attncc.pattern_path(name))
     grid = [side] * len(kern.ir.grid) if kern.ir.grid else None
     q, k, v, tens, sizes = example_inputs(kern.ir, B, H, H, L, D=D, dtype=dtype, device=device, grid=grid)
@@ -179,20 +183,33 @@ def measure(name: str, dtype, device: str, timing: dict, B: int = 1, H: int = 8,
         sdpa_cuda()
         torch.cuda.synchronize()
         fns["sdpa_cuda"] = sdpa_cuda
+    if grad:  # calls that build an autograd graph (the forward's host time; no backward)
+        qg, qtg = q.detach().requires_grad_(), qt.detach().requires_grad_()
+
+        def call_grad():
+            with capture():
+                kern(qg, k, v, **tens)
+
+        fns["grad"] = call_grad
+        fns["sdpa_tiny_grad"] = lambda: F.scaled_dot_product_attention(qtg, kt, vt, is_causal=True)
     times = interleaved_us(fns, **timing)
     row.update({n: statistics.median(t) for n, t in times.items()})
     tiny = times["sdpa_tiny"]
     row["ratio_tiny"] = statistics.median(a / b for a, b in zip(times["cached"], tiny))
     row["net_tiny"] = statistics.median((a - c) / b for a, c, b in zip(times["cached"], times["capture"], tiny))
+    if grad:
+        row["grad_tiny"] = statistics.median(a / b for a, b in zip(times["grad"], times["sdpa_tiny_grad"]))
     return row
 
 
 def table(rows: list) -> str:
     """The rows as a Markdown table (times in microseconds)."""
     cuda = any("sdpa_cuda" in r for r in rows)
+    grad = any("grad" in r for r in rows)
     head = ["pattern", "shape", "attncc cached", "attncc checked", "capture", "op floor", "SDPA meta", "SDPA cpu tiny"]
     head += ["SDPA cuda"] if cuda else []
     head += ["ratio/meta", "ratio/tiny", "net/tiny"] + (["ratio/cuda"] if cuda else [])
+    head += ["attncc grad", "SDPA tiny grad", "grad/tiny"] if grad else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["pattern"], r["shape"]] + [f"{r[c]:.1f}" for c in
@@ -200,6 +217,7 @@ def table(rows: list) -> str:
         cells += [f"{r['sdpa_cuda']:.1f}"] if cuda else []
         cells += [f"{r['cached'] / r['sdpa_meta']:.2f}", f"{r['ratio_tiny']:.2f}", f"{r['net_tiny']:.2f}"]
         cells += [f"{r['cached'] / r['sdpa_cuda']:.2f}"] if cuda else []
+        cells += [f"{r['grad']:.1f}", f"{r['sdpa_tiny_grad']:.1f}", f"{r['grad_tiny']:.2f}"] if grad else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -229,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--run-time", type=float, default=0.05, help="seconds per run (sets the calls per run)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: tiny CPU ops with a thread pool are very noisy)")
+    p.add_argument("--grad", action="store_true",
+                   help="also time calls whose q requires grad (attncc grad, SDPA tiny grad, grad/tiny)")
     p.add_argument("--quick", action="store_true", help="3 short rounds (a smoke test)")
     p.add_argument("--output", type=Path, help="also write the table (Markdown) to this file")
     args = p.parse_args(argv)
@@ -239,7 +259,7 @@ def main(argv=None) -> int:
     rows = []
     for name in [n.strip() for n in args.patterns.split(",") if n.strip()]:
         rows.append(measure(name, DTYPES[args.dtype], args.device, timing, args.batch, args.heads, args.length,
-                            args.head_dim, args.side))
+                            args.head_dim, args.side, args.grad))
     text = table(rows)
     settings = (f"attncc from {Path(attncc.__file__).parent.parent}, runtime from "
                 f"{Path(sys.modules['attncc.runtime'].__file__).parent}; "

@@ -307,8 +307,10 @@ def test_bench_host_quick_runs():
     # the attncc this test imported (an overlay or a checkout), first on the child's path
     env["PYTHONPATH"] = os.pathsep.join([str(Path(attncc.__file__).parent.parent)]
                                         + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--quick",
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--quick", "--grad",
                           "--patterns", "causal,document_causal,neighborhood_2d"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "ratio/meta" in res.stdout and "neighborhood_2d" in res.stdout
+    assert "ratio/meta" in res.stdout and "neighborhood_2d" in res.stdout and "grad/tiny" in res.stdout
+    assert "ratio/tiny (attncc cached / SDPA cpu tiny, goal <= 1.5): max" in res.stdout
+    assert f"attncc from {Path(attncc.__file__).parent.parent}" in res.stdout  # the attncc under test ran

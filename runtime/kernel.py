@@ -13,6 +13,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
+try:  # torch.compile's C++ tensor guard (a private API: without it, only the call key is used)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every supported torch has it
+    _TensorGuards = None
+
 from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes, check_tensors, clauses_to_check,
                            compile_read_checks, compile_size_checks, compile_value_checks, flatten_grid,
                            shape_functions)
@@ -26,7 +31,7 @@ from attncc.passes import KernelPlan, index_tensors
 
 from . import cache, cpu
 from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates
-from .tiles import block_table, tensor_digest
+from .tiles import block_table, tensor_digest, tensor_snapshot
 
 
 _OPS: dict = {}
@@ -42,7 +47,12 @@ class Launch:
     Built by :meth:`CompiledAttention.launch`, :meth:`~CompiledAttention.launch_backward`
     and :meth:`~CompiledAttention.tile_stats`, then run on the device or, inside
     :func:`capture`, recorded: ahead-of-time compilation (:mod:`attncc.aot`) compiles
-    exactly these arguments, so the AOT kernel is the kernel the JIT builds."""
+    exactly these arguments, so the AOT kernel is the kernel the JIT builds.
+
+    The kernels read a tensor argument through its data pointer and the strides that
+    follow in ``args``, never through its shape: a repeated call of a grid pattern (see
+    :meth:`CompiledAttention._direct_call`) passes q, k, v and allocates out and lse in the
+    grid's shape ``(B, H, *grid, ...)``, with the strides of their ``(B, H, L, ...)`` views."""
 
     kernel: str
     grid: tuple
@@ -106,6 +116,26 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = (float, int, type(None))
 
 
+def _tensor_guards(tensors: list):
+    """A check that tensors have the type, dtype, device, ``requires_grad``, sizes and
+    strides (and dispatch keys) of ``tensors``: ``guards.check(*others) -> bool``, in C++
+    (torch.compile's own tensor guard, ``torch._C._dynamo.guards.TensorGuards``; about
+    0.1 us a tensor, a quarter of reading that metadata into a key in Python). ``None``
+    where this torch lacks it or it does not accept these tensors: callers then use the
+    call key alone.
+
+    Raises nothing; ``check`` returns False for anything that is not such a tensor.
+    """
+    if _TensorGuards is None:
+        return None
+    try:
+        guards = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                               dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        return guards if guards.check(*tensors) else None
+    except Exception:  # noqa: BLE001 - a private API: any failure means "not available"
+        return None
+
+
 def _remember(cache_: dict, key, value) -> None:
     """Store ``value`` under ``key`` in a per-kernel cache, dropping the oldest entry past
     :data:`CALL_CACHE_SIZE` (plain dict, immutable values: safe under the GIL)."""
@@ -128,6 +158,7 @@ class _CallPlan:
     copy: tuple
     layout: Optional[BoxLayout]
     layout_list: list
+    graph: bool  # the call builds an autograd graph (it goes through the custom op)
 
 
 @dataclass(frozen=True)
@@ -144,6 +175,40 @@ class _LaunchPlan:
     tables: Optional[tuple]  # closed forms: the placeholder tables and strides; None: block table per call
     ksizes: list
     consts: dict
+    value_sizes: dict  # the sizes the value checks see (box plans: the grid's own token count)
+
+
+@dataclass(eq=False)
+class _Direct:
+    """A call signature whose forward launch needs nothing but the call's tensors (eager,
+    nothing to differentiate, no dot() terms, tokens in row-major order): the launch's
+    argument list with the tensors left out (``None``) and where each goes (see
+    :meth:`CompiledAttention._direct_call`). Only ``memo`` changes after construction."""
+
+    args: tuple  # the forward's arguments; None where q, k, v, out, lse, out_u and the spec tensors go
+    slots: tuple  # (index in args, tensor name, whether it needs a contiguous copy) per spec tensor
+    flatten: tuple  # grid patterns: per q, k, v whether flattening the grid copies (() when none does)
+    ngrid: int  # grid axes (0: not a grid pattern)
+    # out and lse as returned, (B, Hq, *grid, Dv) and (B, Hq, *grid) on a grid: one element
+    # expanded to their shape; ``torch.empty_like(proto, memory_format=contiguous_format)``
+    # allocates them contiguous (so their flattened strides are the launch's) for about half
+    # the host time of ``torch.empty(shape, dtype=, device=)``
+    out_proto: torch.Tensor
+    lse_proto: torch.Tensor
+    device: torch.device
+    gated: bool
+    grid: tuple  # the launch grid
+    kwargs: dict  # constexprs, num_warps, num_stages (copied into every Launch)
+    launch: _LaunchPlan
+    tables_at: Optional[tuple]  # block-table plans: indices in args of the 4 tables and of their 4 strides
+    masks: tuple  # block-table plans: the mask tensors' names (else empty)
+    # what the call key holds besides the tensors' metadata, and a check of that metadata
+    scale: Optional[float]  # as passed
+    return_lse: bool
+    grad_mode: bool
+    names: tuple  # the spec tensors' names, in the order passed
+    guards: object  # see _tensor_guards (None: only the call key finds this entry)
+    memo: Optional[tuple] = None  # block-table plans: (mask tensor snapshots, args with their tables)
 
 
 def _sizes(q, k, v, grid=None) -> dict:
@@ -165,6 +230,27 @@ def _tensor_args(tensors) -> list:
     for t in tensors:
         out += [t, *t.stride(), *t.shape]
     return out
+
+
+def _forward_args(lp: "_LaunchPlan", head: list, tensors, lowrank, tables, tstrides, scale: float) -> tuple:
+    """The positional arguments of ``attn_fwd`` (``head``: q, k, v, out, lse and the
+    ungated output's buffer), and where the varying parts sit in them.
+
+    Returns:
+        ``(args, slots, tables_at)``: the list, the index of each spec tensor in it, and
+        ``(index of the 4 tables, index of their 4 strides)``.
+    """
+    args = list(head)
+    slots = []
+    for t in tensors:
+        slots.append(len(args))
+        args += [t, *t.stride(), *t.shape]
+    args += _lowrank_args(lowrank)
+    at = len(args)
+    args += [*tables, *lp.strides]
+    tat = len(args)
+    args += [*tstrides, *lp.ksizes, scale]
+    return args, slots, (at, tat)
 
 
 def _lowrank_args(lowrank, grads=()) -> list:
@@ -239,6 +325,8 @@ class CompiledAttention:
         #: per-signature caches of __call__ and launch (see _CallPlan, _LaunchPlan)
         self._calls: dict = {}
         self._launches: dict = {}
+        self._direct: dict = {}
+        self._last: Optional[_Direct] = None  # the last _Direct called through the key (see __call__)
         self._dummy: dict = {}
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
@@ -247,8 +335,10 @@ class CompiledAttention:
 
     #: reuse what a call signature seen before resolved to (same shapes, strides, dtypes,
     #: devices, requires_grad, scale, return_lse, grad mode): checked sizes, layout, launch
-    #: config and arguments. False (per instance, or on the class for every kernel): every
-    #: call takes the checked path (benchmarks/bench_host.py times both).
+    #: config and arguments; eager calls with nothing to differentiate launch from a
+    #: remembered argument list (see _Direct), and the last such signature is recognised by
+    #: one C++ check of the tensors' metadata. False (per instance, or on the class for every
+    #: kernel): every call takes the checked path (benchmarks/bench_host.py times both).
     cache_calls: bool = True
 
     def __repr__(self) -> str:
@@ -282,14 +372,26 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
-        key = self._call_key(q, k, v, scale, return_lse, tensors) if self.cache_calls else None
-        if key is not None and q.device.type == "cpu":  # the CPU backend decides the box layout
-            key += (cpu.cpu_backend(self.backend),)
-        op = self.op
-        if key is not None and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
-                                                                 any(t.requires_grad for t in tensors.values()))):
-            op = functools.partial(self._launch_op, key)  # eager, nothing to differentiate: no op dispatch
+        if self.cache_calls:
+            # the signature of the last direct call again: one C++ check of every tensor's
+            # metadata (see _Direct.guards) instead of building and hashing the key
+            d = self._last
+            if (d is not None and type(scale) in _SCALARS and scale == d.scale and bool(return_lse) is d.return_lse
+                    and torch.is_grad_enabled() is d.grad_mode and tuple(tensors) == d.names
+                    and not torch.compiler.is_compiling() and d.guards.check(q, k, v, *tensors.values())
+                    and not (q.is_cpu and self._executor_runs())):
+                return self._direct_call(d, q, k, v, tensors, return_lse)
+            key = self._call_key(q, k, v, scale, return_lse, tensors)
+        else:
+            key = None
+        if key is not None:
+            d = self._direct.get(key)
+            if d:  # a signature seen before whose launch needs nothing but the new tensors
+                if d.guards is not None:
+                    self._last = d
+                return self._direct_call(d, q, k, v, tensors, return_lse)
         plan = self._calls.get(key) if key is not None else None
+        q0, k0, v0 = q, k, v
         if plan is None:  # checked path: every check, then the plan is remembered for the signature
             q, k, v, plan, targs, lowrank = self._plan_call(q, k, v, scale, return_lse, tensors)
             if key is not None:
@@ -299,6 +401,7 @@ class CompiledAttention:
             lowrank = []
             if plan.layout is not None and not self.ir.lowrank:  # q, k, v permuted from their grid shape
                 lay = plan.layout
+                op = self.op if plan.graph else functools.partial(self._launch_op, key)
                 out, lse, _ = op(lay.permute(q, "q"), lay.permute(k, "kv"), lay.permute(v, "kv"), targs,
                                  plan.scale, plan.layout_list, [])
                 out = lay.unpermute(out)
@@ -309,6 +412,9 @@ class CompiledAttention:
             if self.ir.lowrank:  # value-dependent: folded on every call
                 q, k, v, lowrank = self._lowrank_factors(q, k, v, dict(zip(plan.names, targs)), plan.sizes,
                                                          plan.scale)
+        op = self.op
+        if key is not None and not plan.graph:
+            op = functools.partial(self._launch_op, key)  # eager, nothing to differentiate: no op dispatch
         lay = plan.layout
         if lay is not None:  # box plans: tokens permuted so that every grid box is one contiguous tile
             qp, kp, vp, *lr = (lay.permute(x.unflatten(2, plan.grid), side) for x, side in
@@ -320,6 +426,8 @@ class CompiledAttention:
             out, lse, _ = op(q, k, v, targs, plan.scale, plan.layout_list, lowrank)
             if plan.grid:
                 out, lse = out.unflatten(2, plan.grid), lse.unflatten(2, plan.grid)
+        if key is not None and not plan.graph and key not in self._direct:
+            _remember(self._direct, key, self._direct_plan(key, plan, (q0, k0, v0), (q, k, v), targs, tensors))
         return (out, lse) if return_lse else out
 
     def _launch_op(self, call_key, q, k, v, tensors, scale: float, layout, lowrank):
@@ -329,28 +437,119 @@ class CompiledAttention:
         through :attr:`op`."""
         return self.launch(q, k, v, tensors, scale, layout=layout, lowrank=lowrank, call_key=call_key)
 
-    @staticmethod
-    def _call_key(q, k, v, scale, return_lse, tensors: dict):
+    def _call_key(self, q, k, v, scale, return_lse, tensors: dict):
         """The per-signature cache key of a call: shape, strides, dtype, device and
         ``requires_grad`` of q, k, v and of every spec tensor passed (by name, in the order
-        passed), the scale, ``return_lse`` and the grad mode; ``None`` (no caching: every
-        check runs) for anything but plain tensors and Python scalars, and while
-        ``torch.compile`` traces the call (it sees the checked path)."""
-        if torch.compiler.is_compiling() or type(scale) not in _SCALARS:
+        passed), the scale, ``return_lse``, the grad mode and, for CPU tensors, whether the
+        CPU executor runs (see :meth:`_torch_cpu`); ``None`` (no caching: every check runs)
+        for anything but plain tensors and Python scalars, and while ``torch.compile``
+        traces the call (it sees the checked path). Everything the argument checks read is
+        in the key, so a call with a key seen before passes them."""
+        if type(scale) not in _SCALARS or torch.compiler.is_compiling():
             return None
-        key = [scale, bool(return_lse), torch.is_grad_enabled()]
+        if type(q) not in _PLAIN_TENSORS or type(k) not in _PLAIN_TENSORS or type(v) not in _PLAIN_TENSORS:
+            return None
         try:
-            for x in (q, k, v):
-                if type(x) not in _PLAIN_TENSORS:
-                    return None
-                key += (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
-            for name, x in tensors.items():
-                if type(x) not in _PLAIN_TENSORS:
-                    return None
-                key += (name, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
-            return tuple(key)
+            key = (scale, bool(return_lse), torch.is_grad_enabled(),
+                   q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+                   k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
+                   v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
+            if tensors:
+                more = []
+                for name, x in tensors.items():
+                    if type(x) not in _PLAIN_TENSORS:
+                        return None
+                    more += (name, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+                key += tuple(more)
         except Exception:  # noqa: BLE001 - no strides (sparse, nested): the checked path says what is wrong
             return None
+        if q.is_cpu:  # the executor runs on the row-major grid, the kernels on the box layout
+            key += (self._executor_runs(),)
+        return key
+
+    def _executor_runs(self) -> bool:
+        """Whether a call on CPU tensors runs the CPU executor (see :meth:`_torch_cpu`)."""
+        return _CAPTURE.get() is None and cpu.cpu_backend(self.backend) == "torch"
+
+    def _direct_plan(self, key, plan: _CallPlan, given: tuple, launched: tuple, targs: list,
+                     tensors: dict) -> Optional[_Direct]:
+        """The :class:`_Direct` of a call signature, built after its first eager call without
+        autograd (``given``: q, k, v as passed; ``launched``: as the launch got them,
+        grid-flattened; ``targs``: the spec tensors launched; ``tensors``: as passed; ``key``:
+        the call key), or ``None`` (remembered too: the key path then takes the plan) when the
+        call needs more than new tensors per call: dot() terms (folded from the tensors'
+        values), a box layout that moves tokens, or no kernel launch (the CPU executor)."""
+        lp = self._launches.get(("call", key))
+        if lp is None or self.ir.lowrank or (plan.layout is not None and not plan.layout.is_identity()):
+            return None
+        gated = self.ir.gate is not None
+        # a grid flattened to a view is passed as is (the kernel reads its pointer and the flat
+        # strides of the argument list); a grid whose flattening copies is flattened per call
+        flatten = tuple(a.data_ptr() != b.data_ptr() for a, b in zip(given, launched)) if plan.grid else ()
+        q = launched[0]
+        out = q.new_empty(0)  # stand-ins: their positions in the argument list are all that is kept
+        tables = None if lp.tables is not None else ((out,) * 4, (0,) * 4)
+        args, slots, tables_at = _forward_args(lp, [q, q, q, out, out, out], targs, [],
+                                               *(lp.tables if tables is None else tables), plan.scale)
+        for i in (0, 1, 2, 3, 4, 5, *slots):
+            args[i] = None
+        if tables is not None:
+            args[tables_at[0]:tables_at[0] + 4] = [None] * 4
+        B, Hq = lp.out_shape[:2]
+        out_shape = (B, Hq, *plan.grid, lp.out_shape[3]) if plan.grid else lp.out_shape
+        lse_shape = (B, Hq, *plan.grid) if plan.grid else lp.lse_shape
+        one = functools.partial(torch.empty, (), device=q.device)
+        return _Direct(tuple(args), tuple(zip(slots, plan.names, plan.copy)), flatten if any(flatten) else (),
+                       len(plan.grid), one(dtype=q.dtype).expand(out_shape), one(dtype=torch.float32).expand(lse_shape),
+                       q.device, gated, lp.grid, lp.consts, lp, tables_at if tables is not None else None,
+                       tuple(self.plan.mask_tensors) if tables is not None else (),
+                       key[0], key[1], key[2], tuple(tensors), _tensor_guards([*given, *tensors.values()]))
+
+    def _direct_call(self, d: _Direct, q, k, v, tensors: dict, return_lse: bool):
+        """A call whose signature has a :class:`_Direct`: the block table (block-table plans:
+        reused while the mask tensors hold the values it was built from, see
+        :meth:`_memo_tables`), the outputs allocated, the call's tensors put into the
+        remembered argument list, the value checks, one launch."""
+        base = d.args
+        if d.masks:
+            m = d.memo
+            if m is not None:
+                for snap, name in zip(m[0], d.masks):
+                    if not torch.equal(snap, tensors[name]):
+                        m = None
+                        break
+            base = (m or self._memo_tables(d, tensors))[1]
+        if d.flatten:
+            n = d.ngrid
+            q, k, v = (x.flatten(2, 1 + n) if f else x for x, f in zip((q, k, v), d.flatten))
+        out = torch.empty_like(d.out_proto, memory_format=torch.contiguous_format)
+        lse = torch.empty_like(d.lse_proto, memory_format=torch.contiguous_format)
+        args = list(base)
+        args[0:6] = q, k, v, out, lse, (torch.empty_like(out) if d.gated else out)
+        for i, name, copy in d.slots:
+            args[i] = tensors[name].contiguous() if copy else tensors[name]
+        if self._value_checks:
+            self._check_values(d.launch.value_sizes, {name: args[i] for i, name, _ in d.slots}, d.device)
+        self._run(d.device, Launch("attn_fwd", d.grid, args, dict(d.kwargs)))
+        return (out, lse) if return_lse else out
+
+    def _memo_tables(self, d: _Direct, tensors: dict) -> tuple:
+        """A block-table plan's :class:`_Direct`: the block table of the call's mask tensors
+        (:meth:`_tables`, the block-table cache), remembered as ``d.memo``: ``(snapshots of
+        the mask tensors, the argument list with the tables in place)``. Later calls of the
+        signature reuse the list while every mask tensor equals (``torch.equal``, on its
+        device; on CUDA a synchronisation, as in :func:`~attncc.runtime.tiles.tensor_digest`)
+        its snapshot: a mask tensor changed in any way, in place or not, version counter
+        bumped or not, takes this path again. The snapshots are the ones ``tensor_digest``
+        keeps; the memo keeps them (one copy of each mask tensor) alive while the signature
+        is cached, also after the tensors they copy are freed."""
+        named = {name: tensors[name].contiguous() if copy else tensors[name] for _, name, copy in d.slots}
+        tables, tstrides = self._tables(d.launch.sizes, named, d.launch.cfg, d.device)
+        args = list(d.args)
+        at, tat = d.tables_at
+        args[at:at + 4], args[tat:tat + 4] = tables, tstrides
+        d.memo = (tuple(tensor_snapshot(named[n]) for n in d.masks), tuple(args))
+        return d.memo
 
     def _plan_call(self, q, k, v, scale, return_lse: bool, tensors: dict) -> tuple:
         """The checked path of :meth:`__call__`: every argument check (raising before any
@@ -380,8 +579,9 @@ class CompiledAttention:
             # backward's tiles (see _box_config); the CPU executor runs on the row-major grid
             training = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs, *lowrank])
             lay = self.layout_for(sizes, device=q.device, training=training, dtype=q.dtype)
+        graph = torch.is_grad_enabled() and any(x.requires_grad for x in [q, k, v, *targs])
         plan = _CallPlan(sizes, tuple(grid), float(scale), names, tuple(tens[n] is not tensors[n] for n in names),
-                         lay, lay.as_list() if lay is not None else identity_layout(grid))
+                         lay, lay.as_list() if lay is not None else identity_layout(grid), graph)
         return q, k, v, plan, targs, lowrank
 
     def _lowrank_factors(self, q, k, v, tens: dict, sizes: dict, scale: float):
@@ -524,7 +724,7 @@ class CompiledAttention:
         """Launch on ``device`` (or record them inside :func:`capture`)."""
         rec = _CAPTURE.get()
         if rec is not None:
-            rec.extend((self, ln) for ln in launches)
+            rec.extend([(self, ln) for ln in launches])
             return
         mod = self.module(device)
         seen = _COMPILED.get()
@@ -579,16 +779,15 @@ class CompiledAttention:
         # gated patterns also keep the ungated output (the backward needs it)
         gated = self.ir.gate is not None
         out_u = torch.empty_like(out) if gated else out.new_empty(0)
-        if self._value_checks:  # the grid's own token count, not the box layout's padded one
-            n = math.prod(layout[:3]) if self.plan.path == "box" else None
-            self._check_values(dict(lp.sizes, **({"Lq": n, "Lk": n} if n else {})), self._named(tensors), q.device)
+        if self._value_checks:
+            self._check_values(lp.value_sizes, self._named(tensors), q.device)
         if lp.tables is not None:
             tables, tstrides = lp.tables
         else:
             tables, tstrides = self._tables(lp.sizes, self._named(tensors), lp.cfg, q.device)
-        self._run(q.device, Launch("attn_fwd", lp.grid, [
-            q, k, v, out, lse, out_u if gated else out, *_tensor_args(tensors), *_lowrank_args(lowrank), *tables,
-            *lp.strides, *tstrides, *lp.ksizes, scale], dict(lp.consts)))
+        args, _, _ = _forward_args(lp, [q, k, v, out, lse, out_u if gated else out], tensors, lowrank, tables,
+                                   tstrides, scale)
+        self._run(q.device, Launch("attn_fwd", lp.grid, args, dict(lp.consts)))
         return out, lse, out_u
 
     def _launch_plan(self, q, k, v, tensors, scale, cfg, layout, lowrank) -> _LaunchPlan:
@@ -604,9 +803,11 @@ class CompiledAttention:
         out_shape = (B, Hq, Lq, Dv)
         out_stride = torch.empty(out_shape, device="meta").stride()  # torch.empty's (contiguous) strides
         tables = None if self.plan.path == "table" else self._tables(sizes, {}, cfg, q.device)
+        n = math.prod(layout[:3]) if self.plan.path == "box" else None  # the grid's own tokens, not the padded
         return _LaunchPlan(sizes, cfg, (-(-Lq // cfg.block_m), B * Hq), out_shape, (B, Hq, Lq),
                            [*q.stride(), *k.stride(), *v.stride(), *out_stride], tables,
-                           _kernel_sizes(sizes, layout), _constexprs(q.dtype, sizes, cfg, layout, lowrank))
+                           _kernel_sizes(sizes, layout), _constexprs(q.dtype, sizes, cfg, layout, lowrank),
+                           dict(sizes, **({"Lq": n, "Lk": n} if n else {})))
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                    **tensors) -> Config:

@@ -83,6 +83,15 @@ def tensor_digest(t: torch.Tensor) -> str:
     return d
 
 
+def tensor_snapshot(t: torch.Tensor) -> torch.Tensor:
+    """The private copy of ``t``'s values that :func:`tensor_digest` keeps (taken or checked
+    equal to ``t`` now; the same shape, dtype and device). Never written: a tensor that
+    compares equal to it (``torch.equal``) holds the values a cached block table was built
+    from, without hashing."""
+    tensor_digest(t)
+    return _DIGESTS[id(t)][2]
+
+
 def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, device, key: str) -> BlockTable:
     """The (cached) :class:`BlockTable` of ``plan.ir.mask`` for these sizes and tensor values."""
     ir = plan.ir

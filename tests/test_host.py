@@ -75,9 +75,16 @@ def test_cached_launch_records_match_checked_launch_records(monkeypatch):
         for (_, a), (_, b) in ((fast[0], slow[0]), (fast[1], slow[0])):
             assert (a.kernel, a.grid, a.kwargs) == (b.kernel, b.grid, b.kwargs), name
             assert len(a.args) == len(b.args), name
+            # the kernel reads a tensor argument through its pointer and the strides in the list:
+            # a cached call may pass a grid pattern's q, k, v (and allocate out, lse) in the grid's
+            # shape, viewed by the checked path as (B, H, L, D) (dot() terms: k, v expanded per call)
+            if not kern.ir.lowrank:
+                assert [x.data_ptr() for x in a.args[:3]] == [x.data_ptr() for x in b.args[:3]] == \
+                    [x.data_ptr() for x in (q, k, v)], name
             for x, y in zip(a.args, b.args):
                 if isinstance(x, torch.Tensor):
-                    assert x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype, name
+                    assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.numel() == y.numel(), name
+                    assert x.is_contiguous() and y.is_contiguous(), name
                 else:
                     assert x == y, name
 
@@ -186,6 +193,104 @@ def test_scale_and_return_lse_are_part_of_the_signature():
             sig(q, k, v, return_lse=True)
 
 
+DOC_CHANGES = {
+    "numpy": lambda doc: doc.numpy().__setitem__(slice(None), 0),  # no version bump
+    "data": lambda doc: doc.data.zero_(),                            # no version bump
+    "in_place": lambda doc: doc.zero_(),
+    "one_entry": lambda doc: doc.__setitem__(20, doc[0]),           # token 20 joins document 0
+}
+
+
+@pytest.mark.parametrize("change", sorted(DOC_CHANGES))
+def test_direct_call_sees_mask_tensor_changes(change):
+    """A block-table pattern's direct calls reuse the last table only while the mask tensor
+    equals its snapshot: an in-place change (with or without a version bump) after the
+    table was memoised by a direct call gets a new table. (16 x 16 tiles and documents of
+    16 tokens: every change here turns an empty key tile into a visited one, so a stale
+    table gives a wrong output.)"""
+    name = "document_causal"
+    kern = attncc.compile(attncc.pattern_path(name), block_m=16, block_n=16)
+    q, k, v, _, _ = _inputs(kern, L=64, seed=3)
+    doc = (torch.arange(64) // 16).to(torch.int32)
+    for _ in range(2):  # checked call, then a direct call that memoises the table
+        assert max_err(kern(q, k, v, doc=doc), _ref(name, q, k, v, doc=doc)) < TOL[torch.float32]
+    key = kern._call_key(q, k, v, None, False, {"doc": doc})
+    assert kern._direct[key].memo is not None
+    before = doc.clone()
+    DOC_CHANGES[change](doc)
+    assert not torch.equal(doc, before)
+    for _ in range(2):
+        out = kern(q, k, v, doc=doc)
+        assert max_err(out, _ref(name, q, k, v, doc=doc)) < TOL[torch.float32]
+    # another tensor holding the first values gets their table back
+    out = kern(q, k, v, doc=before)
+    assert max_err(out, _ref(name, q, k, v, doc=before)) < TOL[torch.float32]
+
+
+def test_direct_call_copies_a_non_contiguous_tensor_every_call():
+    kern = attncc.compile(attncc.pattern_path("alibi"))
+    q, k, v, tens, _ = _inputs(kern)
+    base = torch.stack([tens["slope"], torch.zeros_like(tens["slope"])], dim=1)
+    slope = base[:, 0]
+    assert not slope.is_contiguous()
+    for scale in (1.0, 2.0, 3.0):  # the values change between calls, the signature does not
+        base[:, 0] = tens["slope"] * scale
+        out = kern(q, k, v, slope=slope)
+        assert max_err(out, _ref("alibi", q, k, v, slope=slope.contiguous())) < TOL[torch.float32]
+    assert len([d for d in kern._direct.values() if d]) >= 1
+
+
+def test_last_signature_check_misses_on_any_metadata_change():
+    """After direct calls of one signature (the fast check of _Direct.guards), a call that
+    differs in stride, dtype, requires_grad, device or tensor type takes the key path (a
+    new signature, or the checked path's error)."""
+    name = "causal"
+    kern = attncc.compile(attncc.pattern_path(name))
+    q, k, v, _, _ = _inputs(kern, seed=5)
+    for _ in range(3):
+        kern(q, k, v)
+    assert kern._last is not None and kern._last.guards is not None
+    guards = kern._last.guards
+    assert guards.check(q, k, v) and guards.check(q.clone(), k, v)  # metadata, not identity
+    assert not guards.check(torch.nn.Parameter(q, requires_grad=False), k, v)  # the exact type
+    assert not guards.check(q[..., :8], k, v) and not guards.check(q, k, v.detach().requires_grad_())
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((qt, k, v), (q.half(), k.half(), v.half())):
+        for _ in range(2):
+            out = kern(*args)
+            assert out.dtype == args[0].dtype
+            assert max_err(out, _ref(name, *(x.float() for x in args))) < TOL[args[0].dtype]
+    with pytest.raises(TypeError, match="same dtype"):
+        kern(q, k.half(), v.half())
+    with pytest.raises(ValueError, match="same device"):
+        kern(q, k.to("meta"), v)
+    qg = q.clone().requires_grad_()
+    out = kern(qg, k, v)
+    assert out.requires_grad
+    (g,) = torch.autograd.grad(out.sum(), qg)
+    rq = q.clone().requires_grad_()
+    (rg,) = torch.autograd.grad(_ref(name, rq, k, v).sum(), rq)
+    assert max_err(g, rg) < 1e-4
+
+
+def test_direct_call_leaves_for_the_cpu_executor(monkeypatch):
+    """A direct signature recorded under capture() is not reused when the next call runs the
+    CPU executor (ATTNCC_CPU=torch, no capture)."""
+    kern = attncc.compile(attncc.pattern_path("causal"))
+    q, k, v, _, _ = _inputs(kern, seed=7)
+    with capture() as rec:
+        for _ in range(3):
+            kern(q, k, v)
+    assert len(rec) == 3 and kern._last is not None
+    ran = []
+    forward = rk.cpu.forward
+    monkeypatch.setattr(rk.cpu, "forward", lambda *a, **kw: ran.append(1) or forward(*a, **kw))
+    monkeypatch.setenv("ATTNCC_CPU", "torch")
+    for _ in range(2):
+        assert max_err(kern(q, k, v), _ref("causal", q, k, v)) < TOL[torch.float32]
+    assert len(ran) == 2
+
+
 def test_call_cache_is_bounded():
     kern = attncc.compile("pattern host_cache_bound_probe:\n    mask: kv <= q\n")  # owns its op (launch cache)
     with capture():
@@ -194,6 +299,7 @@ def test_call_cache_is_bounded():
             kern(q, q, q)
     assert len(kern._calls) == rk.CALL_CACHE_SIZE
     assert len(kern._launches) == rk.CALL_CACHE_SIZE
+    assert len(kern._direct) == rk.CALL_CACHE_SIZE
 
 
 def test_bench_host_quick_runs():
@@ -201,8 +307,10 @@ def test_bench_host_quick_runs():
     # the attncc this test imported (an overlay or a checkout), first on the child's path
     env["PYTHONPATH"] = os.pathsep.join([str(Path(attncc.__file__).parent.parent)]
                                         + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--quick",
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--quick", "--grad",
                           "--patterns", "causal,document_causal,neighborhood_2d"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "ratio/meta" in res.stdout and "neighborhood_2d" in res.stdout
+    assert "ratio/meta" in res.stdout and "neighborhood_2d" in res.stdout and "grad/tiny" in res.stdout
+    assert "ratio/tiny (attncc cached / SDPA cpu tiny, goal <= 1.5): max" in res.stdout
+    assert f"attncc from {Path(attncc.__file__).parent.parent}" in res.stdout  # the attncc under test ran

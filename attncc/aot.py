@@ -430,6 +430,13 @@ def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16"
 
 
 # ----------------------------------------------------------------------------- reports
+def _mma_sync_by_design(rec: dict) -> bool:
+    """The backward's dQ and dK/dV kernels at head dims above 128 use 32-row tiles (see
+    :func:`attncc.runtime.configs.backward_candidates`): wgmma needs 64 rows per warpgroup,
+    and its 64-row tiles spill at D = 256, so these kernels use mma.sync (still tensor cores)."""
+    return rec["kernel"] in ("attn_bwd_dq", "attn_bwd_dkdv") and rec["head_dim"] > 128 and rec["mma"]
+
+
 def problems(rec: dict) -> list[str]:
     """What is wrong with one kernel record: a compile error, spills, local memory
     traffic, shared memory over the target's limit, no tensor-core MMA for fp16 / bf16
@@ -444,7 +451,7 @@ def problems(rec: dict) -> list[str]:
     if rec["kernel"] in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv") and rec["dtype"] != "fp32":
         # fp32 inputs use exact fp32 products (input_precision="ieee", torch's default matmul
         # precision): FMA, no tensor cores, by design
-        if rec["target"] == "sm_90a" and not rec["wgmma"]:
+        if rec["target"] == "sm_90a" and not rec["wgmma"] and not _mma_sync_by_design(rec):
             out.append("no wgmma")
         elif not (rec["wgmma"] or rec["mma"]):
             out.append("no tensor-core mma")

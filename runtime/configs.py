@@ -122,10 +122,26 @@ def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Conf
     if head_dim <= 64:
         return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:
-        if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage
-            return (Config(64, 64, 8, 1), Config(64, 32, 4, 2))
+        if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage;
+            # then 32 x 32 (64 x 32 at 4 warps spilled 8 B in lowrank_bias's dQ)
+            return (Config(64, 64, 8, 1), Config(32, 32, 4, 2))
         return (Config(128, 64, 8, 2), Config(64, 64, 8, 1))
-    return (Config(64, 64, 8, 1), Config(64, 32, 8, 1))
+    # head dims above 128: wgmma's 64-row tiles spill (sm_90a bf16 D = 256: dQ 112-408 B at
+    # 64x64 / 64x32 tiles, dK/dV 56-112 B at 64x64); 32-row tiles at 8 warps do not (mma.sync)
+    return (Config(32, 32, 8, 1), Config(32, 16, 8, 1))
+
+
+def register_cap(num_warps: int) -> int:
+    """``maxnreg`` of the backward's dQ and dK/dV kernels: the register file of one SM
+    (65,536 32-bit registers on sm_80 and sm_90) divided among the CTA's threads, at most 255.
+
+    Without an explicit cap ptxas may trade a few spilled bytes for a second CTA per SM
+    (measured, sm_80 bf16 D = 128: ``neighborhood_2d_rpb``'s dQ at 32x32:8:1 compiled to 128
+    registers and 16 B of spills; with ``maxnreg=255``: 172 registers, no spill). The cap
+    says that a CTA may use the whole register file, so those kernels never spill to raise
+    occupancy. The forward keeps ptxas' default (spill-free at every candidate, and fewer
+    registers than with the cap: causal 174 vs 206 at 128x64:8:3 on sm_90a)."""
+    return min(255, 65536 // (32 * num_warps))
 
 
 def dkdv_rows(cfg: Config, extra_state: bool = False) -> int:

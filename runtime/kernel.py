@@ -30,7 +30,7 @@ from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_con
 from attncc.passes import KernelPlan, index_tensors
 
 from . import cache, cpu
-from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates
+from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates, register_cap
 from .tiles import block_table, tensor_digest, tensor_snapshot
 
 
@@ -932,11 +932,12 @@ class CompiledAttention:
         dq_launch = Launch("attn_bwd_dq", (n_m, B * Hq), [
             q, k, v, dout, lse, delta, dq, *partials, *targs, *lr_args, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            *ksizes, scale], dict(ATOMIC=atomic, GMASK=gmask, **consts))
+            *ksizes, scale], dict(ATOMIC=atomic, GMASK=gmask, **consts, maxnreg=register_cap(cfg.num_warps)))
         dkdv = Launch("attn_bwd_dkdv", (n_n, B * Hkv), [
             q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,
-            *ksizes, scale, n_m], dict(consts, DKDV_M=dkdv_rows(cfg, self.plan.path == "box" or bool(self.ir.lowrank))))
+            *ksizes, scale, n_m], dict(consts, DKDV_M=dkdv_rows(cfg, self.plan.path == "box" or bool(self.ir.lowrank)),
+                                       maxnreg=register_cap(cfg.num_warps)))
         self._run(q.device, pre, dq_launch, dkdv)
         for j, g in enumerate(reads):
             if g.tensor in wanted and partials[j] is not added.get(g.tensor):

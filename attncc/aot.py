@@ -85,7 +85,7 @@ def parse_dtypes(text: str) -> list[str]:
 class Job:
     """One unit of AOT work: the kernels of one family of one pattern at one launch config.
 
-    ``spec`` is a path or ``.attn`` text; ``config`` a ``BMxBN:warps:stages`` string."""
+    ``spec`` is a path or ``.attn`` text; ``config`` a ``BMxBN:warps:stages[:tma][:ws]`` string."""
 
     spec: str
     pattern: str | None
@@ -114,7 +114,7 @@ def resource_usage(cubin: bytes) -> dict:
     Returns:
         ``{"registers", "spill_bytes" (STACK), "local_bytes", "static_shared_bytes",
         "sass_instructions", "local_stores" (STL), "local_loads" (LDL), "wgmma" (HGMMA
-        present), "mma" (HMMA present)}``.
+        present), "mma" (HMMA present), "tma_loads" (UTMALDG instructions)}``.
     """
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -135,7 +135,8 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": field("REG"), "spill_bytes": field("STACK"), "local_bytes": field("LOCAL"),
             "static_shared_bytes": field("SHARED"), "sass_instructions": len(ops),
             "local_stores": sum(o.startswith("STL") for o in ops), "local_loads": sum(o.startswith("LDL") for o in ops),
-            "wgmma": any(o.startswith("HGMMA") for o in ops), "mma": any(o.startswith("HMMA") for o in ops)}
+            "wgmma": any(o.startswith("HGMMA") for o in ops), "mma": any(o.startswith("HMMA") for o in ops),
+            "tma_loads": sum(o.startswith("UTMALDG") for o in ops)}
 
 
 def compile_launch(fn, launch, target: str):
@@ -248,7 +249,8 @@ def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
 
 def _config_text(launch) -> str:
     kw = launch.kwargs
-    return f"{kw.get('BLOCK_M', '-')}x{kw.get('BLOCK_N', '-')}:{kw.get('num_warps', 4)}:{kw.get('num_stages', 3)}"
+    flags = ":tma" * bool(kw.get("USE_TMA")) + ":ws" * bool(kw.get("WS"))
+    return f"{kw.get('BLOCK_M', '-')}x{kw.get('BLOCK_N', '-')}:{kw.get('num_warps', 4)}:{kw.get('num_stages', 3)}{flags}"
 
 
 # ----------------------------------------------------------------------------- worker
@@ -273,7 +275,7 @@ def run_job(job: Job, out_dir: str | None = None) -> list[dict]:
 
     cfg = Config.parse(job.config)
     kern = attncc.compile(job.spec, job.pattern, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages, **dict(job.params))
+                          num_stages=cfg.num_stages, tma=cfg.tma, ws=cfg.ws, **dict(job.params))
     base = {"pattern": kern.ir.name, "target": job.target, "dtype": job.dtype, "head_dim": job.head_dim,
             "family": job.family, "config": job.config}
     launches = capture_family(kern, job.family, job.dtype, job.head_dim)
@@ -440,7 +442,8 @@ def _mma_sync_by_design(rec: dict) -> bool:
 def problems(rec: dict) -> list[str]:
     """What is wrong with one kernel record: a compile error, spills, local memory
     traffic, shared memory over the target's limit, no tensor-core MMA for fp16 / bf16
-    (wgmma on sm_90a; fp32 computes exact fp32 products without tensor cores)."""
+    (wgmma on sm_90a; fp32 computes exact fp32 products without tensor cores), a ``tma``
+    launch without TMA loads on sm_90a."""
     if rec.get("error"):
         return [f"does not compile: {rec['error']}"]
     out = []
@@ -455,6 +458,8 @@ def problems(rec: dict) -> list[str]:
             out.append("no wgmma")
         elif not (rec["wgmma"] or rec["mma"]):
             out.append("no tensor-core mma")
+    if ":tma" in rec.get("launch", "") and rec["target"] == "sm_90a" and not rec.get("tma_loads"):
+        out.append("no TMA loads (UTMALDG)")
     return out
 
 

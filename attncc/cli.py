@@ -664,8 +664,9 @@ def aot_options(p, output: bool) -> None:
     p.add_argument("--dtype", default="bf16", metavar="bf16,fp16,fp32", help="comma-separated dtypes (default bf16)")
     p.add_argument("--head-dim", type=_int_list, default=[128], metavar="64,128",
                    help="comma-separated head dims (default 128)")
-    p.add_argument("--config", action="append", default=[], metavar="BMxBN:warps:stages",
-                   help="a forward launch config to compile instead of the autotuner's candidates; repeatable")
+    p.add_argument("--config", action="append", default=[], metavar="BMxBN:warps:stages[:tma][:ws]",
+                   help="a forward launch config to compile instead of the autotuner's candidates (:tma: Q, K, V "
+                        "through tensor descriptors, :ws: warp-specialised key loops); repeatable")
     p.add_argument("--bwd-config", action="append", default=[], metavar="BMxBN:warps:stages",
                    help="a backward launch config (default: --config, else the backward candidates); repeatable")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPU count)")

@@ -469,6 +469,8 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         kernel) and ``count_tiles`` (the same tile iteration, counting only), both
         ``@triton.jit``.
     """
+    from attncc.runtime.configs import ws_supported  # (attncc.runtime imports this module)
+
     ir = plan.ir
     box = plan.path == "box"
     names, mask, score = _kernel_forms(plan)
@@ -536,6 +538,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         in_full_count=" | ".join(f"((n >= f_lo{i}) & (n < f_hi{i}))" for i in range(len(intervals))),
         full_ranges=", ".join([f"f_lo{i}, f_hi{i}" for i in range(len(intervals))] +
                               ["0, 0"] * (3 - len(intervals)) if len(intervals) > 1 else ["0, 0, 0, 0, 0, 0"]),
+        # the forward's key-tile loops: warp-specialised when WS, where the installed Triton can
+        **(dict(tile_range="tl.range", ws_arg=", warp_specialize=WS") if ws_supported()
+           else dict(tile_range="range", ws_arg="")),
     )
     return _env().get_template(TEMPLATE).render(**ctx)
 

@@ -78,8 +78,8 @@ def store_plan(path: Path, kp: KernelPlan) -> None:
 
 
 def compile(spec, pattern: str | None = None, *, block_m: int | None = None, block_n: int | None = None,
-            num_warps: int = 4, num_stages: int = 2, deterministic: bool = True, backend: str | None = None,
-            **params):
+            num_warps: int = 4, num_stages: int = 2, tma: bool = False, ws: bool = False, deterministic: bool = True,
+            backend: str | None = None, **params):
     """Compile an attention pattern to a fused Triton kernel.
 
     Args:
@@ -89,6 +89,10 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         block_m / block_n: fix the query / key tile sizes (default: a fixed CPU
             config under the Triton interpreter, autotuned on CUDA). Powers of two >= 16.
         num_warps / num_stages: with a fixed tile size, the launch parameters.
+        tma / ws: with a fixed tile size, the forward reads Q, K and V through tensor
+            descriptors (TMA on sm_90a; inputs whose strides or base pointers are not
+            16-byte aligned fall back to the plain loads at run time) / runs its key-tile
+            loops warp-specialised (see :class:`attncc.runtime.Config`).
         deterministic: gradients of spec tensors reduced from per-program partials in a
             fixed order, bitwise reproducible (default); ``False`` adds them with
             floating-point atomics in the kernel instead (no partial buffers, but the
@@ -112,7 +116,8 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
         SpecError: the spec has an error (message gives ``file:line:col``), or
             ``pattern`` is missing/ambiguous.
         TypeError: unknown params or a param without default left unset.
-        ValueError: bad block sizes, or an unknown ``backend``.
+        ValueError: bad block sizes, ``tma`` / ``ws`` without a fixed tile size or with
+            a Triton that lacks them, or an unknown ``backend``.
     """
     from .dsl import PatternSpec, read_spec
 
@@ -120,7 +125,7 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
     if not isinstance(spec, PatternSpec):  # text or path: the source text is the key
         text, file = read_spec(spec)
         try:
-            memo = (text, file, pattern, block_m, block_n, num_warps, num_stages, deterministic,
+            memo = (text, file, pattern, block_m, block_n, num_warps, num_stages, tma, ws, deterministic,
                     tuple(sorted(params.items())), backend, os.environ.get("ATTNCC_CPU"),
                     os.environ.get("ATTNCC_CACHE_DIR"))
             hash(memo)
@@ -128,7 +133,7 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
             memo = None
         if memo is not None and memo in _COMPILED:
             return _COMPILED[memo]
-    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params)
+    kern = _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params, tma, ws)
     if memo is not None:
         _COMPILED[memo] = kern
     return kern
@@ -139,10 +144,18 @@ def compile(spec, pattern: str | None = None, *, block_m: int | None = None, blo
 _COMPILED: dict = {}
 
 
-def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params):
+def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params, tma=False,
+             ws=False):
     """:func:`compile` without the in-process memo."""
     from attncc.runtime import CompiledAttention, Config
     from attncc.runtime import cache
+    from attncc.runtime.configs import tma_supported, ws_supported
+
+    if (tma or ws) and block_m is None and block_n is None:
+        raise ValueError("tma / ws are launch options of a fixed tile size: give block_m / block_n too")
+    for flag, on, supported in (("tma", tma, tma_supported), ("ws", ws, ws_supported)):
+        if on and not supported():
+            raise ValueError(f"{flag}=True: the installed Triton {triton.__version__} does not support it")
 
     from .dsl import PatternSpec, read_spec
 
@@ -167,7 +180,7 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
         for name, val in (("block_m", bm), ("block_n", bn)):
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-        config = Config(bm, bn, num_warps, num_stages)
+        config = Config(bm, bn, num_warps, num_stages, tma=bool(tma), ws=bool(ws))
     return CompiledAttention(kp, source, path, key, config, deterministic=deterministic, backend=backend)
 
 

@@ -16,6 +16,23 @@ results in ``benchmarks/results/aot_sm90a.md`` / ``aot_sm80.md``; the CI gate
   rows per warpgroup); sm_80 (mma.sync: accumulators in registers): 64 x 64 at 8 warps
   without pipelining (2 stages spill in the sigmoid dQ), then 64 x 32 at 4. The first backward candidate is the one box plans train at.
 
+* forward, tensor descriptors (:func:`tma_candidates`, sm_90a, 64 < D <= 128, where the
+  installed Triton has them): ``128x64:8:3:tma`` and ``64x64:4:3:tma`` after the plain
+  candidates. Measured at D = 128 bf16 for every library pattern (27, closed forms, block
+  tables and box plans; ``benchmarks/results/aot_sm90a_tma.md``): 0 spill bytes, wgmma and TMA
+  loads (``UTMALDG``) at both; registers 137-190 at 128x64:8:3:tma (plain 163-245; median -24)
+  and 138-214 at 64x64:4:3:tma (plain 155-255; median -25), SASS -8..+304 / -536..+104
+  instructions (head dims 65-127 pad to the same 128-wide tiles). Not measured, so no TMA
+  candidates: head dims <= 64 or > 128; sm_80 has no TMA. Inputs TMA cannot read (strides or
+  base pointers not 16-byte aligned, last stride not 1) run the plain loads at the same tiles
+  (checked on the host per launch) and the autotuner does not time the ``tma`` candidates.
+  Warp specialisation (``ws``: ``tl.range(..., warp_specialize=True)`` on the key-tile loops)
+  is no candidate: with Triton 3.9 at 8 warps the pass leaves the kernel unchanged (no
+  ``ttg.warp_specialize`` in the TTGIR, the same registers and SASS as without; causal
+  128x64:8:3 174, :tma 150), and at 4 warps it fails in ``NVGPUWarpSpecialization``
+  ("PassManager::run failed": 64x64:4:3 with plain loads "unsupported load type for
+  producer commit", 64x64:4:3:tma and 128x64:4:2:tma an MLIR assertion), for causal.
+
 At run time the autotuner also drops a candidate whose compiled kernel spills on the
 device (``n_spills > 0``), so a pattern whose extra state makes a config spill never runs
 it; ``attncc explain --target`` lists such configs. Measured at D = 128 bf16 (every library
@@ -36,34 +53,45 @@ is spill-free at both candidates (spot check of the heaviest patterns on sm_90a)
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration: tile sizes (tokens), warps and pipeline stages."""
+    """One launch configuration: tile sizes (tokens), warps and pipeline stages; for the
+    forward kernel also ``tma`` (Q, K and V loaded through tensor descriptors: TMA on
+    sm_90a) and ``ws`` (warp-specialised key-tile loops), see :func:`tma_supported`."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False
+    ws: bool = False
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}:{self.num_warps}:{self.num_stages}"
+        flags = (":tma" if self.tma else "") + (":ws" if self.ws else "")
+        return f"{self.block_m}x{self.block_n}:{self.num_warps}:{self.num_stages}{flags}"
 
     @classmethod
     def parse(cls, text: str) -> "Config":
-        """``"BMxBN:warps:stages"`` (e.g. ``128x64:8:3``) -> :class:`Config`.
+        """``"BMxBN:warps:stages[:tma][:ws]"`` (e.g. ``128x64:8:3``, ``128x64:8:3:tma``) -> :class:`Config`.
 
         Raises:
-            ValueError: malformed text, or tile sizes that are not powers of two >= 16.
+            ValueError: malformed text, an unknown or repeated flag, or tile sizes that are
+                not powers of two >= 16.
         """
         try:
-            tiles, warps, stages = text.split(":")
+            tiles, warps, stages, *flags = text.split(":")
             bm, bn = (int(x) for x in tiles.lower().split("x"))
-            cfg = cls(bm, bn, int(warps), int(stages))
+            if any(f not in ("tma", "ws") for f in flags) or len(set(flags)) != len(flags):
+                raise ValueError
+            cfg = cls(bm, bn, int(warps), int(stages), tma="tma" in flags, ws="ws" in flags)
         except ValueError:
-            raise ValueError(f"bad launch config {text!r}: expected BMxBN:warps:stages, e.g. 128x64:8:3") from None
+            raise ValueError(f"bad launch config {text!r}: expected BMxBN:warps:stages[:tma][:ws], "
+                             "e.g. 128x64:8:3 or 128x64:8:3:tma") from None
         for name, val in (("BM", bm), ("BN", bn)):
             if val < 16 or val & (val - 1):
                 raise ValueError(f"bad launch config {text!r}: {name} must be a power of two >= 16")
@@ -96,7 +124,16 @@ def forward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Confi
     """The forward configs the autotuner may try for head dim ``head_dim`` (padded to a
     power of two by the kernel) on compute capability ``arch`` (80: Ampere, 90: Hopper)
     for inputs of ``dtype`` (default bf16; see :func:`dtype_name`), fastest-first by
-    expectation (the first is used when timing is not possible)."""
+    expectation (the first is used when timing is not possible); for fp16 / bf16 then the
+    :func:`tma_candidates` (the runtime skips those for inputs TMA cannot read)."""
+    if dtype_name(dtype) == "fp32":
+        return _forward_rule(head_dim, arch, dtype)
+    base = _forward_rule(head_dim, arch, dtype)
+    return base + tuple(c for c in tma_candidates(head_dim, arch) if c not in base)
+
+
+def _forward_rule(head_dim: int, arch: int, dtype) -> tuple[Config, ...]:
+    """The plain (pointer-load) forward candidates of :func:`forward_candidates`."""
     if dtype_name(dtype) == "fp32":
         # exact fp32 products (FMA): the q tile and both operands of each product live in
         # registers; 32 x 16 and 16 x 16 tiles at 4 warps are the spill-free ones at D = 128
@@ -112,6 +149,44 @@ def forward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Confi
         return (Config(128, 64, 8, stages), Config(64, 64, 4, stages), Config(128, 32, 8, stages),
                 Config(64, 32, 4, stages))
     return (Config(64, 64, 8, 2), Config(64, 32, 8, 2))  # 4 warps spill at D = 256 (gated: 680-768 B)
+
+
+@functools.lru_cache(maxsize=None)
+def tma_supported() -> bool:
+    """Whether the installed Triton has device-side tensor descriptors
+    (``tl.make_tensor_descriptor``) and ``triton.set_allocator`` for their global scratch
+    (Triton >= 3.4): without them there are no ``tma`` candidates."""
+    import triton
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+@functools.lru_cache(maxsize=None)
+def ws_supported() -> bool:
+    """Whether the installed Triton's ``tl.range`` takes ``warp_specialize`` (Triton >= 3.4)."""
+    import triton.language as tl
+
+    try:
+        return "warp_specialize" in inspect.signature(tl.range).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+#: forward candidates added on arch >= 90 when the installed Triton supports them: the head
+#: dims ``(lo, hi]`` they were measured at (see the module docstring) and the configs
+TMA_FORWARD = (((64, 128), (Config(128, 64, 8, 3, tma=True), Config(64, 64, 4, 3, tma=True))),)
+
+
+def tma_candidates(head_dim: int, arch: int = 90) -> tuple[Config, ...]:
+    """The tensor-descriptor (``tma``) / warp-specialised (``ws``) forward configs for head
+    dim ``head_dim`` on compute capability ``arch``: none below 90, outside the head dims of
+    :data:`TMA_FORWARD` or where the installed Triton lacks the feature (see
+    :func:`tma_supported`, :func:`ws_supported`)."""
+    if arch < 90:
+        return ()
+    cfgs = next((c for (lo, hi), c in TMA_FORWARD if lo < head_dim <= hi), ())
+    return tuple(c for c in cfgs if (not c.tma or tma_supported()) and (not c.ws or ws_supported()))
 
 
 def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Config, ...]:

@@ -7,6 +7,7 @@ the real annotations of the op functions.)
 import math
 import threading
 import contextvars
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -101,6 +102,45 @@ class capture(_Collect):
     without the interpreter (nothing is launched, the generated module is not loaded)."""
 
     VAR = _CAPTURE
+
+
+def tma_strides_ok(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors (TMA) can read every ``(B, H, L, D)`` tensor given, as far
+    as its layout says: last stride 1 and 16-byte multiples for the other strides (of
+    dimensions longer than 1, whose offsets are used). The 16-byte alignment of the base
+    pointer is checked per call (:func:`tma_pointers_ok`)."""
+    for x in tensors:
+        size = x.element_size()
+        if any(n > 1 and (st * size) % 16 for n, st in zip(x.shape[:-1], x.stride()[:-1])):
+            return False
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            return False
+    return True
+
+
+def tma_pointers_ok(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's data pointer is 16-byte aligned (a TMA descriptor's base)."""
+    return all(x.data_ptr() % 16 == 0 for x in tensors)
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton allocator: the global scratch device-side tensor descriptors are written to."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the TMA kernels' descriptor scratch unless one is set
+    (Triton keeps it in a context variable: per thread)."""
+    import triton
+
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_tma_scratch)
 
 
 def _next_pow2(n: int) -> int:
@@ -530,7 +570,10 @@ class CompiledAttention:
             args[i] = tensors[name].contiguous() if copy else tensors[name]
         if self._value_checks:
             self._check_values(d.launch.value_sizes, {name: args[i] for i, name, _ in d.slots}, d.device)
-        self._run(d.device, Launch("attn_fwd", d.grid, args, dict(d.kwargs)))
+        kwargs = dict(d.kwargs)
+        if kwargs.get("USE_TMA") and not tma_pointers_ok(q, k, v):  # a misaligned base: the plain loads
+            kwargs["USE_TMA"] = False
+        self._run(d.device, Launch("attn_fwd", d.grid, args, kwargs))
         return (out, lse) if return_lse else out
 
     def _memo_tables(self, d: _Direct, tensors: dict) -> tuple:
@@ -649,7 +692,7 @@ class CompiledAttention:
             cfg = backward_candidates(head_dim, _arch(device) if device is not None and device.type == "cuda" else 90,
                                       dtype)[0]
         base = cfg or self._box_config(head_dim, device, dtype=dtype)
-        return Config(math.prod(layout[9:12]), math.prod(layout[12:15]), base.num_warps, base.num_stages)
+        return dataclasses.replace(base, block_m=math.prod(layout[9:12]), block_n=math.prod(layout[12:15]))
 
     # ------------------------------------------------------------------ internals
     def _check_grads(self, q, k, v, tens: dict) -> None:
@@ -729,6 +772,8 @@ class CompiledAttention:
         mod = self.module(device)
         seen = _COMPILED.get()
         for ln in launches:
+            if ln.kwargs.get("USE_TMA") and device.type == "cuda":
+                _ensure_allocator()
             kernel = getattr(mod, ln.kernel)[ln.grid](*ln.args, **ln.kwargs)
             if seen is not None:
                 seen.append(kernel)
@@ -787,7 +832,10 @@ class CompiledAttention:
             tables, tstrides = self._tables(lp.sizes, self._named(tensors), lp.cfg, q.device)
         args, _, _ = _forward_args(lp, [q, k, v, out, lse, out_u if gated else out], tensors, lowrank, tables,
                                    tstrides, scale)
-        self._run(q.device, Launch("attn_fwd", lp.grid, args, dict(lp.consts)))
+        consts = dict(lp.consts)
+        if consts["USE_TMA"] and not tma_pointers_ok(q, k, v):  # a misaligned base: the plain loads
+            consts["USE_TMA"] = False
+        self._run(q.device, Launch("attn_fwd", lp.grid, args, consts))
         return out, lse, out_u
 
     def _launch_plan(self, q, k, v, tensors, scale, cfg, layout, lowrank) -> _LaunchPlan:
@@ -800,13 +848,16 @@ class CompiledAttention:
         if cfg is None:
             cfg = self.config or (CPU_CONFIG if cache.interpreting() else
                                   self._autotune(q, k, v, tensors, scale, sizes, layout, lowrank))
+        if cfg.tma and not tma_strides_ok(q, k, v):  # TMA cannot read these strides: the plain loads
+            cfg = dataclasses.replace(cfg, tma=False)
         out_shape = (B, Hq, Lq, Dv)
         out_stride = torch.empty(out_shape, device="meta").stride()  # torch.empty's (contiguous) strides
         tables = None if self.plan.path == "table" else self._tables(sizes, {}, cfg, q.device)
         n = math.prod(layout[:3]) if self.plan.path == "box" else None  # the grid's own tokens, not the padded
         return _LaunchPlan(sizes, cfg, (-(-Lq // cfg.block_m), B * Hq), out_shape, (B, Hq, Lq),
                            [*q.stride(), *k.stride(), *v.stride(), *out_stride], tables,
-                           _kernel_sizes(sizes, layout), _constexprs(q.dtype, sizes, cfg, layout, lowrank),
+                           _kernel_sizes(sizes, layout),
+                           dict(_constexprs(q.dtype, sizes, cfg, layout, lowrank), USE_TMA=cfg.tma, WS=cfg.ws),
                            dict(sizes, **({"Lq": n, "Lk": n} if n else {})))
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -953,7 +1004,11 @@ class CompiledAttention:
         """The forward's launch config on CUDA: the fastest spill-free
         :func:`~attncc.runtime.configs.forward_candidates` entry for this device and shape
         bucket (remembered on disk, ``autotune.json`` in the cache dir)."""
-        return self._tune("fwd", q, sizes, layout, lowrank, forward_candidates,
+        if tma_strides_ok(q, k, v) and tma_pointers_ok(q, k, v):
+            family, rule = "fwd", forward_candidates
+        else:  # inputs tensor descriptors cannot read: the tma candidates are not tried (own bucket)
+            family, rule = "fwd:no-tma", lambda hd, arch: tuple(c for c in forward_candidates(hd, arch) if not c.tma)
+        return self._tune(family, q, sizes, layout, lowrank, rule,
                           lambda cfg: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank))
 
     def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:
@@ -1067,7 +1122,7 @@ def _make_op(kern: CompiledAttention):
     name = f"attncc::{safe}_{kern.key[:16]}"
     if kern.config is not None:  # a fixed launch config is part of the op's behaviour
         c = kern.config
-        name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
+        name += f"_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}" + "_tma" * c.tma + "_ws" * c.ws
     if not kern.deterministic:
         name += "_atomic"
     if kern.backend is not None:  # a fixed CPU backend too

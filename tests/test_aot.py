@@ -5,8 +5,9 @@ GPU: ``attncc.aot`` worker processes), at every launch config the autotuner may 
 Asserted per kernel: it compiles with Triton's default settings, 0 spill bytes and no
 local-memory stores, shared memory within the target's limit, wgmma (``HGMMA``) on sm_90a
 for the forward, dQ and dK/dV kernels (bf16; mma.sync for the backward at D > 128; exact
-fp32 FMA for fp32), at every candidate config. Besides bf16 at D = 128, one pattern is
-compiled at fp32, at D = 256 and on sm_80 at D = 64. The launches compiled are recorded from the
+fp32 FMA for fp32), TMA loads (``UTMALDG``) in the forward at the ``tma`` candidates
+(sm_90a), at every candidate config. Besides bf16 at D = 128, one pattern is compiled at
+fp32, at D = 256 and on sm_80 at D = 64. The launches compiled are recorded from the
 runtime's own call path (``attncc.runtime.capture``), so they are the JIT's launches.
 
 Compiled kernels are cached by Triton (``~/.triton/cache`` or ``TRITON_CACHE_DIR``) and
@@ -74,6 +75,9 @@ def test_kernels_compile_without_spills(records, entry, target):
     got = {r["kernel"] for r in recs}
     assert got == expected, f"{target}: kernels compiled {sorted(got)}, expected {sorted(expected)}"
     assert {r["config"] for r in recs if r["kernel"] == "attn_fwd"} == {str(c) for c in forward_candidates(128, arch)}
+    # the TMA candidates (sm_90a) launch the TMA forward for the (aligned) example call; problems()
+    # below fails a TMA launch without TMA loads in its SASS
+    assert all(":tma" in r["launch"] for r in recs if r["kernel"] == "attn_fwd" and ":tma" in r["config"])
     if not kern.backward_error:
         bwd = {r["config"] for r in recs if r["kernel"] == "attn_bwd_dkdv"}
         assert bwd == {str(c) for c in backward_candidates(128, arch)}

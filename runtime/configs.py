@@ -195,6 +195,9 @@ def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Conf
     if dtype_name(dtype) == "fp32":
         return (Config(16, 16, 4, 1), Config(16, 16, 4, 2))
     if head_dim <= 64:
+        if arch < 90:  # 64 x 64 tiles' dK/dV spilled 8-32 B here at 4 and 8 warps (even with the
+            # register cap: the dK, dV accumulators and two 64-row chunks at mma.sync)
+            return (Config(64, 32, 4, 2), Config(32, 32, 4, 2))
         return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:
         if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage;
@@ -214,8 +217,10 @@ def register_cap(num_warps: int) -> int:
     (measured, sm_80 bf16 D = 128: ``neighborhood_2d_rpb``'s dQ at 32x32:8:1 compiled to 128
     registers and 16 B of spills; with ``maxnreg=255``: 172 registers, no spill). The cap
     says that a CTA may use the whole register file, so those kernels never spill to raise
-    occupancy. The forward keeps ptxas' default (spill-free at every candidate, and fewer
-    registers than with the cap: causal 174 vs 206 at 128x64:8:3 on sm_90a)."""
+    occupancy. The fp32 forward takes the cap too (at D = 256 ``neighborhood_2d_rpb``'s
+    16 x 16 tiles compiled to 128 registers and 8 B of spills without it); the fp16 / bf16
+    forward keeps ptxas' default (spill-free at every candidate, and fewer registers than
+    with the cap: causal 174 vs 206 at 128x64:8:3 on sm_90a)."""
     return min(255, 65536 // (32 * num_warps))
 
 

@@ -305,14 +305,16 @@ def _lowrank_args(lowrank, grads=()) -> list:
 
 def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=()) -> dict:
     """The compile-time launch parameters of the attention kernels (``BLOCK_R``: the dot()
-    terms' rank padded to a power of two >= 16, only for patterns with such terms)."""
+    terms' rank padded to a power of two >= 16, only for patterns with such terms; fp32:
+    ``maxnreg``, see :func:`~attncc.runtime.configs.register_cap`)."""
     block_d, block_dv = max(16, _next_pow2(sizes["D"])), max(16, _next_pow2(sizes["Dv"]))
     extra = {"BLOCK_R": max(16, _next_pow2(lowrank[0].shape[-1]))} if lowrank else {}
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **extra,
                 **layout_constexprs(layout),
                 EVEN_D=(sizes["D"] == block_d), EVEN_DV=(sizes["Dv"] == block_dv), IEEE=(dtype == torch.float32),
                 UPCAST=(dtype == torch.bfloat16 and cache.interpreting()),  # the interpreter has no bf16 dot
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **({"maxnreg": register_cap(cfg.num_warps)} if dtype == torch.float32 else {}))
 
 
 class CompiledAttention:
@@ -983,7 +985,7 @@ class CompiledAttention:
         dq_launch = Launch("attn_bwd_dq", (n_m, B * Hq), [
             q, k, v, dout, lse, delta, dq, *partials, *targs, *lr_args, *fwd_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *fwd_strides,
-            *ksizes, scale], dict(ATOMIC=atomic, GMASK=gmask, **consts, maxnreg=register_cap(cfg.num_warps)))
+            *ksizes, scale], dict(consts, ATOMIC=atomic, GMASK=gmask, maxnreg=register_cap(cfg.num_warps)))
         dkdv = Launch("attn_bwd_dkdv", (n_n, B * Hkv), [
             q, k, v, dout, lse, delta, dk, dv, *targs, *lr_args, *t_tables,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *t_strides,

@@ -1,21 +1,20 @@
 """Launch configurations: the one used under the interpreter, and the candidates the
-autotuner may try on a GPU, derived per kernel family, head dim and target by a rule.
+autotuner may try on a GPU, derived per kernel family, dtype, head dim and target by a rule.
 
-The rule (checked for every library pattern by ``python benchmarks/aot_report.py``,
-results in ``benchmarks/results/aot_sm90a.md`` / ``aot_sm80.md``; the CI gate
-``tests/test_aot.py`` compiles a covering set of patterns at every candidate):
+The rule is checked for every library pattern by ``python benchmarks/aot_sweep.py`` (every
+dtype, head dims 64 / 128 / 256, sm_90a and sm_80: ``benchmarks/results/aot_sweep.md``) and
+``python benchmarks/aot_report.py`` (bf16 D = 128 next to a plain FlashAttention-2:
+``aot_sm90a.md`` / ``aot_sm80.md``); the CI gate ``tests/test_aot.py`` compiles a covering set
+of patterns at every candidate. Numbers below: spill bytes measured with those tools on the
+heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, ``alibi``,
+``softcap``, ``sigmoid_attention``, ``sliding_window``, ``query_temperature``, ``criss_cross``,
+``sink_window``) while choosing.
 
-* forward: a 128-row query tile needs 8 warps once the head dim passes 64 (at 4 warps each
-  thread holds 128 rows x D / 128 threads of the fp32 accumulator plus the q tile and
-  spills, as a plain FlashAttention-2 forward does); 64-row tiles keep 4 warps. Key tiles
-  of 128 only at head dims <= 64; head dims above 128 use 64-row tiles at 8 warps. sm_80 has 164 KiB
-  of shared memory per block (sm_90a 227 KiB): 2 stages at D > 64.
-* backward (dQ and dK/dV): the dK/dV program keeps two fp32 accumulators (dK, dV) and the
-  K / V tile of its key tile; its query tiles are walked in chunks of :func:`dkdv_rows`
-  rows. sm_90a: 128 x 64 (2 stages) then 64 x 64 (1 stage: at 2 stages ``alibi``'s dQ spilled 48 B) tiles at 8 warps (wgmma in dQ and dK/dV needs 64
-  rows per warpgroup); sm_80 (mma.sync: accumulators in registers): 64 x 64 at 8 warps
-  without pipelining (2 stages spill in the sigmoid dQ), then 64 x 32 at 4. The first backward candidate is the one box plans train at.
-
+* forward, fp16 / bf16: a 128-row query tile needs 8 warps once the head dim passes 64 (at 4
+  warps each thread holds 128 rows x D / 128 threads of the fp32 accumulator plus the q tile
+  and spills, as a plain FlashAttention-2 forward does); 64-row tiles keep 4 warps. Key
+  tiles of 128 only at head dims <= 64; head dims above 128 use 64-row tiles at 8 warps.
+  sm_80 has 164 KiB of shared memory per block (sm_90a 227 KiB): 2 stages at D > 64.
 * forward, tensor descriptors (:func:`tma_candidates`, sm_90a, 64 < D <= 128, where the
   installed Triton has them): ``128x64:8:3:tma`` and ``64x64:4:3:tma`` after the plain
   candidates. Measured at D = 128 bf16 for every library pattern (27, closed forms, block
@@ -23,32 +22,37 @@ results in ``benchmarks/results/aot_sm90a.md`` / ``aot_sm80.md``; the CI gate
   loads (``UTMALDG``) at both; registers 137-190 at 128x64:8:3:tma (plain 163-245; median -24)
   and 138-214 at 64x64:4:3:tma (plain 155-255; median -25), SASS -8..+304 / -536..+104
   instructions (head dims 65-127 pad to the same 128-wide tiles). Not measured, so no TMA
-  candidates: head dims <= 64 or > 128; sm_80 has no TMA. Inputs TMA cannot read (strides or
-  base pointers not 16-byte aligned, last stride not 1) run the plain loads at the same tiles
-  (checked on the host per launch) and the autotuner does not time the ``tma`` candidates.
-  Warp specialisation (``ws``: ``tl.range(..., warp_specialize=True)`` on the key-tile loops)
-  is no candidate: with Triton 3.9 at 8 warps the pass leaves the kernel unchanged (no
-  ``ttg.warp_specialize`` in the TTGIR, the same registers and SASS as without; causal
-  128x64:8:3 174, :tma 150), and at 4 warps it fails in ``NVGPUWarpSpecialization``
-  ("PassManager::run failed": 64x64:4:3 with plain loads "unsupported load type for
-  producer commit", 64x64:4:3:tma and 128x64:4:2:tma an MLIR assertion), for causal.
+  candidates: head dims <= 64 or > 128, fp32; sm_80 has no TMA. Inputs TMA cannot read
+  (strides or base pointers not 16-byte aligned, last stride not 1) run the plain loads at
+  the same tiles (checked on the host per launch) and the autotuner does not time the
+  ``tma`` candidates. Warp specialisation (``ws``: ``tl.range(..., warp_specialize=True)`` on
+  the key-tile loops) is no candidate: with Triton 3.9 at 8 warps the pass leaves the kernel
+  unchanged (no ``ttg.warp_specialize`` in the TTGIR, the same registers and SASS as
+  without; causal 128x64:8:3 174, :tma 150), and at 4 warps it fails in
+  ``NVGPUWarpSpecialization`` ("PassManager::run failed": 64x64:4:3 with plain loads
+  "unsupported load type for producer commit", 64x64:4:3:tma and 128x64:4:2:tma an MLIR
+  assertion), for causal.
+* backward (dQ and dK/dV), fp16 / bf16: the dK/dV program keeps two fp32 accumulators (dK,
+  dV) and the K / V tile of its key tile; its query tiles are walked in chunks of
+  :func:`dkdv_rows` rows. Both kernels launch with :func:`register_cap` (ptxas otherwise
+  traded 8-32 B of spills for a second CTA per SM). sm_90a, D <= 128: 128 x 64 (2 stages)
+  then 64 x 64 (1 stage: at 2 stages ``alibi``'s dQ spilled 48 B) at 8 warps (wgmma in dQ
+  and dK/dV needs 64 rows per warpgroup). sm_80 (mma.sync: every accumulator in registers):
+  D <= 64 64 x 32 at 4 warps then 32 x 32 (64 x 64 tiles' dK/dV spilled 8-32 B at 4 and 8
+  warps); 64 < D <= 128 64 x 64 at 8 warps without pipelining, then 32 x 32 at 4 warps
+  (64 x 32 at 4 warps spilled 8 B in ``lowrank_bias``'s dQ; 64 x 32 at 8 warps in
+  ``sigmoid_attention``'s dK/dV). D > 128 (both targets): 32 x 32 then 32 x 16 at 8 warps,
+  mma.sync (wgmma's 64-row tiles spill at D = 256 on sm_90a: dQ 112-408 B at 64 x 64 / 64 x 32,
+  dK/dV 56-112 B at 64 x 64). The first backward candidate is the one box plans train at.
+* fp32 (exact fp32 products, ``input_precision="ieee"``, torch's default fp32 matmul
+  precision; no tensor cores, every operand of a product in registers): forward 32 x 16
+  then 16 x 16 at 4 warps (32 x 32 at 4 or 8 warps and 16 x 32 spilled 200-500 B in
+  ``gated_causal`` / ``lowrank_bias`` at D = 128), backward 16 x 16 at 4 warps (1, then 2
+  stages; 32 x 16 spilled 16-352 B), every fp32 kernel with :func:`register_cap`.
 
-At run time the autotuner also drops a candidate whose compiled kernel spills on the
-device (``n_spills > 0``), so a pattern whose extra state makes a config spill never runs
-it; ``attncc explain --target`` lists such configs. Measured at D = 128 bf16 (every library
-pattern): the forward is spill-free at every candidate on sm_90a and sm_80; the backward's
-first candidate is spill-free on sm_90a and sm_80; on sm_90a the second too (every library
-pattern, every kernel: 0 spill bytes); on sm_80 the second (64 x 32 at 4 warps, 2 stages) is
-dropped for four windowed / soft-capped patterns (dQ, 8-16 B). Tried instead on sm_80: 64 x 32
-at 8 warps / 2 stages (dQ spills in ``criss_cross``, ``sigmoid_attention``) and at 4 warps / 1
-stage (``lowrank_bias``, ``query_temperature``): each fixes some patterns and breaks others; a
-per-kernel (dQ vs dK/dV) config would, and is not done yet.
-
-Not yet spill-free (spot checks, see the issue note): the backward on sm_80 at head dim 64
-(dK/dV 8-32 B at every candidate tried), the backward at head dim 256 (dQ
-spills 72-300 B at every config tried, 4 to 16 warps) and fp32 inputs (exact fp32
-``tl.dot`` without tensor cores). The forward at head dim 256
-is spill-free at both candidates (spot check of the heaviest patterns on sm_90a).
+At run time the autotuner also drops a candidate whose compiled kernel spills on the device
+(``n_spills > 0``) before timing it, and ``attncc explain --target`` lists such configs; the
+sweep shows which (if any) library pattern still needs that.
 """
 
 from __future__ import annotations

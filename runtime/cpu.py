@@ -54,7 +54,7 @@ from .tiles import block_table
 BACKENDS = ("torch", "interpret")
 
 #: query rows per chunk at most / key tile size (the granularity of the plan's key ranges)
-BLOCK_M = 128
+BLOCK_M = 256
 BLOCK_N = 64
 #: score elements (batch x heads x rows x keys) of one chunk at most (64 MiB in float32)
 CHUNK_ELEMS = 1 << 24
@@ -113,6 +113,19 @@ def _runs(flags: list) -> list:
         elif not f and start is not None:
             out.append((start, i))
             start = None
+    return out
+
+
+def _complement(runs, n: int) -> list:
+    """``[(a, b), ...]``: the maximal sub-ranges of ``[0, n)`` outside the sorted, disjoint
+    ``runs``."""
+    out, at = [], 0
+    for a, z in runs:
+        if a > at:
+            out.append((at, a))
+        at = max(at, z)
+    if at < n:
+        out.append((at, n))
     return out
 
 
@@ -401,14 +414,13 @@ def _fused_chunk(ir, ch: Chunk, env: dict, qc, kc, vc, named: dict, scale: float
     runs = ch.runs if ch.runs is not None else ((0, n),)
     if ir.mask == sp.true:
         runs = ()
-    full = _runs([not any(a <= c < z for a, z in runs) for c in range(n)]) if runs else [(0, n)]
+    full = _complement(runs, n) if runs else [(0, n)]
     if runs and full:  # full tiles without a mask, the partial ones masked; merged by their LSEs
-        def cols(x, spans):
+        def cols(x, spans):  # one span: a view (the fused op takes strided rows)
             return x[:, :, spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat(
                 [x[:, :, a:z] for a, z in spans], 2)
 
-        o1, l1 = _FUSED(qc.contiguous(), cols(kc, full).contiguous(), cols(vc, full).contiguous(), 0.0, False,
-                        scale=scale)
+        o1, l1 = _FUSED(qc, cols(kc, full), cols(vc, full), 0.0, False, scale=scale)
         sub = dict(env)
         sub[I.kv] = cols(env[I.kv].transpose(-1, 2), runs).transpose(-1, 2)
         o2, l2 = _fused_chunk(ir, Chunk(ch.r0, ch.r1, None, 0, 0, None), sub, qc, cols(kc, runs), cols(vc, runs),
@@ -427,7 +439,7 @@ def _fused_chunk(ir, ch: Chunk, env: dict, qc, kc, vc, named: dict, scale: float
         for a, z, keep in keeps:
             bias[..., a:z].masked_fill_(~torch.broadcast_to(keep, shape[:-1] + (z - a,)), -math.inf)
         empty = (bias == -math.inf).all(-1)
-    out, lse = _FUSED(qc.contiguous(), kc.contiguous(), vc.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+    out, lse = _FUSED(qc, kc, vc, 0.0, False, attn_mask=bias, scale=scale)
     if empty is not None and bool(empty.any()):
         out = torch.where(empty[..., None], 0.0, out)
         lse = torch.where(empty, -math.inf, lse)

@@ -433,10 +433,17 @@ def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16"
 
 # ----------------------------------------------------------------------------- reports
 def _mma_sync_by_design(rec: dict) -> bool:
-    """The backward's dQ and dK/dV kernels at head dims above 128 use 32-row tiles (see
-    :func:`attncc.runtime.configs.backward_candidates`): wgmma needs 64 rows per warpgroup,
-    and its 64-row tiles spill at D = 256, so these kernels use mma.sync (still tensor cores)."""
-    return rec["kernel"] in ("attn_bwd_dq", "attn_bwd_dkdv") and rec["head_dim"] > 128 and rec["mma"]
+    """wgmma needs 64 rows (M) per warpgroup: the forward's and dQ's GEMMs have M = the
+    query tile, the dK/dV kernel's (dK += dS^T Q, dV += P^T dO) M = the key tile. A launch
+    whose M tile is below 64 (the backward's 32-row tiles at D > 128, a 32-key dK/dV tile)
+    uses mma.sync, still tensor cores, by design."""
+    if not rec["mma"] or rec["kernel"] not in ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"):
+        return False
+    try:
+        bm, bn = (int(x) for x in rec["launch"].split(":")[0].split("x"))
+    except ValueError:
+        return False
+    return (bn if rec["kernel"] == "attn_bwd_dkdv" else bm) < 64
 
 
 def problems(rec: dict) -> list[str]:

@@ -10,10 +10,11 @@ heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, 
 ``softcap``, ``sigmoid_attention``, ``sliding_window``, ``query_temperature``, ``criss_cross``,
 ``sink_window``) while choosing.
 
-* forward, fp16 / bf16: a 128-row query tile needs 8 warps once the head dim passes 64 (at 4
-  warps each thread holds 128 rows x D / 128 threads of the fp32 accumulator plus the q tile
-  and spills, as a plain FlashAttention-2 forward does); 64-row tiles keep 4 warps. Key
-  tiles of 128 only at head dims <= 64; head dims above 128 use 64-row tiles at 8 warps.
+* forward, fp16 / bf16: a 128-row query tile needs 8 warps (at 4 warps each thread holds
+  128 rows x D / 128 threads of the fp32 accumulator plus the q tile and spills, as a plain
+  FlashAttention-2 forward does at D = 128; at D = 64 ``neighborhood_2d_rpb`` / ``prefix_lm``
+  spilled 72-336 B); 64-row tiles keep 4 warps. Head dims above 128 use 64-row tiles at 8
+  warps.
   sm_80 has 164 KiB of shared memory per block (sm_90a 227 KiB): 2 stages at D > 64.
 * forward, tensor descriptors (:func:`tma_candidates`, sm_90a, 64 < D <= 128, where the
   installed Triton has them): ``128x64:8:3:tma`` and ``64x64:4:3:tma`` after the plain
@@ -35,9 +36,14 @@ heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, 
 * backward (dQ and dK/dV), fp16 / bf16: the dK/dV program keeps two fp32 accumulators (dK,
   dV) and the K / V tile of its key tile; its query tiles are walked in chunks of
   :func:`dkdv_rows` rows. Both kernels launch with :func:`register_cap` (ptxas otherwise
-  traded 8-32 B of spills for a second CTA per SM). sm_90a, D <= 128: 128 x 64 (2 stages)
-  then 64 x 64 (1 stage: at 2 stages ``alibi``'s dQ spilled 48 B) at 8 warps (wgmma in dQ
-  and dK/dV needs 64 rows per warpgroup). sm_80 (mma.sync: every accumulator in registers):
+  traded 8-32 B of spills for a second CTA per SM). sm_90a, D <= 64: 128 x 64 then 64 x 64
+  at 8 warps, 2 stages (64 x 64 at 4 warps spilled 8-16 B in ``relative_position_bias`` /
+  ``query_temperature``'s dK/dV); 64 < D <= 128: 128 x 64 at 8 warps
+  without pipelining (wgmma in dQ and in dK/dV, whose GEMMs have M = the key tile: 64 rows
+  per warpgroup), then 128 x 32 at 2 stages (wgmma in dQ, mma.sync in dK/dV). With 2
+  stages 128 x 64 spilled in the dQ of the patterns with per-query and per-key score
+  tensors (``query_temperature`` 16-32 B, ``neighborhood_2d_rpb`` 40-72 B) and 64 x 64 at 1
+  stage in ``query_temperature``'s (48-64 B). sm_80 (mma.sync: every accumulator in registers):
   D <= 64 64 x 32 at 4 warps then 32 x 32 (64 x 64 tiles' dK/dV spilled 8-32 B at 4 and 8
   warps); 64 < D <= 128 64 x 64 at 8 warps without pipelining, then 32 x 32 at 4 warps
   (64 x 32 at 4 warps spilled 8 B in ``lowrank_bias``'s dQ; 64 x 32 at 8 warps in
@@ -147,8 +153,9 @@ def _forward_rule(head_dim: int, arch: int, dtype) -> tuple[Config, ...]:
     if head_dim <= 64:
         if arch < 90:  # 128x128 tiles exceed sm_80's shared memory; 128-row tiles spill at 4 warps
             return (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3))
-        return (Config(128, 64, 4, stages), Config(128, 128, 8, stages), Config(64, 64, 4, stages),
-                Config(128, 32, 4, stages))
+        # sm_90a: 128-row tiles at 8 warps here too (at 4 warps 128 x 64 spilled 72-336 B in
+        # neighborhood_2d_rpb / prefix_lm; 128 x 128 exceeded shared memory with a table)
+        return (Config(128, 64, 8, stages), Config(64, 64, 4, stages), Config(128, 32, 8, stages))
     if head_dim <= 128:
         return (Config(128, 64, 8, stages), Config(64, 64, 4, stages), Config(128, 32, 8, stages),
                 Config(64, 32, 4, stages))
@@ -202,12 +209,14 @@ def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Conf
         if arch < 90:  # 64 x 64 tiles' dK/dV spilled 8-32 B here at 4 and 8 warps (even with the
             # register cap: the dK, dV accumulators and two 64-row chunks at mma.sync)
             return (Config(64, 32, 4, 2), Config(32, 32, 4, 2))
-        return (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 64, 8, 2))
+        # sm_90a: 8 warps (64 x 64 at 4 warps spilled 8-16 B in the dK/dV of
+        # relative_position_bias / query_temperature)
+        return (Config(128, 64, 8, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:
         if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage;
             # then 32 x 32 (64 x 32 at 4 warps spilled 8 B in lowrank_bias's dQ)
             return (Config(64, 64, 8, 1), Config(32, 32, 4, 2))
-        return (Config(128, 64, 8, 2), Config(64, 64, 8, 1))
+        return (Config(128, 64, 8, 1), Config(128, 32, 8, 2))
     # head dims above 128: wgmma's 64-row tiles spill (sm_90a bf16 D = 256: dQ 112-408 B at
     # 64x64 / 64x32 tiles, dK/dV 56-112 B at 64x64); 32-row tiles at 8 warps do not (mma.sync)
     return (Config(32, 32, 8, 1), Config(32, 16, 8, 1))

@@ -239,13 +239,23 @@ def plot_tile_map(rep: dict, path: str, title: str) -> None:
     grid = rep["nonempty"].to(torch.int64) + rep["full"].to(torch.int64)  # 0 empty, 1 partial, 2 full
     n_m, n_n = grid.shape
     colors = ["#f0f0f0", "#f4a261", "#264653"]
-    w = min(18.0, max(5.0, n_n * 0.18 + 3))
-    h = min(16.0, max(3.5, n_m * 0.18 + 1.5))
+    # at most 10 x 9 inches: a larger map gets more tiles per pixel, not smaller text
+    w = min(10.0, max(5.0, n_n * 0.18 + 3))
+    h = min(9.0, max(3.5, n_m * 0.18 + 1.5))
     fig, ax = plt.subplots(figsize=(w, h))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # tile numbers, not -0.5, 0.5, ...
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.imshow(grid.numpy(), cmap=ListedColormap(colors), vmin=0, vmax=2, interpolation="nearest", aspect="auto")
     ax.set_xlabel(f"key tile ({rep['block_n']} keys)")
     ax.set_ylabel(f"query tile ({rep['block_m']} queries)")
-    ax.set_title(title, fontsize=10)
+    # wrapped to the figure's width (about 13 characters per inch at 9 pt), so a long title
+    # stays readable on a narrow map and does not overflow a wide one
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.fill(line, max(30, int(w * 13))) for line in title.splitlines()),
+                 fontsize=9)
     ax.legend(handles=[Patch(color=colors[2], label="full"), Patch(color=colors[1], label="partial"),
                        Patch(color=colors[0], label="skipped")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -49,3 +49,17 @@ def test_beyond_score_mod_example_runs_and_agrees_with_torch():
     assert set(errors) == {"gated_causal", "sink_window", "sigmoid_attention", "lowrank_bias"}
     for name, (out_err, grad_err) in errors.items():
         assert out_err < 2e-5 and grad_err < 1e-4, (name, out_err, grad_err)
+
+
+def test_fx_alibi_example_recovers_alibi_and_agrees_with_eager():
+    """examples/fx_alibi.py: the site is causal + the ALiBi score term (slopes as a float32[H]
+    tensor, no dense bias) and matches eager (output and the slopes' gradient)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fx_alibi", ROOT / "examples" / "fx_alibi.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    site, (out_err, grad_err) = mod.main()
+    assert site.replaced and site.pattern.startswith("causal_alibi;"), site.pattern
+    assert "tensor slope0: float32[H]" in site.spec and "bias" not in site.spec, site.spec
+    assert out_err < 1e-4 and grad_err < 1e-4, (out_err, grad_err)

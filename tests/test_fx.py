@@ -350,7 +350,8 @@ def test_transformers_models(arch, impl):
 
 def test_mpt_eager_masked_fill():
     """MPT (eager): causal mask from transformers' additive mask cast to bool and applied
-    with masked_fill, ALiBi as a bias tensor; logits equal eager."""
+    with masked_fill; its ALiBi tensor (``arange(1 - L, 1) * slopes``, sliced to the key
+    length) recovered as the score term ``slope0[h] * (kv - Lk + 1)``; logits equal eager."""
     from tiny_models import zoo_inputs, zoo_model
 
     model = zoo_model("mpt", "eager")
@@ -362,8 +363,9 @@ def test_mpt_eager_masked_fill():
         out = torch.compile(model, backend=EAGER)(**inputs).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     sites = [s for r in attncc.fx.reports() for s in r.sites]
-    assert sites and all(s.replaced and s.pattern.startswith("causal_bias;") for s in sites), \
+    assert sites and all(s.replaced and s.pattern.startswith("causal_alibi;") for s in sites), \
         "\n".join(s.line() for s in sites)
+    assert all("tensor slope0: float32[H]" in s.spec and "bias" not in s.spec for s in sites), sites[0].spec
 
 
 def test_mistral_generate_kv_cache():

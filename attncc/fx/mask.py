@@ -8,9 +8,15 @@ result, mapped onto ``(b, h, q, kv)`` and with the graph's size symbols rewritte
 terms of ``Lq`` and ``Lk``, becomes the site's ``mask:`` clause, so the kernel skips
 tiles instead of reading a materialised mask.
 
-Anything else (a producer that reads an input tensor, an op not listed in
-:data:`RULES`) raises :class:`Opaque` with the reason; the caller then passes the mask
-as a tensor instead (still exact).
+An integer / bool input tensor read at plain indices (a key-validity
+``attention_mask``) stays in the expression as a read ``pad0[b, kv]``. An additive mask
+is split by :func:`recover_score` into a mask and a closed-form score term, whose float
+tensors (ALiBi slopes: inputs, parameters, constants or values the graph computes with
+ops outside :data:`RULES`) are read at batch / head indices (``slope0[h]``).
+
+Anything else (a producer that reads a tensor at every (q, kv) pair, an op not listed
+in :data:`RULES`) raises :class:`Opaque` with the reason; the caller then passes the
+mask as a tensor instead (still exact).
 """
 
 from __future__ import annotations
@@ -123,8 +129,9 @@ def _getitem(ev, node, x, idx):
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, fx.Node) for i in idx):
         return _gather(ev, x, idx)
+    before, out = value_of(x), value_of(node)
     x = ev.arg(x)
-    axes, src = [], list(x.axes)
+    axes, src, subs = [], list(x.axes), {}
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     for i in idx:
         if i is None:
@@ -135,9 +142,34 @@ def _getitem(ev, node, x, idx):
             src = src[take:]
         elif isinstance(i, slice) and i == slice(None):
             axes.append(src.pop(0))
+        elif isinstance(i, slice) and i.step in (None, 1):
+            dim = len(x.axes) - len(src)
+            axes.append(_slice(src.pop(0), i, before, out, dim, len(axes), subs))
         else:
             raise Opaque(f"indexing with {i!r}")
-    return Index(x.expr, tuple(axes + src))
+    return Index(x.expr.subs(subs, simultaneous=True) if subs else x.expr, tuple(axes + src))
+
+
+def _slice(ax, sl: slice, before, out, dim: int, out_dim: int, subs: dict):
+    """The axis of ``t[..., start:stop]`` (MPT's ``position_bias[:, :, Lmax - Lk:]``): a fresh
+    symbol ``j`` with ``i = j + start`` in ``subs``; the extent checked against the
+    recorded output shape."""
+    if not isinstance(before, torch.Tensor) or not isinstance(out, torch.Tensor):
+        raise Opaque("a slice without example values")
+    n = _sym(before.shape[dim])
+    start = sympy.Integer(0) if sl.start is None else _sym(sl.start)
+    stop = n if sl.stop is None else _sym(sl.stop)
+    start, stop = (start + n if start.is_number and start < 0 else start), (stop + n if stop.is_number and stop < 0 else stop)
+    if n.is_number:
+        start, stop = (sympy.Min(sympy.Max(v, 0), n) for v in (start, stop))
+    extent = sympy.Max(stop - start, 0) if (stop - start).is_number else stop - start
+    if sympy.simplify(extent - _sym(out.shape[out_dim])) != 0:
+        raise Opaque(f"a slice {sl} whose length is not {out.shape[out_dim]}")
+    if ax is None:  # a broadcast dim: the slice keeps it
+        return None
+    j = sympy.Symbol(f"i{next(_counter)}", integer=True)
+    subs[ax[0]] = j + start
+    return (j, extent)
 
 
 def _gather(ev, x, idx):
@@ -155,10 +187,13 @@ def _gather(ev, x, idx):
     return Index(x.expr.subs(subs, simultaneous=True), axes)
 
 
-def _input_read(n: fx.Node, val) -> Index:
+def _input_read(n: fx.Node, val, floats: bool = False) -> Index:
     """An integer / bool input tensor (a key-validity ``attention_mask``) as a symbolic
-    read ``t(i0, i1, ...)`` of its dims of size != 1; bool reads are ``t(...) != 0``."""
-    if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex() or val.dim() > 4:
+    read ``t(i0, i1, ...)`` of its dims of size != 1; bool reads are ``t(...) != 0``.
+    With ``floats``, a float tensor (ALiBi slopes: a constant, buffer, parameter or any
+    value the graph computes) is read the same way."""
+    if not isinstance(val, torch.Tensor) or val.is_complex() or val.dim() > 4 \
+            or (val.is_floating_point() and not floats):
         raise Opaque(f"it reads the input tensor {n.target!r} (values unknown at compile time)")
     axes, args = [], []
     for d in val.shape:
@@ -213,6 +248,19 @@ def _unsqueeze(ev, node, x, dim):
     return Index(x.expr, tuple(axes))
 
 
+def _squeeze(ev, node, x, dim=None):
+    """``squeeze([dim])``: the size-1 dims go (an index axis of extent 1 reads at 0)."""
+    before = value_of(x)
+    x = ev.arg(x)
+    if not isinstance(before, torch.Tensor) or before.dim() != len(x.axes):
+        raise Opaque("a squeeze without an example value")
+    dims = range(before.dim()) if dim is None else [d % before.dim() for d in (dim if isinstance(dim, (tuple, list))
+                                                                            else (dim,))]
+    gone = {d for d in dims if not isinstance(before.shape[d], torch.SymInt) and before.shape[d] == 1}
+    subs = {x.axes[d][0]: 0 for d in gone if x.axes[d] is not None}
+    return Index(x.expr.subs(subs) if subs else x.expr, tuple(a for d, a in enumerate(x.axes) if d not in gone))
+
+
 def _view(ev, node, x, *shape, **kw):
     """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast.
 
@@ -246,6 +294,33 @@ def _where(ev, node, c, a, b):
     b = _distinct(Index(c.expr, _broadcast(c.axes, a.axes)), b)
     return Index(sympy.Piecewise((a.expr, _bool(c.expr)), (b.expr, True)),
                  _broadcast(_broadcast(c.axes, a.axes), b.axes))
+
+
+def _masked_fill(ev, node, x, cond, value):
+    """``x.masked_fill(cond, value)``: ``where(cond, value, x)``."""
+    return _where(ev, node, cond, value, x)
+
+
+def _swap(axes: tuple, d0: int, d1: int) -> tuple:
+    axes = list(axes)
+    d0, d1 = d0 % len(axes), d1 % len(axes)
+    axes[d0], axes[d1] = axes[d1], axes[d0]
+    return tuple(axes)
+
+
+def _transpose(ev, node, x, d0, d1):
+    x = ev.arg(x)
+    return Index(x.expr, _swap(x.axes, d0, d1))
+
+
+def _getattr(ev, node, x, name):
+    """``x.T`` (a 2-D transpose, ModernBERT's ``rows - rows.T``) and ``x.mT``."""
+    x = ev.arg(x)
+    if name == "T" and len(x.axes) <= 2:
+        return Index(x.expr, tuple(reversed(x.axes)))
+    if name == "mT" and len(x.axes) >= 2:
+        return Index(x.expr, _swap(x.axes, -1, -2))
+    raise Opaque(f"the attribute {name!r}")
 
 
 def _const_tensor(ev, node, *args, **kw):
@@ -282,7 +357,8 @@ RULES = {
     "not": lambda ev, node, x: Index(sympy.Not(_bool(ev.arg(x).expr)), ev.arg(x).axes),
     "abs": lambda ev, node, x: Index(sympy.Abs(ev.arg(x).expr), ev.arg(x).axes),
     "maximum": _max_min(sympy.Max), "minimum": _max_min(sympy.Min),
-    "where": _where, "getitem": _getitem, "unsqueeze": _unsqueeze,
+    "where": _where, "masked_fill": _masked_fill, "getitem": _getitem, "unsqueeze": _unsqueeze,
+    "squeeze": _squeeze, "transpose": _transpose, "getattr": _getattr,
     "view": _view, "reshape": _view, "expand": _view,
     "to": _to, "contiguous": _same, "clone": _same,
     "tensor": _const_tensor, "new_ones": _const_tensor, "new_zeros": _const_tensor, "zeros": _const_tensor,
@@ -293,9 +369,12 @@ RULES = {
 class Evaluator:
     """Evaluates mask producers symbolically (memoised per node)."""
 
-    def __init__(self):
+    def __init__(self, floats: bool = False):
         self.memo: dict = {}
         self.reads: dict = {}  # function name -> the input node it reads
+        #: float tensors that are not modelled (inputs, parameters, constants, values of
+        #: ops outside :data:`RULES`) become reads of their values (score terms only)
+        self.floats = floats
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -317,13 +396,19 @@ class Evaluator:
         if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
             res = Index(_sym(val))  # sizes and size arithmetic: their symbolic value
         elif n.op == "placeholder" or n.op == "get_attr":
-            res = _input_read(n, val)
+            res = _input_read(n, val, self.floats)
             self.reads[f"read_{n.name}"] = n
         else:
             rule = RULES.get(op_of(n))
-            if rule is None:
-                raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
-            res = rule(self, n, *n.args, **n.kwargs)
+            try:
+                if rule is None:
+                    raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
+                res = rule(self, n, *n.args, **n.kwargs)
+            except Opaque:
+                if not (self.floats and isinstance(val, torch.Tensor) and val.is_floating_point()):
+                    raise
+                res = _input_read(n, val, True)  # an opaque float value: read as a tensor
+                self.reads[f"read_{n.name}"] = n
         self.memo[n] = res
         return res
 
@@ -358,12 +443,34 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         pieces = e.args
         if len(pieces) != 2 or not pieces[0].expr.is_zero or pieces[1].cond is not sympy.true:
             raise Opaque("an additive mask with values other than 0 and a large negative number")
-        big = pieces[1].expr
-        if not (big == -sympy.oo or (big.is_number and float(big) <= -1e30)):
-            raise Opaque(f"an additive mask whose masked value {big} is not <= -1e30")
+        if not _drops(pieces[1].expr):
+            raise Opaque(f"an additive mask whose masked value {pieces[1].expr} is not <= -1e30")
         e = pieces[0].cond
-    elif not isinstance(e, (sympy.logic.boolalg.Boolean, sympy.Rel)) and e not in (sympy.true, sympy.false):
+    elif not _is_bool(e):
         raise Opaque("a float mask that is not where(condition, 0, -inf)")
+    e = _to_site(Index(e, v.axes), sizes)
+    if ev.reads:
+        e = _name_reads(e, ev.reads, reads)
+    e = sympy.simplify_logic(e) if isinstance(e, sympy.logic.boolalg.BooleanFunction) else e
+    if e is sympy.false:
+        raise Opaque("the mask drops every pair")
+    return e
+
+
+def _is_bool(e) -> bool:
+    return isinstance(e, (sympy.logic.boolalg.Boolean, sympy.Rel)) or e in (sympy.true, sympy.false)
+
+
+def _drops(v) -> bool:
+    """``v`` is a fill value that removes a pair: -inf, a number <= -1e30, or such a number
+    plus a finite term (an ALiBi bias plus a ``0 / finfo.min`` mask: ``finfo.min`` in float32)."""
+    c = v.as_coeff_Add()[0] if isinstance(v, sympy.Add) else v
+    return c == -sympy.oo or (c.is_number and c.is_real is not False and float(c) <= -1e30)
+
+
+def _to_site(v: Index, sizes: dict):
+    """``v`` mapped onto ``(b, h, q, kv)`` (right-aligned dims), with the graph's size
+    symbols rewritten in ``Lq`` / ``Lk``."""
     if len(v.axes) > 4:
         raise Opaque("a mask with more than 4 dims")
     axes = (None,) * (4 - len(v.axes)) + v.axes
@@ -375,9 +482,7 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         if sympy.simplify(extent - _sym(sizes[name])) != 0:
             raise Opaque(f"its {name} axis has extent {extent}, not the attention's {sizes[name]}")
         subs[sym] = idx
-    e = e.subs(subs, simultaneous=True)
-    if ev.reads:
-        e = _name_reads(e, ev.reads, reads)
+    e = v.expr.subs(subs, simultaneous=True)
     # the graph's size symbols (dynamic shapes), rewritten in Lq and Lk where possible
     lq, lk = _sym(sizes["Lq"]), _sym(sizes["Lk"])
     free = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
@@ -389,32 +494,131 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         left = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
         if left:
             raise Opaque(f"it depends on the sizes {sorted(map(str, left))}, not expressible in Lq, Lk")
-    e = sympy.simplify_logic(e) if isinstance(e, sympy.logic.boolalg.BooleanFunction) else e
-    if e is sympy.false:
-        raise Opaque("the mask drops every pair")
     return e
+
+
+def _pieces(e, before=sympy.true):
+    """``(value, condition)`` of each branch of a (nested) Piecewise, the conditions made
+    exclusive (each includes the negation of the earlier ones)."""
+    if not isinstance(e, sympy.Piecewise):
+        yield e, before
+        return
+    for piece in e.args:
+        yield from _pieces(piece.expr, sympy.And(before, piece.cond))
+        before = sympy.And(before, sympy.Not(piece.cond))
+
+
+def _read_rel(r):
+    """A comparison of one tensor read with numbers (``1.0 - pad[b, kv] != 0``), solved for
+    the read (``pad[b, kv] != 1``); other comparisons unchanged."""
+    from sympy.core.function import AppliedUndef
+
+    reads = r.atoms(AppliedUndef)
+    if not isinstance(r, (sympy.Eq, sympy.Ne)) or len(reads) != 1:
+        return r
+    f = next(iter(reads))
+    sol = sympy.solve(r.lhs - r.rhs, f)
+    if len(sol) != 1 or not sol[0].is_number:
+        return r
+    x = sol[0]
+    x = sympy.Integer(int(x)) if x.is_real and float(x) == int(float(x)) else x
+    return type(r)(f, x)
+
+
+def _refine(value, cond):
+    """``value`` where ``cond`` holds: reads fixed by an equality in ``cond`` substituted
+    (``1.0 - pad[b, kv]`` is 0 where ``pad[b, kv] == 1``)."""
+    conj = cond.args if isinstance(cond, sympy.And) else (cond,)
+    for c in conj:
+        if isinstance(c, sympy.Eq) and c.lhs.is_Function and c.rhs.is_number:
+            value = value.subs(c.lhs, c.rhs)
+    return sympy.expand(value)
+
+
+def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list):
+    """An additive mask / bias split into a mask and a score term: ``where(keep, term, -inf)``
+    (or ``term.masked_fill(~keep, finfo.min)``) -> ``(keep, term)``.
+
+    The term is a closed form in ``q, kv, b, h, Lq, Lk`` and float tensors read at batch /
+    head indices only (ALiBi ``slopes[:, None, None] * (j - i)`` -> ``slope0[h]*(kv - q)``,
+    the slopes a constant, a buffer, a parameter or computed in the graph).
+
+    Args:
+        node: the float tensor added to the scores.
+        sizes: ``{"B", "H", "Lq", "Lk"}`` -> the site's sizes.
+        reads: integer reads of the mask part are appended here (see :func:`recover`).
+        float_reads: float reads of the term are appended here as ``(name, dims, node)``
+            (``("slope0", ("H",), node)``).
+
+    Returns:
+        ``(mask or None, term or None)``: ``None`` for all pairs kept / a zero term.
+
+    Raises:
+        Opaque: the values are not ``term`` or a large negative number, or the term reads
+            a tensor at a query or key index (a dense bias stays a tensor).
+    """
+    ev = Evaluator(floats=True)
+    v = ev.node(node)
+    if _is_bool(v.expr):
+        raise Opaque("a boolean added to the scores")
+    e = sympy.piecewise_fold(_to_site(v, sizes))  # bias + where(c, 0, min): one Piecewise
+    floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
+    ints = {k: n for k, n in ev.reads.items() if k not in floats}
+    keep, terms = sympy.false, []
+    for value, cond in _pieces(e):
+        cond = cond.replace(lambda x: isinstance(x, (sympy.Eq, sympy.Ne)), _read_rel)
+        if _drops(value):
+            continue
+        if value.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+            raise Opaque(f"an additive mask with the value {value}")
+        keep = sympy.Or(keep, cond)
+        terms.append(_refine(value, sympy.simplify_logic(cond)))
+    if not terms:
+        raise Opaque("the mask drops every pair")
+    if any(sympy.simplify(t - terms[0]) != 0 for t in terms[1:]):
+        raise Opaque("a bias with different closed forms on different pairs")
+    term = terms[0]
+    if _is_bool(term) or term.has(sympy.Piecewise):
+        raise Opaque("a bias with a condition in its values")
+    keep = sympy.simplify_logic(keep) if isinstance(keep, sympy.logic.boolalg.BooleanFunction) else keep
+    if keep is sympy.false:
+        raise Opaque("the mask drops every pair")
+    if any(f.__name__ in floats for f in (a.func for a in keep.atoms(sympy.core.function.AppliedUndef))):
+        raise Opaque("a mask that depends on a float tensor's values")
+    got, fgot = list(reads), list(float_reads)
+    keep = _name_reads(keep, ints, got)
+    term = _name_reads(term, ints, got)
+    term = _name_reads(term, floats, fgot, floats=True)
+    reads[:], float_reads[:] = got, fgot
+    return (None if keep is sympy.true else keep), (None if term.is_zero else sympy.factor_terms(term))
 
 
 _DIM_OF = {b_idx: "B", h_idx: "H", q_idx: "Lq", kv_idx: "Lk"}
 
 
-def _name_reads(e, inputs: dict, reads: list):
+def _name_reads(e, inputs: dict, reads: list, floats: bool = False):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
-    not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor)."""
+    not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
+    float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
     for app in sorted(e.atoms(AppliedUndef), key=str):
         node = inputs.get(app.func.__name__)
         if node is None:
+            if not floats and app.func.__name__.startswith("read_"):
+                continue  # another kind's read (named by the other call)
             raise Opaque(f"an unknown function {app.func.__name__}")
         if not all(a in _DIM_OF for a in app.args) or len(set(app.args)) != len(app.args):
             raise Opaque(f"it reads {node.target!r} at {app.args}, not at plain (b, h, q, kv) indices")
         if q_idx in app.args and kv_idx in app.args:  # a dense mask: the mask tensor path reads it as bool
             raise Opaque(f"it reads the input tensor {node.target!r} at every (q, kv) pair (values unknown at "
                          "compile time)")
-        name = f"pad{len(reads)}"
+        if floats and not set(app.args) <= {b_idx, h_idx}:
+            raise Opaque(f"it reads the float tensor {node.target!r} at {app.args} (a bias along the query / "
+                         "key axes stays a tensor)")
+        name = f"{'slope' if floats else 'pad'}{len(reads)}"
         reads.append((name, tuple(_DIM_OF[a] for a in app.args), node))
         subs[app] = sympy.Function(name)(*app.args)
     return e.subs(subs)

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from . import site as S
-from .mask import Opaque, recover
+from .mask import Opaque, recover, recover_score
 from .ops import arg, op_of, value_of
 
 log = logging.getLogger("attncc")
@@ -403,7 +403,7 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if f.causal:
         mask = S.kv_idx <= S.q_idx
     tensors, mask_tensor, ops, drops = [], None, [], False
-    notes, reads = [], []
+    notes, reads, float_reads = [], [], []
     for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
@@ -412,6 +412,12 @@ def _site_of(f: Found, sizes: dict, g: Graph):
         try:
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
+            if kind == "additive":  # a mask, a closed-form score term (ALiBi), or both
+                e, term = recover_score(node, sizes, reads, float_reads)
+                if term is not None:
+                    ops.append(("term", term))
+                mask = sympy.And(mask, e) if e is not None else mask
+                continue
             got = list(reads)  # names continue after the reads of earlier masks
             e = recover(node, sizes, reads=got)
             reads[:] = got
@@ -426,11 +432,9 @@ def _site_of(f: Found, sizes: dict, g: Graph):
                     raise LeaveAlone("two opaque boolean masks")
                 mask_tensor, drops = dims, kind == "drop"
                 tensors.insert(0, node)
-    for op in f.score_ops:
-        if op[0] == "softcap":
-            ops.append(op)
-        else:
-            ops.append(("bias", _tensor_dims(op[1], sizes), op[1]))
+    # the chain's own score ops (softcaps, biases added before a softcap) come first: the
+    # movable masks / biases above are added after every non-linear step
+    ops = [op if op[0] == "softcap" else ("bias", _tensor_dims(op[1], sizes), op[1]) for op in f.score_ops] + ops
     # score ops in application order; bias tensors in declaration order
     score_ops, biases = [], []
     for op in ops:
@@ -443,8 +447,9 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if mask is sympy.false:
         raise LeaveAlone("the recovered mask drops every pair")
     site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None,
-                  mask_tensor_drops=drops, mask_reads=tuple((n, d) for n, d, _ in reads))
-    return site, tensors + [x for _, _, x in reads] + biases, notes
+                  mask_tensor_drops=drops, mask_reads=tuple((n, d) for n, d, _ in reads),
+                  score_reads=tuple((n, d) for n, d, _ in float_reads))
+    return site, tensors + [x for _, _, x in reads + float_reads] + biases, notes
 
 
 def _sizes(q: fx.Node, k: fx.Node) -> dict:

@@ -33,9 +33,10 @@ _FUNCTIONS = {
     torch.softmax: "softmax", F.softmax: "softmax", torch.nn.functional.dropout: "dropout",
     torch.dropout: "dropout", torch.transpose: "transpose", torch.permute: "permute",
     torch.cat: "cat", torch.concat: "cat", torch.where: "where", torch.arange: "arange",
-    torch.reshape: "reshape", torch.unsqueeze: "unsqueeze", torch.repeat_interleave: "repeat_interleave",
+    torch.reshape: "reshape", torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze",
+    torch.repeat_interleave: "repeat_interleave",
     torch.max: "max", torch.amax: "amax", torch.tensor: "tensor", torch.zeros: "zeros", torch.ones: "ones",
-    torch.full: "full", torch.clone: "clone",
+    torch.full: "full", torch.clone: "clone", getattr: "getattr",
     F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
 }
 
@@ -45,7 +46,7 @@ _METHODS = {
     "logical_and": "and", "logical_or": "or", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
     "abs": "abs", "matmul": "matmul", "tanh": "tanh", "sigmoid": "sigmoid", "softmax": "softmax",
     "transpose": "transpose", "permute": "permute", "view": "view", "reshape": "reshape", "expand": "expand",
-    "unsqueeze": "unsqueeze", "contiguous": "contiguous", "to": "to", "float": "to", "half": "to", "bool": "to",
+    "unsqueeze": "unsqueeze", "squeeze": "squeeze", "contiguous": "contiguous", "to": "to", "float": "to", "half": "to", "bool": "to",
     "bfloat16": "to", "type_as": "to", "clone": "clone", "repeat_interleave": "repeat_interleave", "max": "max",
     "amax": "amax", "new_ones": "new_ones", "new_zeros": "new_zeros", "masked_fill": "masked_fill",
     "__getitem__": "getitem", "div_": "idiv", "mul_": "imul", "__itruediv__": "idiv", "__imul__": "imul",

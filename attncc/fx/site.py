@@ -10,7 +10,9 @@ Semantics (the eager code the site replaces defines them):
 
 * ``score = q·k * scale``, then ``score_ops`` in order: ``("softcap", cap)`` is
   ``cap * tanh(score / cap)`` (Gemma 2), ``("bias", name)`` adds a float tensor
-  ``(B|1, H|1, Lq|1, Lk|1)`` read at ``[b, h, q, kv]`` (size-1 dims read at 0).
+  ``(B|1, H|1, Lq|1, Lk|1)`` read at ``[b, h, q, kv]`` (size-1 dims read at 0),
+  ``("term", expr)`` adds a closed form in ``q, kv, b, h, Lq, Lk`` and the float tensors
+  of ``score_reads`` (ALiBi: ``slope0[h]*(kv - q)``).
 * ``mask`` is a sympy boolean in ``q, kv, b, h, Lq, Lk`` (``q``/``kv`` the query / key
   index, ``Lq``/``Lk`` the lengths); ``mask_tensor`` a bool tensor read like a bias
   (True = the pair exists). Pairs outside the mask get probability 0.
@@ -69,11 +71,14 @@ class Site:
     #: ``attention_mask`` of key validity recovered as a per-batch read), ``dims`` the
     #: spec's dim names (``("B", "Lk")``); passed as int32 with their size-1 dims dropped
     mask_reads: tuple = ()
+    #: ``((name, dims), ...)``: float tensors the score terms read at batch / head indices
+    #: (ALiBi slopes ``slope0[h]``), passed as float32 with their size-1 dims dropped
+    score_reads: tuple = ()
 
     def tensor_names(self) -> List[str]:
         """Names of the run-time tensors the spec declares, in call order."""
         names = ["allowed"] if self.mask_tensor else []
-        names += [n for n, _ in self.mask_reads]
+        names += [n for n, _ in self.mask_reads] + [n for n, _ in self.score_reads]
         names += [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
         return names + (["sink"] if self.sinks else []) + (["g"] if self.gate else [])
 
@@ -88,7 +93,12 @@ class Site:
         if self.mask_tensor:
             bits.append(f"{'drop ' if self.mask_tensor_drops else ''}mask tensor [{', '.join(self.mask_tensor)}]")
         for op, arg in self.score_ops:
-            bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
+            if op == "term":
+                bits.append(f"score term {_sstr(arg)} ({term_name(arg)}, recovered from the graph)")
+            else:
+                bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
+        for n, dims in self.score_reads:
+            bits.append(f"{n}: float32[{', '.join(dims)}]")
         if self.sinks:
             bits.append("sinks (fused sink clause)")
         if self.gate:
@@ -145,7 +155,17 @@ def without_reads(mask):
 
 
 class _SpecPrinter(sympy.printing.str.StrPrinter):
-    """sympy's str printer, with tensor reads ``f(b, kv)`` written ``f[b, kv]``."""
+    """sympy's str printer, with tensor reads ``f(b, kv)`` written ``f[b, kv]`` and the
+    spec language's ``abs`` / ``min`` / ``max``."""
+
+    def _print_Abs(self, expr):
+        return f"abs({self._print(expr.args[0])})"
+
+    def _print_Min(self, expr):
+        return f"min({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Max(self, expr):
+        return f"max({', '.join(self._print(a) for a in expr.args)})"
 
     def _print_Function(self, expr):
         from sympy.core.function import AppliedUndef
@@ -189,6 +209,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
         lines.append(f"    tensor allowed: bool[{', '.join(site.mask_tensor)}]")
     for n, dims in site.mask_reads:
         lines.append(f"    tensor {n}: int32[{', '.join(dims)}]")
+    for n, dims in site.score_reads:
+        lines.append(f"    tensor {n}: float32[{', '.join(dims)}]")
     score = "s"
     for i, (op, arg) in enumerate(site.score_ops):
         if op == "softcap":
@@ -196,6 +218,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
         elif op == "bias":
             lines.append(f"    tensor bias{i}: float32[{', '.join(arg)}]")
             score = f"({score}) + bias{i}[{_read(arg)}]"
+        elif op == "term":
+            score = f"({score}) + ({_sstr(arg)})"
         else:
             raise ValueError(f"unknown score op {op!r}")
     if site.sinks:
@@ -238,7 +262,8 @@ def _mask_values(mask, Lq_: int, Lk_: int):
 @functools.lru_cache(maxsize=1024)
 def mask_name(mask) -> str:
     """A library-style name for a recovered mask, found by comparing it with causal
-    (top-left / bottom-right) and causal sliding windows on a few shapes; ``"masked"``
+    (top-left / bottom-right), causal sliding windows and the bidirectional band
+    ``abs(q - kv) <= window`` (ModernBERT's local layers) on a few shapes; ``"masked"``
     when it is none of these. Only used for reports: the kernel uses the mask itself."""
     if mask is None or mask is sympy.true:
         return "dense"
@@ -251,13 +276,34 @@ def mask_name(mask) -> str:
         return "masked"
     big = _mask_values(mask, 200, 200)
     window = int(big[-1].sum())
+    half = int(big[100].sum()) // 2  # the band's half width (row 100 is clear of both ends)
     for nm, form in (("causal", kv_idx <= q_idx), ("causal_bottom_right", kv_idx <= q_idx + Lk - Lq),
                      (f"sliding_window(window={window})", sympy.And(kv_idx <= q_idx, q_idx - kv_idx < window)),
                      (f"sliding_window_bottom_right(window={window})",
-                      sympy.And(kv_idx <= q_idx + Lk - Lq, q_idx + Lk - Lq - kv_idx < window))):
-        if all((g == _mask_values(form, a, c)).all() for g, (a, c) in zip(got, shapes)):
+                      sympy.And(kv_idx <= q_idx + Lk - Lq, q_idx + Lk - Lq - kv_idx < window)),
+                     (f"sliding_window_bidirectional(window={half})", sympy.Abs(q_idx - kv_idx) <= half)):
+        if all((g == _mask_values(form, a, c)).all() for g, (a, c) in zip(got + [big], shapes + [(200, 200)])):
             return nm
     return "masked"
+
+
+def term_name(term) -> str:
+    """``"alibi"`` for a score term ``slope[h] * (kv - q + c)`` (``c`` constant along the
+    keys: the same softmax as ALiBi's ``slope[h] * (kv - q)``, e.g. MPT's ``kv - Lk + 1``),
+    ``"alibi_symmetric"`` for ``-slope[h] * abs(q - kv)``, else ``"score_term"``.
+    Only used for reports: the kernel computes the term itself."""
+    from sympy.core.function import AppliedUndef
+
+    reads = [a for a in term.atoms(AppliedUndef) if set(a.args) <= {h_idx}]
+    if len(reads) == 1:
+        rest = sympy.simplify(term / reads[0])
+        if not rest.has(reads[0]):
+            if sympy.simplify(sympy.diff(rest, kv_idx) - 1) == 0 and not (rest - kv_idx).has(kv_idx) \
+                    and not isinstance(rest, sympy.Piecewise):
+                return "alibi"
+            if sympy.simplify(rest + sympy.Abs(q_idx - kv_idx)) == 0:
+                return "alibi_symmetric"
+    return "score_term"
 
 
 def pattern_name(site: Site) -> str:
@@ -268,7 +314,7 @@ def pattern_name(site: Site) -> str:
         parts.append("key_padding")
     if site.mask_tensor:
         parts.append("mask_tensor")
-    parts += ["softcap" if op == "softcap" else "bias" for op, _ in site.score_ops]
+    parts += [term_name(arg) if op == "term" else op for op, arg in site.score_ops]
     if site.sinks:
         parts.append("sinks")
     if site.gate:
@@ -393,8 +439,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
     """
     kern = _KERNELS[key].kern
     names = [n for n in _KERNELS[key].site.tensor_names() if n not in ("sink", "g")]
-    reads = {n for n, _ in _KERNELS[key].site.mask_reads}
-    named = {n: (t.to(torch.int32).reshape([d for d in t.shape if d != 1]) if n in reads else _as4d(t))
+    reads = {n: torch.int32 for n, _ in _KERNELS[key].site.mask_reads}
+    reads.update({n: torch.float32 for n, _ in _KERNELS[key].site.score_reads})
+    named = {n: (t.to(reads[n]).reshape([d for d in t.shape if d != 1]) if n in reads else _as4d(t))
              for n, t in zip(names, tensors)}
     if sink is not None:  # the sink clause reads sink[b, h, q]
         named["sink"] = sink.expand(q.shape[0], q.shape[1], q.shape[2])

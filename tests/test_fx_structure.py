@@ -263,3 +263,86 @@ def test_bias_after_softcap_is_added_after_it():
     out, site, _ = _run(softcap_then_bias, q, k, v, bias)
     assert "tanh((s) / 5.0)) + bias" in site.spec, site.spec
     torch.testing.assert_close(out, softcap_then_bias(q, k, v, bias), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ T5's bucketed relative position bias
+def t5_bucket(rel, bidirectional=True, num_buckets=8, max_distance=16):
+    """transformers' ``T5Attention._relative_position_bucket`` (log buckets)."""
+    rb = 0
+    if bidirectional:
+        num_buckets //= 2
+        rb += (rel > 0).to(torch.long) * num_buckets
+        rel = torch.abs(rel)
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    rb += torch.where(is_small, rel, large)
+    return rb
+
+
+class T5Style(torch.nn.Module):
+    """A hand-written T5 attention: no scaling, ``embedding(bucket(kv - q)).permute([2, 0, 1])``
+    added to the scores; the decoder form adds a ``0 / finfo.min`` causal mask, or (``sdpa``)
+    folds the bias into SDPA's mask with ``where(causal, bias, finfo.min)``."""
+
+    def __init__(self, causal=False, sdpa=False, distance=lambda i, j: j[None, :] - i[:, None]):
+        super().__init__()
+        self.causal, self.sdpa, self.distance = causal, sdpa, distance
+        self.emb = torch.nn.Embedding(8, H)
+        torch.nn.init.normal_(self.emb.weight, std=2.0)
+
+    def bias(self, Lq, Lk):
+        rel = self.distance(torch.arange(Lq), torch.arange(Lk))
+        return self.emb(t5_bucket(rel, not self.causal)).permute([2, 0, 1]).unsqueeze(0)
+
+    def forward(self, q, k, v):
+        Lq, Lk = q.shape[2], k.shape[2]
+        bias = self.bias(Lq, Lk)
+        keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None]
+        if self.sdpa:
+            if self.causal:
+                bias = torch.where(keep.view(1, 1, Lq, Lk), bias, torch.finfo(q.dtype).min)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        s = torch.matmul(q, k.transpose(3, 2)) + bias
+        if self.causal:
+            s = s + torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+@pytest.mark.parametrize("causal, sdpa, name", [(False, False, "dense"), (True, False, "causal"),
+                                                (False, True, "dense"), (True, True, "causal")])
+def test_t5_bucketed_bias_is_a_table_read_at_the_distance(causal, sdpa, name):
+    """T5's bias ``embedding(bucket(kv - q))`` becomes ``table0[bucket0[kv - q + Lq - 1], h]``:
+    the (8, H) table and a bucket vector of Lq + Lk - 1 ints are passed, no (1, H, Lq, Lk)
+    bias; outputs and gradients (the table's too, through the kernel) equal eager."""
+    model = T5Style(causal, sdpa)
+    q, k, v = _qkv(5)
+    out, site, cap = _run(model, q, k, v)
+    assert site.pattern.startswith(f"{name}_relative_position_bias;"), site.pattern
+    assert "score: (s) + (table0[bucket0[Lq + kv - q - 1], h])" in site.spec, site.spec
+    assert "tensor table0: float32[8, H]" in site.spec and "tensor bucket0: int32[Lq + Lk - 1]" in site.spec
+    assert sorted(cap.passed()) == sorted([(8, H), (2 * L - 1,)]), cap.passed()
+    ref = model(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    params = [q, k, v, model.emb.weight]
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert want[3].abs().max() > 1e-3  # the table's gradient is not trivially zero
+
+
+def test_bucket_not_of_the_distance_stays_a_tensor():
+    """A bucket index of ``2 * kv - q`` (not a function of ``kv - q``): the bias is passed
+    as a tensor, and the report says why."""
+    model = T5Style(distance=lambda i, j: 2 * j[None, :] - i[:, None])
+    q, k, v = _qkv(6)
+    out, site, cap = _run(model, q, k, v)
+    assert "passed as a tensor" in site.pattern and "not a function of the relative position" in site.pattern, \
+        site.pattern
+    assert "table0" not in site.spec and "bias0" in site.spec, site.spec
+    torch.testing.assert_close(out, model(q, k, v), atol=1e-4, rtol=1e-4)

@@ -344,6 +344,130 @@ def _max_min(f):
     return rule
 
 
+def _permute(ev, node, x, *dims):
+    """``x.permute(dims)`` (T5's ``values.permute([2, 0, 1])``)."""
+    x = ev.arg(x)
+    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    if sorted(d % len(x.axes) for d in dims) != list(range(len(x.axes))):
+        raise Opaque(f"a permute {dims}")
+    return Index(x.expr, tuple(x.axes[d % len(x.axes)] for d in dims))
+
+
+#: elementwise ops a bucket function may apply to the relative position (besides the
+#: :data:`RULES` ops it is built with): ``torch.log``, ``torch.min(a, b)``, casts ...
+_ELEMENTWISE_FUNCS = {torch.log, torch.log2, torch.log1p, torch.exp, torch.sqrt, torch.floor, torch.ceil,
+                      torch.trunc, torch.round, torch.clamp, torch.min, torch.max, torch.minimum, torch.maximum,
+                      torch.where, torch.abs, torch.sign}
+_ELEMENTWISE_METHODS = {"log", "log2", "log1p", "exp", "sqrt", "floor", "ceil", "trunc", "round", "clamp",
+                        "clamp_min", "clamp_max", "float", "long", "int", "double", "to", "type_as", "min", "max",
+                        "abs", "sign", "contiguous", "clone"}
+_ELEMENTWISE_OPS = {"add", "iadd", "sub", "mul", "div", "floordiv", "mod", "neg", "abs", "le", "lt", "ge", "gt",
+                    "eq", "ne", "and", "or", "not", "where", "maximum", "minimum", "to", "contiguous", "clone"}
+_CONST_LIKE = {torch.full_like, torch.zeros_like, torch.ones_like}
+
+
+def relative_bucket(node: fx.Node) -> sympy.Basic:
+    """Check that a 2-D integer tensor ``bucket[i, j]`` (T5's ``relative_position_bucket``)
+    is a function of ``j - i`` alone, and return the offset-free form of its argument.
+
+    The check is symbolic on the graph: ``node`` must be built by elementwise ops
+    (comparisons, ``abs``, ``log``, ``min``, ``where``, casts, arithmetic with constants,
+    ``full_like`` / ``zeros_like``) from values the mask recovery evaluates to a function
+    of ``j - i`` (``arange(Lk)[None, :] - arange(Lq)[:, None]`` plus a constant), each
+    broadcast onto ``node``'s ``(i, j)`` dims. Then ``bucket[i, j] = f(j - i)`` for one
+    function ``f``, and the bucket of every pair is the bucket of its distance.
+
+    Raises:
+        Opaque: ``node`` is not 2-D, or some value it is built from is not a function of
+            ``j - i`` (it reads a tensor, varies along ``i`` or ``j`` alone, or is built
+            with an op that is not elementwise).
+    """
+    val = value_of(node)
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or val.is_floating_point() or val.is_complex():
+        raise Opaque("the embedding index is not a 2-D integer tensor")
+    u = sympy.symbols("u0 u1", integer=True)
+    d = sympy.Symbol("d", integer=True)
+    seen: set = set()
+    found = [False]
+
+    def leaf(n: fx.Node) -> bool:
+        ev = Evaluator()
+        try:
+            v = ev.node(n)
+        except Opaque:
+            return False
+        if ev.reads:
+            raise Opaque(f"the bucket index reads the tensor {next(iter(ev.reads.values())).target!r}")
+        if len(v.axes) > 2:
+            raise Opaque("a bucket index value with more than 2 dims")
+        axes = (None,) * (2 - len(v.axes)) + v.axes
+        subs = {ax[0]: u[i] for i, ax in enumerate(axes) if ax is not None}
+        e = v.expr.subs(subs, simultaneous=True)
+        e = e.subs(u[1], u[0] + d)
+        if e.has(u[0]):
+            raise Opaque(f"the bucket index value {n.name} is not a function of the relative position kv - q")
+        found[0] = found[0] or e.has(d)
+        return True
+
+    def walk(n):
+        if not isinstance(n, fx.Node) or n in seen:
+            return
+        seen.add(n)
+        v = value_of(n)
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, (int, float, bool, torch.SymInt)) or v is None:
+                return  # a size or a number: constant
+            raise Opaque(f"the bucket index uses {n.name}")
+        if n.op == "call_function" and n.target in _CONST_LIKE:
+            if all(not isinstance(a, fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
+                return  # full_like(x, c): constant, whatever x holds
+            raise Opaque("a full_like with a tensor fill value")
+        if leaf(n):
+            return
+        ok = (n.op == "call_function" and (n.target in _ELEMENTWISE_FUNCS or op_of(n) in _ELEMENTWISE_OPS)) or \
+            (n.op == "call_method" and (n.target in _ELEMENTWISE_METHODS or op_of(n) in _ELEMENTWISE_OPS))
+        if n.op == "call_method" and n.target in ("min", "max") and (len(n.args) != 2 or n.kwargs
+                                                                    or not isinstance(n.args[1], fx.Node)):
+            ok = False  # x.min(dim): a reduction
+        if n.op == "call_function" and n.target in (torch.min, torch.max) and (len(n.args) != 2 or n.kwargs
+                                                                                or not isinstance(n.args[1], fx.Node)):
+            ok = False
+        if not ok:
+            raise Opaque(f"the bucket index is built with {op_of(n) or n.target!r}, which is not elementwise")
+        for a in n.all_input_nodes:
+            walk(a)
+
+    walk(node)
+    if not found[0]:
+        raise Opaque("the embedding index does not vary with the relative position kv - q")
+
+
+def _embedding(ev, node, idx, weight, padding_idx=None, max_norm=None, *rest, **kw):
+    """``embedding(bucket, weight)`` of a relative-position bucket (T5): the read
+    ``read_weight(bucket_B(j - i), h)``, ``bucket_B`` an undefined function of the
+    distance (checked by :func:`relative_bucket`), ``B`` the index node."""
+    if not ev.floats:
+        raise Opaque("an embedding lookup")
+    max_norm = kw.get("max_norm", max_norm)
+    w = value_of(weight)
+    if max_norm is not None or not isinstance(weight, fx.Node) or not isinstance(idx, fx.Node) \
+            or not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() \
+            or isinstance(w.shape[0], torch.SymInt):
+        raise Opaque("an embedding that is not a lookup of a 2-D float table with a fixed number of rows")
+    try:
+        relative_bucket(idx)
+    except Opaque as e:
+        ev.why.append(str(e))
+        raise
+    bv = value_of(idx)
+    i, j, c = (sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in range(3))
+    bucket = sympy.Function(f"bucket_{idx.name}")(j - i)
+    ev.buckets[f"bucket_{idx.name}"] = idx
+    ev.reads[f"read_{weight.name}"] = weight
+    read = sympy.Function(f"read_{weight.name}")(bucket, c)
+    return Index(read, ((i, _sym(bv.shape[0])), (j, _sym(bv.shape[1])), (c, _sym(w.shape[1]))))
+
+
 #: op name -> evaluation rule on symbolic values (see :func:`attncc.fx.ops.op_of`)
 RULES = {
     "arange": _arange,
@@ -362,7 +486,7 @@ RULES = {
     "view": _view, "reshape": _view, "expand": _view,
     "to": _to, "contiguous": _same, "clone": _same,
     "tensor": _const_tensor, "new_ones": _const_tensor, "new_zeros": _const_tensor, "zeros": _const_tensor,
-    "ones": _const_tensor, "full": _const_tensor,
+    "ones": _const_tensor, "full": _const_tensor, "permute": _permute, "embedding": _embedding,
 }
 
 
@@ -375,6 +499,10 @@ class Evaluator:
         #: float tensors that are not modelled (inputs, parameters, constants, values of
         #: ops outside :data:`RULES`) become reads of their values (score terms only)
         self.floats = floats
+        #: ``bucket_<name>`` -> a relative-position bucket index node (see :func:`_embedding`)
+        self.buckets: dict = {}
+        #: why an embedding was not recovered as a bucketed table read (for the report)
+        self.why: list = []
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -535,7 +663,7 @@ def _refine(value, cond):
     return sympy.expand(value)
 
 
-def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list):
+def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, index_reads: Optional[list] = None):
     """An additive mask / bias split into a mask and a score term: ``where(keep, term, -inf)``
     (or ``term.masked_fill(~keep, finfo.min)``) -> ``(keep, term)``.
 
@@ -548,7 +676,10 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list):
         sizes: ``{"B", "H", "Lq", "Lk"}`` -> the site's sizes.
         reads: integer reads of the mask part are appended here (see :func:`recover`).
         float_reads: float reads of the term are appended here as ``(name, dims, node)``
-            (``("slope0", ("H",), node)``).
+            (``("slope0", ("H",), node)``; T5's table ``("table0", ("32", "H"), weight)``).
+        index_reads: the int32 bucket vectors of relative-position tables are appended
+            here as ``(name, ("Lq + Lk - 1",), Diagonals(bucket_node))`` (T5:
+            ``table0[bucket1[kv - q + Lq - 1], h]``); without it such tables stay tensors.
 
     Returns:
         ``(mask or None, term or None)``: ``None`` for all pairs kept / a zero term.
@@ -585,27 +716,78 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list):
         raise Opaque("the mask drops every pair")
     if any(f.__name__ in floats for f in (a.func for a in keep.atoms(sympy.core.function.AppliedUndef))):
         raise Opaque("a mask that depends on a float tensor's values")
-    got, fgot = list(reads), list(float_reads)
+    got, fgot, igot = list(reads), list(float_reads), list(index_reads or [])
     keep = _name_reads(keep, ints, got)
     term = _name_reads(term, ints, got)
-    term = _name_reads(term, floats, fgot, floats=True)
+    try:
+        term = _name_reads(term, floats, fgot, floats=True,
+                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot)
+    except Opaque as e:
+        if ev.why:
+            raise Opaque(f"{e}; the embedding's index is not a relative-position bucket: {ev.why[0]}") from None
+        raise
     reads[:], float_reads[:] = got, fgot
+    if index_reads is not None:
+        index_reads[:] = igot
     return (None if keep is sympy.true else keep), (None if term.is_zero else sympy.factor_terms(term))
 
 
 _DIM_OF = {b_idx: "B", h_idx: "H", q_idx: "Lq", kv_idx: "Lk"}
 
 
-def _name_reads(e, inputs: dict, reads: list, floats: bool = False):
+@dataclass(frozen=True)
+class Diagonals:
+    """A run-time tensor derived from a graph node: the bucket of each relative distance
+    ``kv - q`` from ``-(Lq - 1)`` to ``Lk - 1``, read off a ``(Lq, Lk)`` bucket matrix
+    along its first column and row (:func:`bucket_diagonals`)."""
+
+    node: fx.Node
+
+
+def bucket_diagonals(bucket: torch.Tensor) -> torch.Tensor:
+    """``bucket[Lq + Lk - 1]`` (int32) from a ``(Lq, Lk)`` matrix that depends on ``kv - q``
+    only: entry ``d + Lq - 1`` is the bucket of distance ``d``."""
+    return torch.cat([bucket[:, 0].flip(0), bucket[0, 1:]]).to(torch.int32)
+
+
+def _table_read(app, node, buckets: dict, reads: list, index_reads: list):
+    """T5's ``read_W(bucket_B(kv - q), h)`` as ``tableN[bucketM[kv - q + Lq - 1], h]``."""
+    from sympy.core.function import AppliedUndef
+
+    if buckets is None or len(app.args) != 2 or not isinstance(app.args[0], AppliedUndef) \
+            or app.args[0].func.__name__ not in buckets or app.args[1] != h_idx:
+        return None
+    dist = app.args[0].args[0]
+    if sympy.simplify(dist - (kv_idx - q_idx)) != 0:
+        raise Opaque(f"the relative-position bucket is read at {dist}, not at kv - q")
+    bname, tname = f"bucket{len(index_reads)}", f"table{len(reads)}"
+    index_reads.append((bname, ("Lq + Lk - 1",), Diagonals(buckets[app.args[0].func.__name__])))
+    reads.append((tname, (str(int(value_of(node).shape[0])), "H"), node))
+    return sympy.Function(tname)(sympy.Function(bname)(kv_idx - q_idx + Lq - 1), h_idx)
+
+
+def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Optional[dict] = None,
+                index_reads: Optional[list] = None):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
     not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
-    float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only."""
+    float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only,
+    or (with ``buckets``) an embedding table read at a relative-position bucket and the
+    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
     for app in sorted(e.atoms(AppliedUndef), key=str):
+        if app.func.__name__.startswith("bucket_"):  # read inside a table read
+            if floats and not buckets:
+                raise Opaque("a table read at a relative-position bucket (not recovered at this site)")
+            continue
         node = inputs.get(app.func.__name__)
+        if node is not None and floats:
+            got = _table_read(app, node, buckets, reads, index_reads)
+            if got is not None:
+                subs[app] = got
+                continue
         if node is None:
             if not floats and app.func.__name__.startswith("read_"):
                 continue  # another kind's read (named by the other call)

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from . import site as S
-from .mask import Opaque, recover, recover_score
+from .mask import Diagonals, Opaque, bucket_diagonals, recover, recover_score
 from .ops import arg, op_of, value_of
 
 log = logging.getLogger("attncc")
@@ -403,7 +403,7 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if f.causal:
         mask = S.kv_idx <= S.q_idx
     tensors, mask_tensor, ops, drops = [], None, [], False
-    notes, reads, float_reads = [], [], []
+    notes, reads, float_reads, index_reads = [], [], [], []
     for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
@@ -413,7 +413,7 @@ def _site_of(f: Found, sizes: dict, g: Graph):
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
             if kind == "additive":  # a mask, a closed-form score term (ALiBi), or both
-                e, term = recover_score(node, sizes, reads, float_reads)
+                e, term = recover_score(node, sizes, reads, float_reads, index_reads)
                 if term is not None:
                     ops.append(("term", term))
                 mask = sympy.And(mask, e) if e is not None else mask
@@ -448,8 +448,9 @@ def _site_of(f: Found, sizes: dict, g: Graph):
         raise LeaveAlone("the recovered mask drops every pair")
     site = S.Site(mask=mask, mask_tensor=mask_tensor, score_ops=tuple(score_ops), sinks=f.sink is not None,
                   mask_tensor_drops=drops, mask_reads=tuple((n, d) for n, d, _ in reads),
-                  score_reads=tuple((n, d) for n, d, _ in float_reads))
-    return site, tensors + [x for _, _, x in reads + float_reads] + biases, notes
+                  score_reads=tuple((n, d) for n, d, _ in float_reads),
+                  index_reads=tuple((n, d) for n, d, _ in index_reads))
+    return site, tensors + [x for _, _, x in reads + float_reads + index_reads] + biases, notes
 
 
 def _sizes(q: fx.Node, k: fx.Node) -> dict:
@@ -654,6 +655,8 @@ def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Op
     g = gm.graph
     out_dtype = value_of(f.out).dtype
     with g.inserting_before(f.out):
+        # derived tensors (T5's bucket of each distance, read off the graph's bucket matrix)
+        tensors = [_derived(g, t) if isinstance(t, Diagonals) else t for t in tensors]
         sink = None
         if f.sink is not None:
             sink = g.call_function(_select_last, (f.sink,))
@@ -666,6 +669,16 @@ def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Op
     if gate is not None:  # the layout chain now carries the gated output: the multiply goes
         gate.mul.replace_all_uses_with(gate.chain_end)
     return kern.text
+
+
+def _derived(g: fx.Graph, t: Diagonals) -> fx.Node:
+    """A node computing T5's bucket vector from the graph's bucket matrix (with its example value)."""
+    node = g.call_function(bucket_diagonals, (t.node,))
+    try:
+        node.meta["example_value"] = bucket_diagonals(value_of(t.node))
+    except Exception:  # noqa: BLE001 - the value is only informative
+        pass
+    return node
 
 
 def _select_last(x: torch.Tensor) -> torch.Tensor:

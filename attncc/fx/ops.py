@@ -37,6 +37,7 @@ _FUNCTIONS = {
     torch.repeat_interleave: "repeat_interleave",
     torch.max: "max", torch.amax: "amax", torch.tensor: "tensor", torch.zeros: "zeros", torch.ones: "ones",
     torch.full: "full", torch.clone: "clone", getattr: "getattr",
+    F.embedding: "embedding", operator.iadd: "iadd",
     F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
 }
 

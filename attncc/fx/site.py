@@ -74,11 +74,15 @@ class Site:
     #: ``((name, dims), ...)``: float tensors the score terms read at batch / head indices
     #: (ALiBi slopes ``slope0[h]``), passed as float32 with their size-1 dims dropped
     score_reads: tuple = ()
+    #: ``((name, dims), ...)``: int32 tensors the score terms index tables with (T5's
+    #: bucket of each relative distance, ``bucket0: int32[Lq + Lk - 1]``), passed as they are
+    index_reads: tuple = ()
 
     def tensor_names(self) -> List[str]:
         """Names of the run-time tensors the spec declares, in call order."""
         names = ["allowed"] if self.mask_tensor else []
         names += [n for n, _ in self.mask_reads] + [n for n, _ in self.score_reads]
+        names += [n for n, _ in self.index_reads]
         names += [f"bias{i}" for i, (op, _) in enumerate(self.score_ops) if op == "bias"]
         return names + (["sink"] if self.sinks else []) + (["g"] if self.gate else [])
 
@@ -99,6 +103,9 @@ class Site:
                 bits.append(f"softcap {arg:g}" if op == "softcap" else f"bias [{', '.join(arg)}]")
         for n, dims in self.score_reads:
             bits.append(f"{n}: float32[{', '.join(dims)}]")
+        for n, dims in self.index_reads:
+            bits.append(f"{n}: int32[{', '.join(dims)}] (the bucket of each distance kv - q, from the graph's "
+                        "bucket function)")
         if self.sinks:
             bits.append("sinks (fused sink clause)")
         if self.gate:
@@ -211,6 +218,8 @@ def spec_text(site: Site, name: Optional[str] = None) -> str:
         lines.append(f"    tensor {n}: int32[{', '.join(dims)}]")
     for n, dims in site.score_reads:
         lines.append(f"    tensor {n}: float32[{', '.join(dims)}]")
+    for n, dims in site.index_reads:
+        lines.append(f"    tensor {n}: int32[{', '.join(dims)}]")
     score = "s"
     for i, (op, arg) in enumerate(site.score_ops):
         if op == "softcap":
@@ -290,10 +299,14 @@ def mask_name(mask) -> str:
 def term_name(term) -> str:
     """``"alibi"`` for a score term ``slope[h] * (kv - q + c)`` (``c`` constant along the
     keys: the same softmax as ALiBi's ``slope[h] * (kv - q)``, e.g. MPT's ``kv - Lk + 1``),
-    ``"alibi_symmetric"`` for ``-slope[h] * abs(q - kv)``, else ``"score_term"``.
+    ``"alibi_symmetric"`` for ``-slope[h] * abs(q - kv)``, ``"relative_position_bias"`` for
+    T5's ``table[bucket[kv - q + Lq - 1], h]``, else ``"score_term"``.
     Only used for reports: the kernel computes the term itself."""
     from sympy.core.function import AppliedUndef
 
+    tables = [a for a in term.atoms(AppliedUndef) if len(a.args) == 2 and isinstance(a.args[0], AppliedUndef)]
+    if len(tables) == 1 and term == tables[0] and a_rel(tables[0].args[0]):
+        return "relative_position_bias"
     reads = [a for a in term.atoms(AppliedUndef) if set(a.args) <= {h_idx}]
     if len(reads) == 1:
         rest = sympy.simplify(term / reads[0])
@@ -304,6 +317,11 @@ def term_name(term) -> str:
             if sympy.simplify(rest + sympy.Abs(q_idx - kv_idx)) == 0:
                 return "alibi_symmetric"
     return "score_term"
+
+
+def a_rel(read) -> bool:
+    """``read`` is ``bucket[kv - q + Lq - 1]``: a read at the relative distance."""
+    return len(read.args) == 1 and sympy.simplify(read.args[0] - (kv_idx - q_idx + Lq - 1)) == 0
 
 
 def pattern_name(site: Site) -> str:
@@ -439,10 +457,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
     """
     kern = _KERNELS[key].kern
     names = [n for n in _KERNELS[key].site.tensor_names() if n not in ("sink", "g")]
-    reads = {n: torch.int32 for n, _ in _KERNELS[key].site.mask_reads}
-    reads.update({n: torch.float32 for n, _ in _KERNELS[key].site.score_reads})
-    named = {n: (t.to(reads[n]).reshape([d for d in t.shape if d != 1]) if n in reads else _as4d(t))
-             for n, t in zip(names, tensors)}
+    site = _KERNELS[key].site
+    reads = {n: (torch.int32, len(d)) for n, d in site.mask_reads + site.index_reads}
+    reads.update({n: (torch.float32, len(d)) for n, d in site.score_reads})
+
+    def fit(t, dtype, ndim):  # size-1 dims dropped when the spec's tensor has fewer dims
+        t = t.to(dtype)
+        return t if t.dim() == ndim else t.reshape([d for d in t.shape if d != 1])
+
+    named = {n: (fit(t, *reads[n]) if n in reads else _as4d(t)) for n, t in zip(names, tensors)}
     if sink is not None:  # the sink clause reads sink[b, h, q]
         named["sink"] = sink.expand(q.shape[0], q.shape[1], q.shape[2])
     if gate is not None:  # the gate clause reads g[b, h, q, dv]

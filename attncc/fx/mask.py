@@ -324,7 +324,13 @@ def _getattr(ev, node, x, name):
 
 
 def _const_tensor(ev, node, *args, **kw):
+    """A tensor constant: ``tensor(c)`` / one-element ``full`` ..., and ``zeros`` / ``ones``
+    of any shape (T5's cross-attention ``position_bias = zeros(1, H, Lq, Lk)``)."""
     out = value_of(node)
+    if isinstance(out, torch.Tensor) and op_of(node) in ("zeros", "ones", "new_zeros", "new_ones") \
+            and not out.is_complex():
+        val = 1 if op_of(node) in ("ones", "new_ones") else 0
+        return Index(_sym(bool(val) if out.dtype == torch.bool else val), (None,) * out.dim())
     if isinstance(out, torch.Tensor) and out.numel() == 1 and all(s == 1 for s in out.shape) and args:
         val = args[0]
         if op_of(node) in ("new_ones", "new_zeros", "ones", "zeros"):

@@ -443,7 +443,8 @@ class CompiledAttention:
             lowrank = []
             if plan.layout is not None and not self.ir.lowrank:  # q, k, v permuted from their grid shape
                 lay = plan.layout
-                op = self.op if plan.graph else functools.partial(self._launch_op, key)
+                op = (functools.partial(_eager_autograd, self, key) if plan.graph else
+                      functools.partial(self._launch_op, key))
                 out, lse, _ = op(lay.permute(q, "q"), lay.permute(k, "kv"), lay.permute(v, "kv"), targs,
                                  plan.scale, plan.layout_list, [])
                 out = lay.unpermute(out)
@@ -455,8 +456,9 @@ class CompiledAttention:
                 q, k, v, lowrank = self._lowrank_factors(q, k, v, dict(zip(plan.names, targs)), plan.sizes,
                                                          plan.scale)
         op = self.op
-        if key is not None and not plan.graph:
-            op = functools.partial(self._launch_op, key)  # eager, nothing to differentiate: no op dispatch
+        if key is not None:  # eager: no op dispatch (torch.compile traces without a key, through the op)
+            op = (functools.partial(_eager_autograd, self, key) if plan.graph else
+                  functools.partial(self._launch_op, key))
         lay = plan.layout
         if lay is not None:  # box plans: tokens permuted so that every grid box is one contiguous tile
             qp, kp, vp, *lr = (lay.permute(x.unflatten(2, plan.grid), side) for x, side in
@@ -1113,6 +1115,48 @@ class CompiledAttention:
 def _is_identity(layout) -> bool:
     """Whether a layout list is the identity (tokens in the grid's row-major order)."""
     return not layout or list(layout) == identity_layout(list(layout)[:3])
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """Eager calls that build an autograd graph: the custom op's forward and backward
+    (:meth:`CompiledAttention.launch` / :meth:`~CompiledAttention.launch_backward`, the same
+    saved tensors and gradients as the op's ``register_autograd``) through one
+    ``torch.autograd.Function``, without ``torch.library``'s Python autograd wrapper around
+    the op (its argument normalisation and pytree flattening cost most of a small call's host
+    time). ``torch.compile`` never sees it: a traced call has no call key and takes the op.
+
+    ``apply(kern, call_key, scale, layout, n_tensors, q, k, v, *tensors, *lowrank)`` ->
+    ``(out, lse, aux)`` as :meth:`CompiledAttention.launch`. Double backward raises (as the
+    op's backward op, which has no autograd kernel)."""
+
+    @staticmethod
+    def forward(ctx, kern, call_key, scale, layout, n_tensors, q, k, v, *rest):
+        tensors, lowrank = list(rest[:n_tensors]), list(rest[n_tensors:])
+        out, lse, aux = kern.launch(q, k, v, tensors, scale, layout=layout, lowrank=lowrank, call_key=call_key)
+        ctx.save_for_backward(q, k, v, out, lse, aux, *lowrank, *tensors)
+        ctx.kern, ctx.scale, ctx.layout, ctx.n_lowrank = kern, scale, layout, len(lowrank)
+        has_grad = set(kern.grad_tensor_names())
+        ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
+        ctx.mark_non_differentiable(aux)
+        return out, lse, aux
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse, daux):
+        q, k, v, out, lse, aux, *rest = ctx.saved_tensors
+        lowrank, tensors = rest[:ctx.n_lowrank], rest[ctx.n_lowrank:]
+        dq, dk, dv, *grads = ctx.kern.launch_backward(
+            q, k, v, out, lse, dout if dout is not None else torch.zeros_like(out),
+            dlse if dlse is not None else torch.zeros_like(lse), list(tensors), ctx.scale, ctx.want,
+            layout=ctx.layout, aux=aux, lowrank=list(lowrank))
+        it = iter(grads)
+        tgrads = [next(it) if w else None for w in ctx.want]
+        return (None, None, None, None, None, dq, dk, dv, *tgrads, *it)
+
+
+def _eager_autograd(kern: CompiledAttention, call_key, q, k, v, tensors, scale: float, layout, lowrank):
+    """The op's signature over :class:`_EagerAutograd` (``(out, lse, aux)``)."""
+    return _EagerAutograd.apply(kern, call_key, scale, layout, len(tensors), q, k, v, *tensors, *lowrank)
 
 
 def _make_op(kern: CompiledAttention):

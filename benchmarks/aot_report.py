@@ -5,7 +5,8 @@ autotuner may try, for one target, dtype and head dim (default sm_90a, bf16, D =
 the plain FA2 forward of ``benchmarks/fa2_reference.py`` (causal) at each forward config.
 Writes ``benchmarks/results/aot_<target>.md``: the forward of each pattern next to FA2 at
 the same config (registers, SASS instructions, ratios; the issue's bar: plain ``causal``
-within 1.1x of FA2's registers and 1.2x of its SASS, every pattern within 2x of its SASS),
+within 1.1x of FA2's registers and 1.2x of its SASS on sm_90a, every pattern within 2x of
+its SASS),
 then every kernel's full record.
 
     python benchmarks/aot_report.py                       # sm_90a, bf16, D=128
@@ -67,7 +68,7 @@ def comparison(records: list, fa2: dict) -> tuple[str, list]:
                     f"| {r['sass_instructions']} | {y['sass_instructions']} | {sr:.2f} | {r['spill_bytes']} |")
         if sr > 2.0:
             missed.append(f"{r['pattern']} {r['launch']}: SASS {sr:.2f}x FA2 (bar 2x)")
-        if r["pattern"] == "causal" and (rr > 1.1 or sr > 1.2):
+        if r["pattern"] == "causal" and r["target"] == "sm_90a" and (rr > 1.1 or sr > 1.2):  # the issue's bar
             missed.append(f"causal {r['launch']}: registers {rr:.2f}x, SASS {sr:.2f}x FA2 (bar 1.1x / 1.2x)")
     return "\n".join(rows), missed
 

@@ -45,9 +45,9 @@ heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, 
   tensors (``query_temperature`` 16-32 B, ``neighborhood_2d_rpb`` 40-72 B) and 64 x 64 at 1
   stage in ``query_temperature``'s (48-64 B). sm_80 (mma.sync: every accumulator in registers):
   D <= 64 64 x 32 at 4 warps then 32 x 32 (64 x 64 tiles' dK/dV spilled 8-32 B at 4 and 8
-  warps); 64 < D <= 128 64 x 64 at 8 warps without pipelining, then 32 x 32 at 4 warps
-  (64 x 32 at 4 warps spilled 8 B in ``lowrank_bias``'s dQ; 64 x 32 at 8 warps in
-  ``sigmoid_attention``'s dK/dV). D > 128 (both targets): 32 x 32 then 32 x 16 at 8 warps,
+  warps); 64 < D <= 128 64 x 32 at 8 warps without pipelining (64 x 64 spilled 8 B in
+  ``neighborhood_2d_rpb``'s dQ), then 32 x 32 at 4 warps (64 x 32 at 4 warps spilled 8 B in
+  ``lowrank_bias``'s dQ). D > 128 (both targets): 32 x 32 then 32 x 16 at 8 warps,
   mma.sync (wgmma's 64-row tiles spill at D = 256 on sm_90a: dQ 112-408 B at 64 x 64 / 64 x 32,
   dK/dV 56-112 B at 64 x 64). The first backward candidate is the one box plans train at.
 * fp32 (exact fp32 products, ``input_precision="ieee"``, torch's default fp32 matmul
@@ -213,9 +213,10 @@ def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Conf
         # relative_position_bias / query_temperature)
         return (Config(128, 64, 8, 2), Config(64, 64, 8, 2))
     if head_dim <= 128:
-        if arch < 90:  # mma.sync keeps every accumulator in registers: 64-row tiles, 1 stage;
-            # then 32 x 32 (64 x 32 at 4 warps spilled 8 B in lowrank_bias's dQ)
-            return (Config(64, 64, 8, 1), Config(32, 32, 4, 2))
+        if arch < 90:  # mma.sync keeps every accumulator in registers: 64 x 32 at 8 warps, 1 stage
+            # (64 x 64 spilled 8 B in neighborhood_2d_rpb's dQ), then 32 x 32 (64 x 32 at 4 warps
+            # spilled 8 B in lowrank_bias's dQ)
+            return (Config(64, 32, 8, 1), Config(32, 32, 4, 2))
         return (Config(128, 64, 8, 1), Config(128, 32, 8, 2))
     # head dims above 128: wgmma's 64-row tiles spill (sm_90a bf16 D = 256: dQ 112-408 B at
     # 64x64 / 64x32 tiles, dK/dV 56-112 B at 64x64); 32-row tiles at 8 warps do not (mma.sync)

@@ -53,8 +53,9 @@ heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, 
 * fp32 (exact fp32 products, ``input_precision="ieee"``, torch's default fp32 matmul
   precision; no tensor cores, every operand of a product in registers): forward 32 x 16
   then 16 x 16 at 4 warps (32 x 32 at 4 or 8 warps and 16 x 32 spilled 200-500 B in
-  ``gated_causal`` / ``lowrank_bias`` at D = 128), backward 16 x 16 at 4 warps (1, then 2
-  stages; 32 x 16 spilled 16-352 B), every fp32 kernel with :func:`register_cap`.
+  ``gated_causal`` / ``lowrank_bias`` at D = 128), backward 16 x 16 at 4 then 8 warps, 1
+  stage (32 x 16 spilled 16-352 B; 2 stages 272 B in ``document_causal``'s dK/dV), every
+  fp32 kernel with :func:`register_cap`.
 
 At run time the autotuner also drops a candidate whose compiled kernel spills on the device
 (``n_spills > 0``) before timing it, and ``attncc explain --target`` lists such configs; the
@@ -205,7 +206,7 @@ def backward_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple[Conf
     """The backward (dQ, dK/dV) configs the autotuner may try; see the module docstring.
     Box plans train at the tiles of the first one."""
     if dtype_name(dtype) == "fp32":
-        return (Config(16, 16, 4, 1), Config(16, 16, 4, 2))
+        return (Config(16, 16, 4, 1), Config(16, 16, 8, 1))  # 2 stages: document_causal's dK/dV 272 B
     if head_dim <= 64:
         if arch < 90:  # 64 x 64 tiles' dK/dV spilled 8-32 B here at 4 and 8 warps (even with the
             # register cap: the dK, dV accumulators and two 64-row chunks at mma.sync)

@@ -51,9 +51,10 @@ heaviest patterns (``gated_causal``, ``neighborhood_2d_rpb``, ``lowrank_bias``, 
   mma.sync (wgmma's 64-row tiles spill at D = 256 on sm_90a: dQ 112-408 B at 64 x 64 / 64 x 32,
   dK/dV 56-112 B at 64 x 64). The first backward candidate is the one box plans train at.
 * fp32 (exact fp32 products, ``input_precision="ieee"``, torch's default fp32 matmul
-  precision; no tensor cores, every operand of a product in registers): forward 32 x 16
-  then 16 x 16 at 4 warps (32 x 32 at 4 or 8 warps and 16 x 32 spilled 200-500 B in
-  ``gated_causal`` / ``lowrank_bias`` at D = 128), backward 16 x 16 at 4 then 8 warps, 1
+  precision; no tensor cores, every operand of a product in registers): forward 32 x 16 at
+  8 warps then 16 x 16 at 4 (32 x 32 at 4 or 8 warps and 16 x 32 spilled 200-500 B in
+  ``gated_causal`` / ``lowrank_bias`` at D = 128; 32 x 16 at 4 warps 248 B in
+  ``global_sliding_window`` on sm_80), backward 16 x 16 at 4 then 8 warps, 1
   stage (32 x 16 spilled 16-352 B; 2 stages 272 B in ``document_causal``'s dK/dV), every
   fp32 kernel with :func:`register_cap`.
 
@@ -147,9 +148,10 @@ def _forward_rule(head_dim: int, arch: int, dtype) -> tuple[Config, ...]:
     """The plain (pointer-load) forward candidates of :func:`forward_candidates`."""
     if dtype_name(dtype) == "fp32":
         # exact fp32 products (FMA): the q tile and both operands of each product live in
-        # registers; 32 x 16 and 16 x 16 tiles at 4 warps are the spill-free ones at D = 128
-        # (32 x 32 at 4 or 8 warps and 16 x 32 spill 200-500 B in gated_causal / lowrank_bias)
-        return (Config(32, 16, 4, 2), Config(16, 16, 4, 2))
+        # registers; 32 x 16 at 8 warps and 16 x 16 at 4 are spill-free (32 x 32 at 4 or 8 warps
+        # and 16 x 32 spilled 200-500 B in gated_causal / lowrank_bias at D = 128, 32 x 16 at 4
+        # warps 248 B in global_sliding_window on sm_80)
+        return (Config(32, 16, 8, 2), Config(16, 16, 4, 2))
     stages = 3 if arch >= 90 or head_dim <= 64 else 2
     if head_dim <= 64:
         if arch < 90:  # 128x128 tiles exceed sm_80's shared memory; 128-row tiles spill at 4 warps

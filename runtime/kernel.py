@@ -1117,6 +1117,32 @@ def _is_identity(layout) -> bool:
     return not layout or list(layout) == identity_layout(list(layout)[:3])
 
 
+def _save_for_backward(ctx, kern, q, k, v, out, lse, aux, tensors, lowrank, scale: float, layout) -> None:
+    """What the backward of the custom op and of :class:`_EagerAutograd` keeps: the inputs,
+    outputs, dot() factors and spec tensors, the scale, the layout and which spec tensors
+    get a gradient (float tensors that require grad and that the kernels differentiate)."""
+    ctx.save_for_backward(q, k, v, out, lse, aux, *lowrank, *tensors)
+    ctx.scale, ctx.layout, ctx.n_lowrank = scale, layout, len(lowrank)
+    has_grad = set(kern.grad_tensor_names())
+    ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
+
+
+def _backward_grads(ctx, dout, dlse, run) -> tuple:
+    """The backward of the custom op and of :class:`_EagerAutograd`: ``run(q, k, v, out, lse,
+    aux, dout, dlse, tensors, scale, want, layout, lowrank)`` (the backward op, or
+    :meth:`CompiledAttention.launch_backward`) on what :func:`_save_for_backward` kept, with
+    missing output gradients as zeros. Returns ``(dq, dk, dv, per-tensor grads or None,
+    dot() factor grads)``."""
+    q, k, v, out, lse, aux, *rest = ctx.saved_tensors
+    lowrank, tensors = list(rest[:ctx.n_lowrank]), list(rest[ctx.n_lowrank:])
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv, *grads = run(q, k, v, out, lse, aux, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout, lowrank)
+    it = iter(grads)
+    tgrads = [next(it) if w else None for w in ctx.want]
+    return dq, dk, dv, tgrads, list(it)
+
+
 class _EagerAutograd(torch.autograd.Function):
     """Eager calls that build an autograd graph: the custom op's forward and backward
     (:meth:`CompiledAttention.launch` / :meth:`~CompiledAttention.launch_backward`, the same
@@ -1133,25 +1159,22 @@ class _EagerAutograd(torch.autograd.Function):
     def forward(ctx, kern, call_key, scale, layout, n_tensors, q, k, v, *rest):
         tensors, lowrank = list(rest[:n_tensors]), list(rest[n_tensors:])
         out, lse, aux = kern.launch(q, k, v, tensors, scale, layout=layout, lowrank=lowrank, call_key=call_key)
-        ctx.save_for_backward(q, k, v, out, lse, aux, *lowrank, *tensors)
-        ctx.kern, ctx.scale, ctx.layout, ctx.n_lowrank = kern, scale, layout, len(lowrank)
-        has_grad = set(kern.grad_tensor_names())
-        ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
+        _save_for_backward(ctx, kern, q, k, v, out, lse, aux, tensors, lowrank, scale, layout)
+        ctx.kern = kern
         ctx.mark_non_differentiable(aux)
         return out, lse, aux
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse, daux):
-        q, k, v, out, lse, aux, *rest = ctx.saved_tensors
-        lowrank, tensors = rest[:ctx.n_lowrank], rest[ctx.n_lowrank:]
-        dq, dk, dv, *grads = ctx.kern.launch_backward(
-            q, k, v, out, lse, dout if dout is not None else torch.zeros_like(out),
-            dlse if dlse is not None else torch.zeros_like(lse), list(tensors), ctx.scale, ctx.want,
-            layout=ctx.layout, aux=aux, lowrank=list(lowrank))
-        it = iter(grads)
-        tgrads = [next(it) if w else None for w in ctx.want]
-        return (None, None, None, None, None, dq, dk, dv, *tgrads, *it)
+        kern = ctx.kern
+
+        def run(q, k, v, out, lse, aux, dout, dlse, tensors, scale, want, layout, lowrank):
+            return kern.launch_backward(q, k, v, out, lse, dout, dlse, tensors, scale, want, layout=layout, aux=aux,
+                                        lowrank=lowrank)
+
+        dq, dk, dv, tgrads, dlowrank = _backward_grads(ctx, dout, dlse, run)
+        return (None, None, None, None, None, dq, dk, dv, *tgrads, *dlowrank)
 
 
 def _eager_autograd(kern: CompiledAttention, call_key, q, k, v, tensors, scale: float, layout, lowrank):
@@ -1209,24 +1232,11 @@ def _make_op(kern: CompiledAttention):
 
         def setup_context(ctx, inputs, output):
             q, k, v, tensors, scale, layout, lowrank = inputs
-            out, lse, aux = output
-            ctx.save_for_backward(q, k, v, out, lse, aux, *lowrank, *tensors)
-            ctx.scale, ctx.layout, ctx.n_lowrank = scale, layout, len(lowrank)
-            has_grad = set(kern.grad_tensor_names())
-            ctx.want = [t.requires_grad and spec.name in has_grad for t, spec in zip(tensors, kern.ir.tensors)]
+            _save_for_backward(ctx, kern, q, k, v, *output, tensors, lowrank, scale, layout)
 
         def backward(ctx, dout, dlse, daux):
-            q, k, v, out, lse, aux, *rest = ctx.saved_tensors
-            lowrank, tensors = rest[:ctx.n_lowrank], rest[ctx.n_lowrank:]
-            if dlse is None:
-                dlse = torch.zeros_like(lse)
-            if dout is None:
-                dout = torch.zeros_like(out)
-            dq, dk, dv, *grads = bwd(q, k, v, out, lse, aux, dout, dlse, tensors, ctx.scale, ctx.want, ctx.layout,
-                                     lowrank)
-            it = iter(grads)
-            tgrads = [next(it) if w else None for w in ctx.want]
-            return dq, dk, dv, tgrads, None, None, list(it)
+            dq, dk, dv, tgrads, dlowrank = _backward_grads(ctx, dout, dlse, bwd)
+            return dq, dk, dv, tgrads, None, None, dlowrank
 
         op.register_autograd(backward, setup_context=setup_context)
         _OPS[name] = op

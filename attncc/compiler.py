@@ -147,8 +147,7 @@ _COMPILED: dict = {}
 def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, deterministic, backend, params, tma=False,
              ws=False):
     """:func:`compile` without the in-process memo."""
-    from attncc.runtime import CompiledAttention, Config
-    from attncc.runtime import cache
+    from attncc.runtime import Config
     from attncc.runtime.configs import tma_supported, ws_supported
 
     if (tma or ws) and block_m is None and block_n is None:
@@ -159,7 +158,6 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
 
     from .dsl import PatternSpec, read_spec
 
-    tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
     versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
     # a warm disk cache skips lowering and planning (sympy): the plan is stored per spec text
     kp = where = None
@@ -172,8 +170,6 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
         kp = _plan_cached(ir.key(), ir)
         if where is not None:
             store_plan(where, kp)
-    key = cache.digest(kp.ir.key(), tmpl, *versions)
-    path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
     config = None
     if block_m is not None or block_n is not None:
         bm, bn = block_m or 64, block_n or 64
@@ -181,7 +177,30 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val}")
         config = Config(bm, bn, num_warps, num_stages, tma=bool(tma), ws=bool(ws))
+    return build(kp, config, deterministic, backend)
+
+
+def build(kp: KernelPlan, config=None, deterministic: bool = True, backend: str | None = None):
+    """The :class:`attncc.runtime.CompiledAttention` of a plan: its kernel module rendered (or
+    loaded from the disk cache, keyed by the IR, the templates and the versions).
+
+    Args:
+        config / deterministic / backend: as :func:`compile` (``config``: a fixed
+            :class:`attncc.runtime.Config` or ``None``).
+    """
+    from attncc.runtime import CompiledAttention
+    from attncc.runtime import cache
+
+    tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
+    versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
+    key = cache.digest(kp.ir.key(), tmpl, *versions)
+    path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
     return CompiledAttention(kp, source, path, key, config, deterministic=deterministic, backend=backend)
+
+
+def plan_ir(ir) -> KernelPlan:
+    """The (memoised) :class:`KernelPlan` of a lowered IR."""
+    return _plan_cached(ir.key(), ir)
 
 
 def describe(kp: KernelPlan) -> str:

@@ -404,7 +404,7 @@ def clamp_score(score: torch.Tensor) -> torch.Tensor:
 
 
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
-              return_lse: bool = False, **params_and_tensors):
+              return_lse: bool = False, block_mask=None, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
 
     Args:
@@ -415,6 +415,9 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         pattern: block name when the spec holds several.
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the natural-log logsumexp per row.
+        block_mask: optional :class:`attncc.BlockSparse` or FlexAttention ``BlockMask``:
+            the pattern's mask AND "the pair's block is listed" (see
+            :meth:`attncc.runtime.CompiledAttention.with_blocks`).
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -434,6 +437,14 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
 
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
+    if block_mask is not None:
+        from attncc.runtime.sparse import as_block_sparse
+
+        bs = as_block_sparse(block_mask)
+        blocks, per_batch, heads = bs.block_tensor(q.shape[0], q.shape[1], k.shape[1], math.prod(q.shape[2:-1]),
+                                                   math.prod(k.shape[2:-1]))
+        ir = I.with_block_mask(ir, *bs.block_size, per_batch, heads)
+        tensors = dict(tensors, **{I.BLOCK_TENSOR: blocks})
     grid_shape = q.shape[2:-1]
     q, k, v, grid = flatten_grid(ir, q, k, v)
     sizes, tensors = check_inputs(ir, q, k, v, tensors, grid=grid)

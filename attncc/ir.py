@@ -12,6 +12,7 @@ mask, a wrong number of indices, unknown functions...) are raised here as
 from __future__ import annotations
 
 import ast
+import dataclasses
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -314,6 +315,53 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
     return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
                        tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score,
                        normalize, sink, gate, tuple(lw.lowrank), tuple(lw.free_dims))
+
+
+#: the name of the block tensor :func:`with_block_mask` adds (a spec tensor of that name
+#: cannot also take a run-time block mask)
+BLOCK_TENSOR = "blocks"
+
+
+def with_block_mask(ir: AttentionIR, bq: int, bk: int, per_batch: bool, heads: str) -> AttentionIR:
+    """``ir`` with a run-time block mask joined to its mask: the pattern's mask AND
+    ``blocks[b, h, q // bq, kv // bk]`` (FlexAttention's ``BlockMask`` semantics: a pair is
+    computed only inside a listed block; attncc also keeps the pattern's own mask there).
+
+    Args:
+        bq / bk: queries / keys per block (positive).
+        per_batch: the block tensor has one entry per batch (else one, broadcast).
+        heads: ``"q"`` one entry per query head, ``"kv"`` per key/value head (query head
+            ``h`` reads ``h // (H / Hkv)``), ``"one"`` one entry broadcast over heads.
+
+    Returns:
+        The IR (named ``<pattern>_blocks``) with a bool tensor :data:`BLOCK_TENSOR` of shape
+        ``(B | 1, H | Hkv | 1, ceil(Lq / bq), ceil(Lk / bk))``.
+
+    Raises:
+        ValueError: the pattern already declares a tensor named :data:`BLOCK_TENSOR`.
+    """
+    if any(t.name == BLOCK_TENSOR for t in ir.tensors):
+        raise ValueError(f"pattern {ir.name!r} declares a tensor named {BLOCK_TENSOR!r}, the name of the run-time "
+                         "block mask's tensor: rename it to pass block_mask=")
+    one = sp.Integer(1)
+    shape = (B if per_batch else one, {"q": H, "kv": Hkv, "one": one}[heads],
+             sp.floor((Lq + bq - 1) / bq), sp.floor((Lk + bk - 1) / bk))
+    base = sp.IndexedBase(BLOCK_TENSOR, integer=True)
+    lead = (b if per_batch else sp.Integer(0), {"q": h, "kv": sp.floor(h / (H / Hkv)), "one": sp.Integer(0)}[heads])
+
+    def clause(qi, ki):
+        return sp.Ne(base[(*lead, sp.floor(qi / bq), sp.floor(ki / bk))], 0)
+
+    coord_mask = ir.coord_mask
+    if ir.grid:  # the flat token index in the coordinate form (row-major)
+        n = len(ir.grid)
+
+        def flat(c):
+            return sum(c[i] * sp.Mul(*GRID_SIZES[i + 1:n]) for i in range(n))
+
+        coord_mask = sp.And(coord_mask, clause(flat(QC), flat(KC)))
+    return dataclasses.replace(ir, name=f"{ir.name}_blocks", tensors=ir.tensors + (TensorSpec(BLOCK_TENSOR, "bool", shape, base),),
+                               mask=sp.And(ir.mask, clause(q, kv)), coord_mask=coord_mask)
 
 
 #: integers in expressions must satisfy |value| < 2**31 (the kernels' index arithmetic is int32)

@@ -573,6 +573,10 @@ class KernelPlan:
             the sizes) and the :class:`Box` list (see :func:`box_analysis`).
         box_mask: ``box`` only: the coordinate-form mask with the residue tests that the
             grouping guarantees replaced by ``True`` (what partial tiles evaluate).
+        blocks: ``table`` plans whose mask is a tensor-free part AND one block-level read
+            ``blk[..., q // BQ, kv // BK]`` (:class:`BlockRead`, see :func:`block_read`): the
+            runtime builds the table from the block tensor and the closed form of the rest
+            (O(tiles) work on the device), never from a dense evaluation of the mask.
         backward: the :class:`~attncc.gradients.BackwardPlan` (score derivatives, the reads
             whose gradients the kernels compute, the sink / gate reads) of :meth:`forms`'s score.
         read_bounds: ``((read, ((in_bounds, nonnegative), ...)), ...)``: per tensor read the
@@ -599,6 +603,7 @@ class KernelPlan:
     box_mask: sp.Basic = None
     backward: object = None
     read_bounds: tuple = ()
+    blocks: "BlockRead" = None
 
     def forms(self) -> tuple:
         """``(mask, score)`` as the kernels evaluate them: the IR's, or for box plans the
@@ -636,6 +641,16 @@ class KernelPlan:
                        "(padded to whole tiles), and back after, so every box is contiguous "
                        "(the permutation is skipped when it is the identity); tile shapes per axis are chosen "
                        "per call from the axis sizes by a cost model over these closed forms")
+        elif self.blocks is not None:
+            br = self.blocks
+            out.append(f"path: block table from the block tensor {br.tensor} -- the mask is (rest) and "
+                       f"{br.read} != 0, a read per block of {br.bq} queries x {br.bk} keys: per call the table "
+                       "is built on the device from the block tensor (any / all of the blocks under each tile, "
+                       "O(tiles) work, no evaluation of the mask per (q, kv) pair), intersected with the "
+                       + ("closed form of the rest" if br.intervals is not None else
+                          "tile classes of the rest (evaluated per tile; no closed form)"))
+            for i, iv in enumerate(br.intervals or ()):
+                out.append(f"  rest, interval {i}: keys [{iv.lo}, {iv.hi})  full for all rows: [{iv.flo}, {iv.fhi})")
         else:
             why = "the mask reads tensors " + ", ".join(self.mask_tensors) if self.mask_tensors else \
                 "the mask has atoms with no closed-form key range"
@@ -644,6 +659,75 @@ class KernelPlan:
         out.append(f"score: {'identity (scale folded into exp2)' if self.score_is_identity else self.ir.score}")
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class BlockRead:
+    """A mask of the form ``rest and blk[i_0, ..., q // bq, kv // bk] != 0`` (block sparsity
+    read from a tensor, as FlexAttention's ``BlockMask`` or MoBA's gate): ``rest`` reads no
+    tensor, ``i_0, ...`` depend on ``b``, ``h`` and sizes only.
+
+    Attributes:
+        tensor: the block tensor's name.
+        read: the read ``blk[...]`` (sympy ``Indexed``).
+        bq / bk: queries / keys per block.
+        rest: the tensor-free part of the mask (``true`` when there is none).
+        intervals: the closed-form :class:`Interval` list of ``rest`` (as a closed plan's),
+            or ``None`` when ``rest`` has no closed form (grid patterns, unbounded atoms).
+    """
+
+    tensor: str
+    read: sp.Indexed
+    bq: int
+    bk: int
+    rest: sp.Basic
+    intervals: tuple = None
+
+
+def _block_of(ix, var) -> int | None:
+    """``c`` when the index ``ix`` is ``floor(var / c)`` (or ``var`` itself: ``c = 1``) for a
+    positive integer ``c``, else ``None``."""
+    ix = sp.sympify(ix)
+    if ix == var:
+        return 1
+    if isinstance(ix, sp.floor):
+        c = sp.simplify(var / ix.args[0])
+        if c.is_Integer and c > 0:
+            return int(c)
+    return None
+
+
+def block_read(ir: AttentionIR):
+    """The :class:`BlockRead` of ``ir.mask`` when it is a tensor-free part AND one read
+    ``blk[..., q // bq, kv // bk] != 0`` of a tensor read nowhere else in the mask (the
+    leading indices free of ``q`` and ``kv``); else ``None`` (the dense block table)."""
+    atoms = sp.And.make_args(ir.mask)
+    found = []
+    for a in atoms:
+        reads = a.atoms(sp.Indexed)
+        if not reads:
+            continue
+        if len(reads) != 1 or not (isinstance(a, sp.Ne) and a.args[1] == 0 and a.args[0] in reads):
+            return None
+        found.append(a)
+    if len(found) != 1:
+        return None
+    read = found[0].args[0]
+    if len(read.indices) < 2 or any(ix.free_symbols & {q, kv} for ix in read.indices[:-2]):
+        return None
+    bq, bk = _block_of(read.indices[-2], q), _block_of(read.indices[-1], kv)
+    if bq is None or bk is None:
+        return None
+    rest = sp.And(*[a for a in atoms if a is not found[0]])
+    intervals = None
+    if not ir.grid:  # grid patterns: tile classes of the rest per tile (their closed forms are boxes)
+        try:
+            rp = _plan(dataclasses.replace(ir, mask=rest))
+        except SYMPY_ERRORS:
+            rp = None
+        if rp is not None and rp.path == "closed":
+            intervals = rp.intervals
+    return BlockRead(str(read.base.label), read, bq, bk, rest, intervals)
 
 
 def _full_width(iv: Interval) -> float:
@@ -752,7 +836,7 @@ def _plan(ir: AttentionIR) -> KernelPlan:
                   mask_uses_h=h in ir.mask.free_symbols,
                   mask_read_checks=read_checks(ir, ir.mask), notes=lowrank_notes(ir))
     if mask_tensors:
-        return KernelPlan(ir, "table", **common)
+        return KernelPlan(ir, "table", blocks=block_read(ir), **common)
     if ir.grid:
         groups, boxes, why = box_analysis(ir)
         if boxes is not None and not boxes:  # empty everywhere: no key tile to visit, 0 / -inf rows

@@ -47,7 +47,7 @@ from attncc.dense import eval_expr, index_env
 from attncc.ir import grid_sizes
 from attncc.passes import BQ_HI, BQ_LO, GQ, LG, q_hi, q_lo
 
-from .tiles import block_table
+from .tiles import block_table, closed_tile_classes, size_env
 
 #: the CPU implementations: the tiled PyTorch executor of this module, and the generated
 #: Triton kernels under the Triton interpreter
@@ -155,43 +155,13 @@ def _rows_per_chunk(sizes: dict) -> int:
     return bm
 
 
-def _size_env(sizes: dict, device) -> dict:
-    """Sizes and broadcast ``b`` ``(B, 1, 1)``, ``h`` ``(1, H, 1)`` for evaluating the plan's
-    closed forms (the last axis: query chunks)."""
-    env = index_env(sizes["B"], sizes["H"], 1, 1, sizes["Hkv"], sizes["D"], sizes["Dv"], device,
-                    grid=I.grid_of(sizes))
-    env[I.Lq], env[I.Lk] = sizes["Lq"], sizes["Lk"]
-    env[I.b], env[I.h] = env[I.b].view(-1, 1, 1), env[I.h].view(1, -1, 1)
-    return env
-
-
 def _closed_tiles(plan, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device):
     """Visited / full key tiles of closed-form plans: bool ``(n_chunks, n_n)`` each (a tile is
     visited when some (batch, head) visits it, full when it is full for all), from the
     intervals exactly as the kernels' ``interval_bounds`` macro rounds them."""
-    Lk = sizes["Lk"]
-    n_n = -(-Lk // block_n)
-    env = _size_env(sizes, device)
-    env[q_lo], env[q_hi] = starts.view(1, 1, -1), lasts.view(1, 1, -1)
-    n = torch.arange(n_n, device=device)
-    shape = (sizes["B"], sizes["H"], starts.numel(), 1)
-    visit = torch.zeros(shape[:3] + (n_n,), dtype=torch.bool, device=device)
-    full = torch.zeros_like(visit)
-
-    def ev(e):
-        return torch.broadcast_to(eval_expr(e, env, {}).to(torch.int64), shape[:3])[..., None]
-
-    for iv in plan.intervals:
-        lo, hi = ev(sp.Max(iv.lo, 0)), ev(sp.Min(iv.hi, I.Lk))
-        flo, fhi = ev(sp.Max(iv.flo, 0)), ev(sp.Max(sp.Min(iv.fhi, I.Lk), 0))
-        t_lo = torch.div(lo, block_n, rounding_mode="floor")
-        t_hi = torch.where(hi > lo, torch.div(hi + block_n - 1, block_n, rounding_mode="floor"), t_lo)
-        f_lo = torch.div(flo + block_n - 1, block_n, rounding_mode="floor")
-        f_hi = torch.div(fhi, block_n, rounding_mode="floor")
-        visit |= (n >= t_lo) & (n < t_hi)
-        full |= (n >= f_lo) & (n < f_hi)
-    full &= visit
-    return visit.any(1).any(0), full.all(1).all(0)
+    visit, full = closed_tile_classes(plan.intervals, sizes, starts, lasts, block_n, device)
+    shape = (sizes["B"], sizes["H"]) + visit.shape[2:]
+    return visit.any(1).any(0), torch.broadcast_to(full, shape).all(1).all(0)
 
 
 def _table_tiles(kern, sizes: dict, named: dict, block_m: int, block_n: int, device):
@@ -218,7 +188,7 @@ def _box_keys(plan, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, devi
     coordinates lie in one box's intervals on every axis."""
     n = len(plan.ir.grid)
     G = I.grid_of(sizes)[:n]
-    env = _size_env(sizes, device)
+    env = size_env(sizes, device)
     span = int((lasts - starts).max()) + 1
     every = (starts[:, None] + torch.arange(span, device=device)).clamp(max=lasts[:, None])
     cmin, cmax = [], []

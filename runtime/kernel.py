@@ -25,7 +25,7 @@ from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes
 from attncc.codegen import backward_support
 from attncc.dense import check_clause_reads, lowrank_factors
 from attncc.gradients import partial_shape, reduce_partials
-from attncc.ir import grid_sizes, size_values
+from attncc.ir import BLOCK_TENSOR, grid_sizes, size_values, with_block_mask
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
 from attncc.passes import KernelPlan, index_tensors
@@ -388,7 +388,7 @@ class CompiledAttention:
 
     # ------------------------------------------------------------------ calling
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                 return_lse: bool = False, **tensors):
+                 return_lse: bool = False, block_mask=None, **tensors):
         """Run the kernel.
 
         Args:
@@ -398,6 +398,9 @@ class CompiledAttention:
                 interpreter), ``Hq % Hkv == 0``, head dims 1..256. Any strides.
             scale: score scale (default ``1/sqrt(D)``).
             return_lse: also return the logsumexp of each row (natural log).
+            block_mask: optional run-time block sparsity, an :class:`attncc.BlockSparse`
+                or a FlexAttention ``BlockMask``: a pair is computed only inside a listed
+                block (and where the pattern's mask allows it). See :meth:`with_blocks`.
             **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
 
         Returns:
@@ -414,6 +417,9 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        if block_mask is not None:
+            kern, blocks = self.with_blocks(block_mask, q, k)
+            return kern(q, k, v, scale, return_lse, **tensors, **{BLOCK_TENSOR: blocks})
         if self.cache_calls:
             # the signature of the last direct call again: one C++ check of every tensor's
             # metadata (see _Direct.guards) instead of building and hashing the key
@@ -697,6 +703,50 @@ class CompiledAttention:
                                       dtype)[0]
         base = cfg or self._box_config(head_dim, device, dtype=dtype)
         return dataclasses.replace(base, block_m=math.prod(layout[9:12]), block_n=math.prod(layout[12:15]))
+
+    def with_blocks(self, block_mask, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """The kernel a call with ``block_mask`` runs, and its block tensor.
+
+        The pattern is compiled once per (block size, batch / head broadcast) with the block
+        tensor joined to its mask (:func:`attncc.ir.with_block_mask`; kept on this object),
+        so forward, backward (q, k, v and spec tensor gradients), GQA and ``Lq != Lk`` work
+        as for the pattern itself; the block tensor reaches the kernels as the spec tensor
+        :data:`attncc.ir.BLOCK_TENSOR`, and the tile lists come from it per call
+        (:func:`attncc.runtime.tiles.block_classes`).
+
+        Args:
+            block_mask: :class:`attncc.BlockSparse` or FlexAttention ``BlockMask``.
+            q / k: the call's query and key (their batch, heads and lengths; grid patterns:
+                tokens flattened row-major).
+
+        Returns:
+            ``(kernel, blocks)``: a :class:`CompiledAttention` and the bool block tensor
+            ``(B | 1, H | Hkv | 1, ceil(Lq / BQ), ceil(Lk / BK))``.
+
+        Raises:
+            TypeError / ValueError: see :meth:`attncc.BlockSparse.block_tensor`, and a
+                pattern that declares a tensor named :data:`attncc.ir.BLOCK_TENSOR`.
+        """
+        from .sparse import as_block_sparse
+
+        bs = as_block_sparse(block_mask)
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor) or x.dim() < 4:
+                raise ValueError(f"{name} must be a tensor (B, H, L, D) (grid patterns: (B, H, *grid, D))")
+        if bs.kv_num_blocks.device != q.device and q.device.type != "meta":
+            raise ValueError(f"block_mask is on {bs.kv_num_blocks.device} but q is on {q.device}")
+        B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+        Lq, Lk = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
+        blocks, per_batch, heads = bs.block_tensor(B, Hq, Hkv, Lq, Lk)
+        key = (bs.block_size, per_batch, heads)
+        twins = self.__dict__.setdefault("_twins", {})
+        kern = twins.get(key)
+        if kern is None:
+            from attncc.compiler import build, plan_ir
+
+            ir = with_block_mask(self.ir, *bs.block_size, per_batch, heads)
+            kern = twins[key] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
+        return kern, blocks
 
     # ------------------------------------------------------------------ internals
     def _check_grads(self, q, k, v, tens: dict) -> None:
@@ -1056,7 +1106,7 @@ class CompiledAttention:
     # ------------------------------------------------------------------ analysis
     def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
                    D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None,
-                   device=None, per_query_tile: bool = False, grid=None, **tensors) -> dict:
+                   device=None, per_query_tile: bool = False, grid=None, block_mask=None, **tensors) -> dict:
         """Count the (query tile, key tile) pairs the kernel visits for a shape.
 
         Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
@@ -1071,6 +1121,8 @@ class CompiledAttention:
             per_query_tile: also return ``"per_query_tile"``: int64 ``(B*H, n_m, 2)`` on the
                 CPU, the key tiles visited and of those full, per (batch*head, query tile).
             grid: grid patterns: the grid shape (e.g. ``(Y, X)``; ``Lq = Lk`` = its product).
+            block_mask: a run-time block mask (as :meth:`__call__` takes it): the counts of
+                the kernel a call with it runs (:meth:`with_blocks`).
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -1078,8 +1130,15 @@ class CompiledAttention:
             summed over all (batch, head) pairs; ``partial = visited - full``; ``layout``: the
             :class:`~attncc.layout.BoxLayout` whose tiles were counted (box plans), else None.
         """
-        cfg = config or self.config or CPU_CONFIG
         Hkv = Hkv or H
+        if block_mask is not None:
+            dev = block_mask.kv_num_blocks.device
+            shape = (B, H, *(grid or (Lq,)), 1)
+            kern, blocks = self.with_blocks(block_mask, torch.empty(shape, device="meta"),
+                                            torch.empty((B, Hkv, *(grid or (Lk,)), 1), device="meta"))
+            return kern.tile_stats(Lq, Lk, B, H, Hkv, D, Dv, config, device or dev, per_query_tile, grid,
+                                   **tensors, **{BLOCK_TENSOR: blocks})
+        cfg = config or self.config or CPU_CONFIG
         Dv = Dv or D
         sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": Lq, "Lk": Lk, "D": D, "Dv": Dv, **grid_sizes(grid)}
         check_sizes(self.ir, self._size_checks, sizes)

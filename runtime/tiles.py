@@ -14,9 +14,13 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import dataclasses
+
+import sympy as sp
 import torch
 
-from attncc.dense import tile_classes
+from attncc import ir as I
+from attncc.dense import eval_expr, index_env, tile_classes
 
 _CACHE: "OrderedDict[tuple, BlockTable]" = OrderedDict()
 _CACHE_SIZE = 64
@@ -92,8 +96,134 @@ def tensor_snapshot(t: torch.Tensor) -> torch.Tensor:
     return _DIGESTS[id(t)][2]
 
 
+def size_env(sizes: dict, device) -> dict:
+    """Sizes and broadcast ``b`` ``(B, 1, 1)``, ``h`` ``(1, H, 1)`` for evaluating a plan's
+    closed forms (the last axis: query tiles or chunks)."""
+    env = index_env(sizes["B"], sizes["H"], 1, 1, sizes["Hkv"], sizes["D"], sizes["Dv"], device,
+                    grid=I.grid_of(sizes))
+    env[I.Lq], env[I.Lk] = sizes["Lq"], sizes["Lk"]
+    env[I.b], env[I.h] = env[I.b].view(-1, 1, 1), env[I.h].view(1, -1, 1)
+    return env
+
+
+def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device):
+    """Visited / full key tiles of the closed-form ``intervals`` (:class:`attncc.passes.Interval`)
+    for query row ranges ``[starts, lasts]`` (int64 ``(n,)``), rounded to key tiles of
+    ``block_n`` exactly as the kernels' ``interval_bounds`` macro rounds them.
+
+    Returns:
+        ``(visit, full)``: bool ``(TB, TH, n, n_n)`` (TB / TH: ``B`` / ``H`` where an interval
+        depends on the batch / head index, else 1); full tiles are visited tiles.
+    """
+    from attncc.passes import q_hi, q_lo
+
+    Lk = sizes["Lk"]
+    n_n = -(-Lk // block_n)
+    env = size_env(sizes, device)
+    env[q_lo], env[q_hi] = starts.view(1, 1, -1), lasts.view(1, 1, -1)
+    n = torch.arange(n_n, device=device)
+    visit = torch.zeros(1, 1, starts.numel(), n_n, dtype=torch.bool, device=device)
+    full = torch.zeros_like(visit)
+
+    def ev(e):
+        x = eval_expr(e, env, {})
+        x = torch.as_tensor(x, device=device).to(torch.int64)
+        return torch.broadcast_to(x, torch.broadcast_shapes(x.shape, (1, 1, starts.numel())))[..., None]
+
+    for iv in intervals:
+        lo, hi = ev(sp.Max(iv.lo, 0)), ev(sp.Min(iv.hi, I.Lk))
+        flo, fhi = ev(sp.Max(iv.flo, 0)), ev(sp.Max(sp.Min(iv.fhi, I.Lk), 0))
+        t_lo = torch.div(lo, block_n, rounding_mode="floor")
+        t_hi = torch.where(hi > lo, torch.div(hi + block_n - 1, block_n, rounding_mode="floor"), t_lo)
+        f_lo = torch.div(flo + block_n - 1, block_n, rounding_mode="floor")
+        f_hi = torch.div(fhi, block_n, rounding_mode="floor")
+        visit = visit | ((n >= t_lo) & (n < t_hi))
+        full = full | ((n >= f_lo) & (n < f_hi))
+    return visit, full & visit
+
+
+def _lists(sel: torch.Tensor) -> tuple:
+    """``(num, idx)`` of a bool ``(..., n)``: the count of True entries and their positions,
+    ascending, then padding (int32). A scan and a scatter on the device (no host sync, no
+    atomics, no sort: deterministic)."""
+    num = sel.sum(-1, dtype=torch.int32)
+    n = sel.shape[-1]
+    pos = torch.cumsum(sel, -1, dtype=torch.int64) - 1
+    idx = torch.zeros(*sel.shape[:-1], n + 1, dtype=torch.int32, device=sel.device)
+    cols = torch.arange(n, dtype=torch.int32, device=sel.device).expand_as(sel)
+    idx.scatter_(-1, torch.where(sel, pos, n), cols)
+    return num.contiguous(), idx[..., :n].contiguous()
+
+
+def _table(nonempty: torch.Tensor, full: torch.Tensor) -> BlockTable:
+    """The :class:`BlockTable` of per-tile classes ``(TB, TH, n_m, n_n)`` (full tiles are non-empty)."""
+    partial = nonempty & ~full
+    kv_num, kv_idx = _lists(partial)
+    full_num, full_idx = _lists(full)
+    q_num, q_idx = _lists(partial.transpose(2, 3))
+    qfull_num, qfull_idx = _lists(full.transpose(2, 3))
+    return BlockTable(kv_num, kv_idx, full_num, full_idx, q_num, q_idx, qfull_num, qfull_idx)
+
+
+def block_classes(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, device) -> tuple:
+    """Tile classes of a plan whose mask is ``rest and blk[..., q // bq, kv // bk] != 0``
+    (:class:`attncc.passes.BlockRead`), from the block tensor and the closed form of ``rest``:
+    a tile is non-empty when ``rest`` may allow a pair in it and some block under it is set,
+    full when ``rest`` is full on it and every block under it is set (any / all from a 2-D
+    prefix sum of the block tensor: O(blocks + tiles) work on the device, no host sync).
+
+    Returns:
+        ``(nonempty, full)``: bool ``(TB, TH, n_m, n_n)`` (TB / TH as :func:`block_table`).
+    """
+    br = plan.blocks
+    Lq, Lk, B, H = sizes["Lq"], sizes["Lk"], sizes["B"], sizes["H"]
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    TB = B if plan.mask_uses_b else 1
+    TH = H if plan.mask_uses_h else 1
+    blk = tensors[br.tensor]
+    # the leading indices, per (b, h): blk[i0(b, h), i1(b, h), ...] -> (B', H', nQ, nK)
+    env = size_env(sizes, device)
+    env[I.b], env[I.h] = env[I.b].view(-1, 1), env[I.h].view(1, -1)
+    lead = [torch.as_tensor(eval_expr(ix, env, {}), device=device).to(torch.int64) for ix in br.read.indices[:-2]]
+    lead = [x.clamp(0, d - 1) for x, d in zip(lead, blk.shape)]  # in bounds: checked before the launch
+    sel = blk[tuple(lead)] if lead else blk[None, None]
+    if sel.dim() == 2:  # leading indices that are constants
+        sel = sel[None, None]
+    nQ, nK = sel.shape[-2:]
+    pre = torch.zeros(*sel.shape[:-2], nQ + 1, nK + 1, dtype=torch.int32, device=device)
+    pre[..., 1:, 1:] = (sel != 0).to(torch.int32).cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32)
+
+    def spans(n_tiles, tile, L, blk_size, n_blocks):  # the blocks [a, z) under each tile
+        first = torch.arange(n_tiles, device=device) * tile
+        last = torch.clamp(first + tile, max=L) - 1
+        return (first // blk_size).clamp(max=n_blocks), (last // blk_size + 1).clamp(max=n_blocks)
+
+    a0, a1 = spans(n_m, block_m, Lq, br.bq, nQ)
+    c0, c1 = spans(n_n, block_n, Lk, br.bk, nK)
+    A0, A1, C0, C1 = a0[:, None], a1[:, None], c0[None, :], c1[None, :]
+    count = pre[..., A1, C1] - pre[..., A0, C1] - pre[..., A1, C0] + pre[..., A0, C0]
+    any_set = count > 0
+    all_set = count == (A1 - A0) * (C1 - C0)
+    if br.intervals is not None:
+        starts = torch.arange(n_m, device=device) * block_m
+        visit, rfull = closed_tile_classes(br.intervals, sizes, starts, torch.clamp(starts + block_m, max=Lq) - 1,
+                                           block_n, device)
+    else:  # no closed form of the rest: its tile classes evaluated per tile
+        visit, rfull = tile_classes(dataclasses.replace(plan.ir, mask=br.rest), sizes, tensors, block_m, block_n,
+                                    device, TB, TH)
+    ragged = (torch.arange(n_n, device=device) + 1) * block_n > Lk  # the kernels' unmasked tiles are whole
+    nonempty = torch.broadcast_to(visit & any_set, (TB, TH, n_m, n_n))
+    full = torch.broadcast_to(rfull & all_set & ~ragged, (TB, TH, n_m, n_n))
+    return nonempty, full
+
+
 def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, device, key: str) -> BlockTable:
-    """The (cached) :class:`BlockTable` of ``plan.ir.mask`` for these sizes and tensor values."""
+    """The :class:`BlockTable` of ``plan.ir.mask`` for these sizes and tensor values: for
+    block-read plans (``plan.blocks``) built per call from the block tensor
+    (:func:`block_classes`); else from a chunked dense evaluation of the mask, cached per
+    (pattern, sizes, tiles, device, mask tensor contents)."""
+    if plan.blocks is not None:
+        return _table(*block_classes(plan, sizes, tensors, block_m, block_n, device))
     ir = plan.ir
     TB = sizes["B"] if plan.mask_uses_b else 1
     TH = sizes["H"] if plan.mask_uses_h else 1
@@ -103,18 +233,7 @@ def block_table(plan, sizes: dict, tensors: dict, block_m: int, block_n: int, de
         _CACHE.move_to_end(ck)
         return _CACHE[ck]
     nonempty, full = tile_classes(ir, sizes, tensors, block_m, block_n, device, TB, TH, ragged_full=False)
-    partial = nonempty & ~full
-
-    def lists(sel):
-        num = sel.sum(-1, dtype=torch.int32)
-        idx = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-        return num.contiguous(), idx.contiguous()
-
-    kv_num, kv_idx = lists(partial)
-    full_num, full_idx = lists(full)
-    q_num, q_idx = lists(partial.transpose(2, 3))
-    qfull_num, qfull_idx = lists(full.transpose(2, 3))
-    tbl = BlockTable(kv_num, kv_idx, full_num, full_idx, q_num, q_idx, qfull_num, qfull_idx)
+    tbl = _table(nonempty, full)
     _CACHE[ck] = tbl
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

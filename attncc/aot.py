@@ -379,8 +379,10 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
               configs=None, bwd_configs=None, families=("fwd", "bwd", "count"), params=None) -> list[Job]:
     """The jobs for one pattern: every family at every candidate config of each
     (target, head dim) (or the ``configs`` / ``bwd_configs`` given), every dtype."""
+    import attncc
     from attncc.runtime import backward_candidates, forward_candidates
 
+    kern = attncc.compile(spec, pattern, **(params or {}))
     params = tuple(sorted((params or {}).items()))
     jobs = []
     for target in targets:
@@ -389,9 +391,10 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
             for dt in dtypes:
                 for fam in families:
                     if fam == "fwd":
-                        cands = configs or [str(c) for c in forward_candidates(hd, arch, dt)]
+                        cands = configs or [str(c) for c in kern.launch_candidates(forward_candidates, hd, arch, dt)]
                     elif fam == "bwd":
-                        cands = bwd_configs or configs or [str(c) for c in backward_candidates(hd, arch, dt)]
+                        cands = bwd_configs or configs or [
+                            str(c) for c in kern.launch_candidates(backward_candidates, hd, arch, dt)]
                     else:  # the counting kernel runs at the CPU / first forward config (no math: small)
                         cands = [str(forward_candidates(hd, arch, dt)[0])] if not configs else configs[:1]
                     jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c) for c in cands]

@@ -476,6 +476,12 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     names, mask, score = _kernel_forms(plan)
     # score and mask inside the kv loop (2-D blocks)
     pm = _printer(plan, names, "m")
+    block_lines, block_code = [], ""
+    if plan.blocks is not None:  # the block read apart: tiles inside one block skip it (see mask_block)
+        br = plan.blocks
+        mask = br.rest
+        block_lines, bc = _block(_printer(plan, names, "bk"), {"blk": sp.Ne(br.read, 0)})
+        block_code = bc["blk"]
     mask_lines, m = _block(pm, {"mask": mask})
     ps = _printer(plan, names, "sc")
     # the score and its derivative in s (for the backward) share their tensor loads
@@ -516,6 +522,9 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         tensors=list(ir.tensors),
         mask_lines=mask_lines,
         mask_code=m["mask"],
+        block_lines=block_lines,
+        block_code=block_code,
+        block_size=(plan.blocks.bq, plan.blocks.bk) if plan.blocks is not None else None,
         mask_is_true=(mask == sp.true),
         score_lines=score_lines,
         score_code=sc["score"],

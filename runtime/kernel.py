@@ -1061,9 +1061,25 @@ class CompiledAttention:
         if tma_strides_ok(q, k, v) and tma_pointers_ok(q, k, v):
             family, rule = "fwd", forward_candidates
         else:  # inputs tensor descriptors cannot read: the tma candidates are not tried (own bucket)
-            family, rule = "fwd:no-tma", lambda hd, arch: tuple(c for c in forward_candidates(hd, arch) if not c.tma)
+            family, rule = "fwd:no-tma", lambda hd, arch, dt: tuple(c for c in forward_candidates(hd, arch, dt)
+                                                                    if not c.tma)
         return self._tune(family, q, sizes, layout, lowrank, rule,
                           lambda cfg: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank))
+
+    def launch_candidates(self, rule, head_dim: int, arch: int, dtype) -> tuple:
+        """The launch configs the autotuner tries for this kernel: ``rule(head_dim, arch, dtype)``
+        (:func:`~attncc.runtime.configs.forward_candidates` or
+        :func:`~attncc.runtime.configs.backward_candidates`; also what ``attncc aot`` compiles).
+        Block-read plans keep the configs whose tiles lie inside one block (``block_m``
+        divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
+        else those with key tiles of at most 32 (measured: the per-pair block read spills
+        at 64-key tiles, D = 128, sm_90a and sm_80)."""
+        cands = tuple(rule(head_dim, arch, dtype))
+        br = self.plan.blocks
+        if br is None:
+            return cands
+        aligned = tuple(c for c in cands if br.bq % c.block_m == 0 and br.bk % c.block_n == 0)
+        return aligned or tuple(c for c in cands if c.block_n <= 32) or cands
 
     def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:
         """Time ``run(cfg)`` for every candidate of ``candidates(head_dim, arch)`` that fits
@@ -1076,7 +1092,7 @@ class CompiledAttention:
                   f"|R{lowrank[0].shape[-1] if lowrank else 0}")
         if bucket in self._tuned:
             return self._tuned[bucket]
-        cands = candidates(head_dim, arch, q.dtype)
+        cands = self.launch_candidates(candidates, head_dim, arch, q.dtype)
         with _LOCK:
             saved = cache.read_json("autotune.json")
             if bucket in saved:

@@ -36,10 +36,26 @@ pattern dilated_neighborhood_3d:
     mask: neighborhood(q, kv, kernel=3, dilation=2)
 '''
 
-#: every code path: one interval, a union of intervals, a block table, 2-D and 3-D box plans
-#: with dilation, a relative-position table, gate, sink, sigmoid, low-rank
-GATE_SET = ["causal", "prefix_lm", "document_causal", "dilated_neighborhood_2d", DILATED_3D,
-            "relative_position_bias", "gated_causal", "sink_window", "sigmoid_attention", "lowrank_bias"]
+#: the kernels kern(q, k, v, block_mask=...) runs for causal (attncc.ir.with_block_mask): blocks
+#: of 128 (every tile inside one block: no per-pair block test) and of 48 x 24 (tiles span
+#: several blocks: the per-pair block read, at the key tiles launch_candidates keeps)
+BLOCKS_128 = '''
+pattern causal_blocks:
+    """Causal inside the 128 x 128 blocks of a run-time block mask."""
+    tensor blocks: bool[B, H, (Lq + 127) // 128, (Lk + 127) // 128]
+    mask: kv <= q and blocks[b, h, q // 128, kv // 128]
+'''
+BLOCKS_48x24 = '''
+pattern causal_blocks_48x24:
+    """Causal inside the 48 x 24 blocks of a run-time block mask (one list per key/value head)."""
+    tensor blocks: bool[B, Hkv, (Lq + 47) // 48, (Lk + 23) // 24]
+    mask: kv <= q and blocks[b, h // (H // Hkv), q // 48, kv // 24]
+'''
+
+#: every code path: one interval, a union of intervals, a block table, block-read tables, 2-D
+#: and 3-D box plans with dilation, a relative-position table, gate, sink, sigmoid, low-rank
+GATE_SET = ["causal", "prefix_lm", "document_causal", BLOCKS_128, BLOCKS_48x24, "dilated_neighborhood_2d",
+            DILATED_3D, "relative_position_bias", "gated_causal", "sink_window", "sigmoid_attention", "lowrank_bias"]
 TARGETS = ("sm_90a", "sm_80")
 
 
@@ -48,7 +64,9 @@ def _spec(entry: str) -> str:
 
 
 def _name(entry: str) -> str:
-    return "dilated_neighborhood_3d" if entry is DILATED_3D else entry
+    if "pattern " in entry:
+        return entry.split("pattern ", 1)[1].split(":", 1)[0]
+    return entry
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +92,14 @@ def test_kernels_compile_without_spills(records, entry, target):
     arch = aot.TARGETS[target][0]
     got = {r["kernel"] for r in recs}
     assert got == expected, f"{target}: kernels compiled {sorted(got)}, expected {sorted(expected)}"
-    assert {r["config"] for r in recs if r["kernel"] == "attn_fwd"} == {str(c) for c in forward_candidates(128, arch)}
+    assert ({r["config"] for r in recs if r["kernel"] == "attn_fwd"}
+            == {str(c) for c in kern.launch_candidates(forward_candidates, 128, arch, "bf16")})
     # the TMA candidates (sm_90a) launch the TMA forward for the (aligned) example call; problems()
     # below fails a TMA launch without TMA loads in its SASS
     assert all(":tma" in r["launch"] for r in recs if r["kernel"] == "attn_fwd" and ":tma" in r["config"])
     if not kern.backward_error:
         bwd = {r["config"] for r in recs if r["kernel"] == "attn_bwd_dkdv"}
-        assert bwd == {str(c) for c in backward_candidates(128, arch)}
+        assert bwd == {str(c) for c in kern.launch_candidates(backward_candidates, 128, arch, "bf16")}
     # every kernel at every candidate: compiles, 0 spill bytes, shared memory within the
     # target, wgmma (sm_90a) / mma (sm_80)
     bad = [f"{r['target']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)]

@@ -193,8 +193,12 @@ def _topk_blocks_kernel(Q, KP, NUM, IDX,
     tl.store(NUM + out, tl.sum(sel, 0))
 
 
-def _launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share, query_granularity) -> BlockSparse:
-    """Run :func:`_topk_blocks_kernel` (``kp``: the pooled keys of :func:`_pool_keys`)."""
+def _kernel_launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share, query_granularity):
+    """The launch of :func:`_topk_blocks_kernel` (``kp``: the pooled keys of :func:`_pool_keys`)
+    as an :class:`attncc.runtime.Launch` (what AOT compiles), with its outputs: ``(launch,
+    schedule)``, the :class:`BlockSparse` written by the launch."""
+    from .kernel import Launch
+
     B, Hq, Lq, D = q.shape
     Hkv, nk = kp.shape[1], kp.shape[2]
     bq, nq, Hout, G = _sizes(Lq, Hq, Hkv, block_size, share, query_granularity)
@@ -205,13 +209,13 @@ def _launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share, q
     block_q = triton.next_power_of_2(bq)
     # [BLOCK_NK, BLOCK_D] and [BLOCK_Q, BLOCK_D] tiles of at most 4096 elements per step
     block_d = max(1, min(triton.next_power_of_2(D), 4096 // block_nk, 4096 // block_q))
-    num_warps = 4 if block_nk * block_d <= 2048 else 8
     qd = q.detach()
-    _topk_blocks_kernel[(B * Hout * nq,)](
-        qd, kp, num, idx, *qd.stride(), *kp.stride(),
-        Hout, nq, Lq, nk, D, G, Hq // Hkv, bq, block_size, topk, local_blocks, sink_blocks, maxb,
-        CAUSAL=bool(causal), BLOCK_Q=block_q, BLOCK_NK=block_nk, BLOCK_D=block_d, num_warps=num_warps)
-    return BlockSparse(num, idx, (bq, block_size))
+    launch = Launch("_topk_blocks_kernel", (B * Hout * nq,),
+                    [qd, kp, num, idx, *qd.stride(), *kp.stride(), Hout, nq, Lq, nk, D, G, Hq // Hkv, bq, block_size,
+                     topk, local_blocks, sink_blocks, maxb],
+                    dict(CAUSAL=bool(causal), BLOCK_Q=block_q, BLOCK_NK=block_nk, BLOCK_D=block_d,
+                         num_warps=4 if block_nk * block_d <= 2048 else 8))
+    return launch, BlockSparse(num, idx, (bq, block_size))
 
 
 def topk_blocks(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk: int = 8, pool: str = "mean",
@@ -282,4 +286,7 @@ def topk_blocks(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk:
         raise RuntimeError("topk_blocks: backend='interpret' runs on CPU tensors; move q and k to the CPU")
     with torch.no_grad():
         kp = _pool_keys(k, block_size, pool)
-        return _launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share, query_granularity)
+        launch, schedule = _kernel_launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share,
+                                          query_granularity)
+        _topk_blocks_kernel[launch.grid](*launch.args, **launch.kwargs)
+        return schedule

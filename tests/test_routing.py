@@ -151,3 +151,38 @@ def test_bad_inputs_are_refused(args, kw, err, match):
     if "backend" not in kw:
         with pytest.raises(err, match=match):
             topk_blocks_reference(*args, **kw)
+
+
+_AOT = '''
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+from attncc import aot
+from attncc.runtime import routing as R
+out = []
+for L, D, bs, gran, share, dt in [(32768, 128, 64, "block", "kv_head", torch.bfloat16),
+                                  (131072, 128, 64, "block", "kv_head", torch.bfloat16),
+                                  (8192, 64, 128, "token", "head", torch.float16)]:
+    q = torch.empty(1, 32, L if gran == "block" else 64, D, dtype=dt)
+    kp = torch.empty(1, 8, -(-L // bs), D, dtype=torch.float32)
+    launch, _ = R._kernel_launch(q, kp, bs, 16, True, 1, 1, share, gran)
+    ck, _ = aot.compile_launch(R._topk_blocks_kernel, launch, "sm_90a")
+    out.append({"L": L, **aot.resource_usage(ck.asm["cubin"])})
+print(json.dumps(out))
+'''
+
+
+def test_kernel_compiles_for_sm90a_without_spills():
+    """The routing kernel compiled with real Triton for sm_90a (no GPU: a separate process with
+    the interpreter off), at 32k and 128k keys (512 / 2048 key blocks in registers) and per
+    token: no spills, no local memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rec in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert rec["spill_bytes"] == 0 and rec["local_stores"] == 0 and rec["local_bytes"] == 0, rec

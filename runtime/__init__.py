@@ -3,7 +3,16 @@ the on-disk cache, block tables, autotuning and torch custom ops."""
 
 from .configs import CPU_CONFIG, Config, backward_candidates, forward_candidates
 from .kernel import CompiledAttention, Launch, capture
-from .routing import topk_blocks, topk_blocks_reference
 from .sparse import BlockSparse
 
 __all__ = ["BlockSparse", "topk_blocks", "topk_blocks_reference", "CompiledAttention", "Config", "CPU_CONFIG", "Launch", "capture", "forward_candidates", "backward_candidates"]
+
+
+def __getattr__(name):
+    """``topk_blocks`` / ``topk_blocks_reference`` imported on first use (:mod:`.routing`
+    imports triton at import time; the rest of the package imports it lazily)."""
+    if name in ("topk_blocks", "topk_blocks_reference"):
+        from . import routing
+
+        return getattr(routing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import dataclasses
+import functools
 
 import sympy as sp
 import torch
@@ -106,6 +107,12 @@ def size_env(sizes: dict, device) -> dict:
     return env
 
 
+@functools.lru_cache(maxsize=1024)
+def _clamped(iv) -> tuple:
+    """An interval's bounds clamped to ``[0, Lk]`` as the kernels clamp them (sympy, built once)."""
+    return sp.Max(iv.lo, 0), sp.Min(iv.hi, I.Lk), sp.Max(iv.flo, 0), sp.Max(sp.Min(iv.fhi, I.Lk), 0)
+
+
 def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device):
     """Visited / full key tiles of the closed-form ``intervals`` (:class:`attncc.passes.Interval`)
     for query row ranges ``[starts, lasts]`` (int64 ``(n,)``), rounded to key tiles of
@@ -131,8 +138,7 @@ def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: tor
         return torch.broadcast_to(x, torch.broadcast_shapes(x.shape, (1, 1, starts.numel())))[..., None]
 
     for iv in intervals:
-        lo, hi = ev(sp.Max(iv.lo, 0)), ev(sp.Min(iv.hi, I.Lk))
-        flo, fhi = ev(sp.Max(iv.flo, 0)), ev(sp.Max(sp.Min(iv.fhi, I.Lk), 0))
+        lo, hi, flo, fhi = (ev(e) for e in _clamped(iv))
         t_lo = torch.div(lo, block_n, rounding_mode="floor")
         t_hi = torch.where(hi > lo, torch.div(hi + block_n - 1, block_n, rounding_mode="floor"), t_lo)
         f_lo = torch.div(flo + block_n - 1, block_n, rounding_mode="floor")
@@ -146,13 +152,13 @@ def _lists(sel: torch.Tensor) -> tuple:
     """``(num, idx)`` of a bool ``(..., n)``: the count of True entries and their positions,
     ascending, then padding (int32). A scan and a scatter on the device (no host sync, no
     atomics, no sort: deterministic)."""
-    num = sel.sum(-1, dtype=torch.int32)
     n = sel.shape[-1]
-    pos = torch.cumsum(sel, -1, dtype=torch.int64) - 1
+    pos = torch.cumsum(sel.contiguous(), -1, dtype=torch.int32)
+    num = pos[..., -1].contiguous()
     idx = torch.zeros(*sel.shape[:-1], n + 1, dtype=torch.int32, device=sel.device)
     cols = torch.arange(n, dtype=torch.int32, device=sel.device).expand_as(sel)
-    idx.scatter_(-1, torch.where(sel, pos, n), cols)
-    return num.contiguous(), idx[..., :n].contiguous()
+    idx.scatter_(-1, torch.where(sel, pos - 1, n).to(torch.int64), cols)
+    return num, idx[..., :n].contiguous()
 
 
 def _table(nonempty: torch.Tensor, full: torch.Tensor) -> BlockTable:

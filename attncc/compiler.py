@@ -220,7 +220,19 @@ def describe(kp: KernelPlan) -> str:
     for clause, g in epilogue_reads(kp.ir):
         back.append(f"gradient of {g.tensor} (fused in the backward preprocessing, {upstream[clause]}): read {g.read}, "
                     f"d {clause} / d read = {g.deriv}; partials: {layout[g.kind]}")
-    return "\n".join(["== IR", kp.ir.pretty(), "", "== analysis", kp.describe(), "", "== backward", *back])
+    out = ["== IR", kp.ir.pretty(), "", "== analysis", kp.describe(), "", "== backward", *back]
+    r = kp.ir.route
+    if r is not None:
+        out += ["", "== route (two kernels per call)",
+                f"producer: attncc.topk_blocks(q, k, {', '.join(f'{k}={v!r}' for k, v in r.kwargs().items())}) -> "
+                f"BlockSparse: per {'query block' if r.granularity == 'block' else 'query token'} and "
+                f"{'KV head (the GQA group shares one list)' if r.share == 'kv_head' else 'query head'}, the "
+                f"{r.topk} key blocks of {r.block} tokens with the highest q . {r.pool}-pooled-k score "
+                f"({r.local_blocks} most recent and {r.sink_blocks} leading blocks forced"
+                f"{', none after the query block' if r.causal else ''}); one fused Triton kernel, no Lq x Lk scores",
+                "consumer: this pattern AND blocks[b, h, q // BQ, kv // BK] (attncc.ir.with_block_mask), its tile "
+                "lists built per call from the block tensor (block-read plan); no gradient flows to the routing"]
+    return "\n".join(out)
 
 
 def explain(spec, pattern: str | None = None, **params) -> str:

@@ -417,7 +417,8 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         return_lse: also return the natural-log logsumexp per row.
         block_mask: optional :class:`attncc.BlockSparse` or FlexAttention ``BlockMask``:
             the pattern's mask AND "the pair's block is listed" (see
-            :meth:`attncc.runtime.CompiledAttention.with_blocks`).
+            :meth:`attncc.runtime.CompiledAttention.with_blocks`). Patterns with a ``route:``
+            clause take it from :func:`attncc.runtime.routing.topk_blocks_reference` unless given.
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -437,6 +438,10 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
 
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
+    if block_mask is None and ir.route is not None:  # route: the producer's specification
+        from attncc.runtime.routing import topk_blocks_reference
+
+        block_mask = topk_blocks_reference(q, k, **ir.route.kwargs())
     if block_mask is not None:
         from attncc.runtime.sparse import as_block_sparse
 

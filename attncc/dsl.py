@@ -35,6 +35,7 @@ CLAUSES = {
     "normalize": "softmax (default) or sigmoid (p = sigmoid(score), no row normalization)",
     "sink": "a sink logit (an expression of b, h and q): exp(sink) joins the softmax denominator",
     "gate": "an expression of b, h, q, dv (output feature) multiplying the normalized output",
+    "route": "run-time top-k block routing, e.g. 'route: topk(8, block=64, pool=mean)' (MoBA / NSA selection)",
 }
 DECLARATIONS = ("param", "tensor")
 PARAM_TYPES = {"int": int, "float": float, "bool": bool}

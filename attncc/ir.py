@@ -132,6 +132,38 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A ``route:`` clause: the block lists of every call come from top-k routing
+    (:func:`attncc.topk_blocks`, MoBA (Lu et al. 2025) / NSA (Yuan et al. 2025) block
+    selection) on the call's q and k; the pattern's mask then holds inside the selected blocks.
+
+    Attributes:
+        topk: blocks per query block, the forced ones included (MoBA's convention).
+        block: tokens per key block (and per query block when ``granularity`` is ``"block"``).
+        pool: ``"mean"`` or ``"max"`` pooling of a key block's tokens.
+        causal: blocks after the query block are never selected.
+        local_blocks / sink_blocks: the most recent / leading blocks always selected.
+        share: ``"kv_head"`` (a GQA group shares one list, NSA) or ``"head"``.
+        granularity: ``"block"`` (one list per query block) or ``"token"`` (per query token, MoBA).
+    """
+
+    topk: int
+    block: int = 64
+    pool: str = "mean"
+    causal: bool = True
+    local_blocks: int = 1
+    sink_blocks: int = 0
+    share: str = "kv_head"
+    granularity: str = "block"
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`attncc.topk_blocks` for this route."""
+        return dict(block_size=self.block, topk=self.topk, pool=self.pool, causal=self.causal,
+                    local_blocks=self.local_blocks, sink_blocks=self.sink_blocks, share=self.share,
+                    query_granularity=self.granularity)
+
+
+@dataclass(frozen=True)
 class LowRank:
     """A score term ``dot(A[a_idx], B[b_idx])``: the last axes of two tensors contracted.
 
@@ -200,6 +232,7 @@ class AttentionIR:
     gate: sp.Expr = None
     lowrank: tuple = ()
     free_dims: tuple = ()
+    route: Route = None
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -225,6 +258,8 @@ class AttentionIR:
                  sp.srepr(self.coord_mask), sp.srepr(self.coord_score), self.normalize,
                  sp.srepr(self.sink), sp.srepr(self.gate), repr(self.lowrank),
                  repr([(sp.srepr(c), m) for c, m in self.checks]), repr(self.free_dims)]
+        if self.route is not None:
+            parts.append(repr(self.route))
         return "\n".join(parts)
 
     def pretty(self) -> str:
@@ -251,6 +286,8 @@ class AttentionIR:
             lines.append(f"  sink:   {self.sink}")
         if self.gate is not None:
             lines.append(f"  gate:   {self.gate}")
+        if self.route is not None:
+            lines.append(f"  route:  {self.route}")
         return "\n".join(lines)
 
 
@@ -295,6 +332,7 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
         score = lw.lower_clause(pat.clauses["score"], "score", want="num", allow_s=True)
         score = lw.fold_lowrank(score, pat.clauses["score"])
     normalize, sink, gate = lw.epilogue_clauses(pat)
+    route = lw.route_clause(pat.clauses["route"]) if "route" in pat.clauses else None
     checks = list(lw.checks)
     coord_mask = coord_score = None
     if lw.grid:  # the same clauses again, with coordinates as symbols
@@ -314,7 +352,7 @@ def lower(spec, pattern: str | None = None, **params) -> AttentionIR:
                    (sp.Eq(Lk, n), "the key grid must be the query grid")]
     return AttentionIR(pat.name, pat.doc, tuple(values.items()), tensors, mask, score, pat.file,
                        tuple(lw.grid), tuple(dict.fromkeys(checks)), coord_mask, coord_score,
-                       normalize, sink, gate, tuple(lw.lowrank), tuple(lw.free_dims))
+                       normalize, sink, gate, tuple(lw.lowrank), tuple(lw.free_dims), route)
 
 
 #: the name of the block tensor :func:`with_block_mask` adds (a spec tensor of that name
@@ -360,8 +398,9 @@ def with_block_mask(ir: AttentionIR, bq: int, bk: int, per_batch: bool, heads: s
             return sum(c[i] * sp.Mul(*GRID_SIZES[i + 1:n]) for i in range(n))
 
         coord_mask = sp.And(coord_mask, clause(flat(QC), flat(KC)))
-    return dataclasses.replace(ir, name=f"{ir.name}_blocks", tensors=ir.tensors + (TensorSpec(BLOCK_TENSOR, "bool", shape, base),),
-                               mask=sp.And(ir.mask, clause(q, kv)), coord_mask=coord_mask)
+    return dataclasses.replace(ir, name=f"{ir.name}_blocks",
+                               tensors=ir.tensors + (TensorSpec(BLOCK_TENSOR, "bool", shape, base),),
+                               mask=sp.And(ir.mask, clause(q, kv)), coord_mask=coord_mask, route=None)
 
 
 #: integers in expressions must satisfy |value| < 2**31 (the kernels' index arithmetic is int32)
@@ -800,6 +839,60 @@ class _Lowerer:
             self._only(pat.clauses["gate"], gate, {b, h, q, dv},
                        "the gate multiplies the output row: it may use b, h, q and dv (the output feature)")
         return normalize, sink, gate
+
+    #: the keywords of ``route: topk(...)``: name -> (kind, choices)
+    _ROUTE_KEYS = {"block": ("int", None), "pool": ("name", ("mean", "max")), "causal": ("bool", None),
+                   "local": ("int", None), "sink": ("int", None), "share": ("name", ("kv_head", "head")),
+                   "granularity": ("name", ("block", "token"))}
+
+    def route_clause(self, expr: SpecExpr) -> Route:
+        """``route: topk(K, block=64, pool=mean, causal=True, local=1, sink=0, share=kv_head,
+        granularity=block)`` as a :class:`Route` (ints: literals or int params).
+
+        Raises:
+            SpecError: another form, an unknown keyword or value (at its position), a grid
+                pattern, or counts out of range (``K >= 1``, ``block >= 1``,
+                ``local + sink <= K``).
+        """
+        self.expr = expr
+        node = expr.node
+        if self.grid:
+            self.err(node, "route: selects blocks of the flattened token order: use it in a 1-D pattern (no grid)")
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "topk"):
+            self.err(node, "route: must be topk(K, block=64, pool=mean, ...): top-k block routing")
+        if len(node.args) != 1:
+            self.err(node, "topk() takes one positional argument, the number of blocks K")
+
+        def value(n, kind, choices, what):
+            if kind == "int":
+                if isinstance(n, ast.Constant) and type(n.value) is int:
+                    return n.value
+                if isinstance(n, ast.Name) and n.id in self.values and self.ptypes[n.id] == "int":
+                    return int(self.values[n.id])
+                self.err(n, f"{what} must be an integer literal or an int param")
+            if kind == "bool":
+                if isinstance(n, ast.Constant) and type(n.value) is bool:
+                    return n.value
+                if isinstance(n, ast.Name) and n.id in self.values and self.ptypes[n.id] == "bool":
+                    return bool(self.values[n.id])
+                self.err(n, f"{what} must be True, False or a bool param")
+            if not (isinstance(n, ast.Name) and n.id in choices):
+                self.err(n, f"{what} must be one of {', '.join(choices)}")
+            return n.id
+
+        got = {"topk": value(node.args[0], "int", None, "K (the blocks per query block)")}
+        for kw in node.keywords:
+            if kw.arg not in self._ROUTE_KEYS:
+                self.err(kw.value, f"topk() has no keyword {kw.arg!r} (known: {', '.join(self._ROUTE_KEYS)})")
+            kind, choices = self._ROUTE_KEYS[kw.arg]
+            got[kw.arg] = value(kw.value, kind, choices, kw.arg)
+        r = Route(got["topk"], got.get("block", 64), got.get("pool", "mean"), got.get("causal", True),
+                  got.get("local", 1), got.get("sink", 0), got.get("share", "kv_head"), got.get("granularity", "block"))
+        if r.topk < 1 or r.block < 1 or r.local_blocks < 0 or r.sink_blocks < 0:
+            self.err(node, f"topk(): K and block must be >= 1, local and sink >= 0 (got {r})")
+        if r.local_blocks + r.sink_blocks > r.topk:
+            self.err(node, f"topk(): local + sink = {r.local_blocks + r.sink_blocks} blocks are forced but K = {r.topk}")
+        return r
 
     def _only(self, expr: SpecExpr, e, allowed: set, msg: str) -> None:
         bad = (e.free_symbols & ({b, h, q, kv, dv, s} | set(QC) | set(KC))) - allowed

@@ -401,6 +401,9 @@ class CompiledAttention:
             block_mask: optional run-time block sparsity, an :class:`attncc.BlockSparse`
                 or a FlexAttention ``BlockMask``: a pair is computed only inside a listed
                 block (and where the pattern's mask allows it). See :meth:`with_blocks`.
+                Patterns with a ``route:`` clause compute it per call with
+                :func:`attncc.topk_blocks` on ``q`` and ``k`` (no gradient flows to the
+                routing) unless one is given.
             **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
 
         Returns:
@@ -417,6 +420,10 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        if block_mask is None and self.ir.route is not None:  # route: the producer, then the consumer
+            from .routing import topk_blocks
+
+            block_mask = topk_blocks(q, k, **self.ir.route.kwargs())
         if block_mask is not None:
             kern, blocks = self.with_blocks(block_mask, q, k)
             return kern(q, k, v, scale, return_lse, **tensors, **{BLOCK_TENSOR: blocks})

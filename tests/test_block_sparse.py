@@ -246,3 +246,46 @@ def test_block_size_not_dividing_the_tiles_is_exact():
     out = attncc.compile(FULL, backend="interpret")(q, k, v, block_mask=bs)
     qi, ki = torch.arange(L)[:, None], torch.arange(L)[None, :]
     assert (out - _sdpa(q, k, v, blocks[:, :, qi // 24, ki // 24])).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_routed_pattern_runs_producer_and_consumer(backend):
+    """moba.attn (route: topk): the call routes with topk_blocks on q, k and attends inside the
+    selected blocks; equal to SDPA with the routed blocks expanded here, forward and grads."""
+    from attncc.runtime.routing import topk_blocks_reference
+
+    spec = attncc.pattern_path("moba")
+    kern = attncc.compile(spec, block=32, topk=3, backend=backend)
+    assert kern.ir.route is not None and kern.ir.route.topk == 3
+    g = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, L, D = 1, 4, 2, 160, 32
+    q = torch.randn(B, Hq, L, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, generator=g, requires_grad=True)
+    out = kern(q, k, v)
+    bs = topk_blocks_reference(q, k, block_size=32, topk=3)  # share=kv_head: one list per KV head
+    assert tuple(bs.kv_num_blocks.shape) == (B, Hkv, 5)
+    allowed = _dense_allowed(bs, B, Hq, L, L, lambda qi, ki: ki <= qi)
+    causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
+    assert (allowed != causal).any()  # routing dropped some causal blocks (topk 3 of up to 5)
+    want = _sdpa(q, k, v, allowed)
+    assert (out - want).abs().max() < 2e-5
+    assert (out.detach() - attncc.reference(spec, q.detach(), k.detach(), v.detach(), block=32, topk=3)).abs().max() < 2e-5
+    dout = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        assert (a - e).abs().max() < 5e-5
+    assert "== route (two kernels per call)" in attncc.explain(spec)
+
+
+@pytest.mark.parametrize("clause, match", [
+    ("route: topk(0)", "K and block must be >= 1"),
+    ("route: topk(4, pool=median)", "pool must be one of mean, max"),
+    ("route: topk(4, blocks=64)", "topk\\(\\) has no keyword 'blocks'"),
+    ("route: topk(2, local=2, sink=1)", "local \\+ sink = 3 blocks are forced but K = 2"),
+    ("route: top(4)", "route: must be topk"),
+])
+def test_route_clause_errors_point_at_the_spec(clause, match):
+    spec = f"pattern r:\n    mask: kv <= q\n    {clause}\n"
+    with pytest.raises(attncc.SpecError, match=match) as e:
+        attncc.compile(spec)
+    assert ":3:" in str(e.value)

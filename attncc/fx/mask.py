@@ -262,11 +262,14 @@ def _squeeze(ev, node, x, dim=None):
 
 
 def _view(ev, node, x, *shape, **kw):
-    """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast.
+    """view / reshape / flatten / unflatten / expand, read off the recorded shapes.
 
-    ``expand`` keeps every dim in place (right-aligned); a view / reshape carries the
-    dims of size != 1 over in order (their sizes must agree pairwise), so equal sizes
-    (``Lq == Lk``) never move an axis to the wrong dim."""
+    ``expand`` keeps every dim in place (right-aligned). The others pair the dims of
+    size != 1 in order, in groups of equal total size: a dim carried over keeps its axis
+    (so equal sizes such as ``Lq == Lk`` never move an axis to the wrong dim); a group
+    that splits or merges dims (BLOOM's ``(B*H, 1, Lk)`` alibi seen as ``(B, H, 1, Lk)``)
+    gets fresh axes, each source index written with ``floor`` / ``Mod`` of the row-major
+    flat index and simplified with the axes' ranges (:func:`_in_range`)."""
     src = x
     x = ev.arg(x)
     out, before = value_of(node), value_of(src)
@@ -278,14 +281,126 @@ def _view(ev, node, x, *shape, **kw):
     def big(shape):
         return [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) or d != 1]
 
+    def size(shape, dims):
+        return sympy.Mul(*[_sym(shape[d]) for d in dims])
+
     src_dims, out_dims = big(before.shape), big(out.shape)
-    if len(src_dims) != len(out_dims) or any(sympy.simplify(_sym(before.shape[i]) - _sym(out.shape[j])) != 0
-                                             for i, j in zip(src_dims, out_dims)):
-        raise Opaque("a reshape that merges or splits dims")
-    axes = [None] * out.dim()
-    for i, j in zip(src_dims, out_dims):
-        axes[j] = x.axes[i]
-    return Index(x.expr, tuple(axes))
+    axes, subs, ranges = [None] * out.dim(), {}, {}
+    si = oi = 0
+    while si < len(src_dims) or oi < len(out_dims):
+        if si == len(src_dims) or oi == len(out_dims):
+            raise Opaque("a reshape whose sizes do not pair up")
+        gs, go = [src_dims[si]], [out_dims[oi]]
+        si, oi = si + 1, oi + 1
+        while sympy.simplify(size(before.shape, gs) - size(out.shape, go)) != 0:
+            ratio = sympy.simplify(size(out.shape, go) / size(before.shape, gs))
+            if sympy.fraction(ratio)[1] == 1 and si < len(src_dims):
+                gs.append(src_dims[si])
+                si += 1
+            elif sympy.fraction(1 / ratio)[1] == 1 and oi < len(out_dims):
+                go.append(out_dims[oi])
+                oi += 1
+            else:
+                raise Opaque("a reshape whose sizes do not pair up")
+        if len(gs) == 1 and len(go) == 1:
+            axes[go[0]] = x.axes[gs[0]]
+            continue
+        if all(x.axes[d] is None for d in gs):
+            continue  # constant along the whole group
+        fresh = [sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in go]
+        flat = sum(o * size(out.shape, go[j + 1:]) for j, o in enumerate(fresh))
+        for j, (o, d) in enumerate(zip(fresh, go)):
+            axes[d] = (o, _sym(out.shape[d]))
+            ranges[o] = _sym(out.shape[d])
+        for i, d in enumerate(gs):
+            if x.axes[d] is None:
+                continue
+            idx = sympy.floor(flat / size(before.shape, gs[i + 1:]))
+            subs[x.axes[d][0]] = idx if i == 0 else sympy.Mod(idx, x.axes[d][1])
+    e = _in_range(x.expr.subs(subs, simultaneous=True), ranges) if subs else x.expr
+    return Index(e, tuple(axes))
+
+
+def _in_range(e, ranges: dict):
+    """``e`` with ``floor(a + r/n)`` -> ``a`` and ``Mod(a*n + r, n)`` -> ``r`` for each index
+    ``r`` whose range is ``0 <= r < n`` (``ranges``: symbol -> ``n``) and integer ``a``."""
+    def floor(x):
+        for r, n in ranges.items():
+            rest = sympy.simplify(x.args[0] - r / n)
+            if rest.is_integer and not rest.has(r):
+                return rest
+        return x
+
+    def mod(x):
+        v, m = x.args
+        for r, n in ranges.items():
+            if sympy.simplify(n - m) == 0 and sympy.simplify((v - r) / m).is_integer:
+                return r
+        return x
+
+    for _ in range(3):
+        e = e.replace(lambda x: isinstance(x, sympy.floor), floor).replace(lambda x: isinstance(x, sympy.Mod), mod)
+    return e
+
+
+def _repeat(ev, node, x, *reps):
+    """``x.repeat(r0, r1, ...)`` (BLOOM's ``alibi.repeat(B, 1, 1)``): a repeated dim reads
+    the source at ``Mod(i, n)``; new leading dims and dims of size 1 are constant."""
+    src = x
+    x = ev.arg(x)
+    reps = tuple(reps[0]) if len(reps) == 1 and isinstance(reps[0], (tuple, list)) else reps
+    out, before = value_of(node), value_of(src)
+    if not isinstance(out, torch.Tensor) or not isinstance(before, torch.Tensor) or len(reps) != out.dim() \
+            or before.dim() != len(x.axes):
+        raise Opaque("a repeat without example values")
+    axes, subs = list((None,) * (out.dim() - len(x.axes)) + x.axes), {}
+    for i, r in enumerate(reps):
+        a = axes[i]
+        if a is None or (not isinstance(r, torch.SymInt) and r == 1):
+            continue
+        t = sympy.Symbol(f"i{next(_counter)}", integer=True)
+        subs[a[0]] = sympy.Mod(t, a[1])
+        axes[i] = (t, _sym(out.shape[i]))
+    return Index(x.expr.subs(subs, simultaneous=True), tuple(axes))
+
+
+def _cumsum(ev, node, x, dim, **kw):
+    """``x.cumsum(dim)`` of a value constant along ``dim`` (Falcon's and BLOOM's
+    ``ones(B, L).cumsum(-1)`` positions): ``x * (i + 1)``. A cumulative sum of a value that
+    varies along ``dim`` (a padding mask's positions) is opaque."""
+    src = x
+    x = ev.arg(x)
+    out = value_of(node)
+    if not isinstance(out, torch.Tensor) or out.dim() != len(x.axes):
+        raise Opaque("a cumsum without an example value")
+    d = kw.get("dim", dim) % out.dim()
+    if x.axes[d] is not None:
+        raise Opaque(f"a cumulative sum along a dim where {src.name} varies (a position that depends on the "
+                     "values of a mask)")
+    i = sympy.Symbol(f"i{next(_counter)}", integer=True)
+    axes = list(x.axes)
+    axes[d] = (i, _sym(out.shape[d]))
+    return Index(x.expr * (i + 1), tuple(axes))
+
+
+def _div(ev, node, a, b):
+    """``a / c`` with ``c`` a number (Falcon's ``alibi / sqrt(d)``). A division by a tensor
+    is opaque: in a score term the quotient is then read as one tensor (MPT's slopes
+    ``1 / 2 ** x`` stay ``slope0[h]``, not ``1 / slope0[h]``)."""
+    if isinstance(b, fx.Node):
+        raise Opaque("a division by a tensor")
+    return _binary(operator.truediv)(ev, node, a, b)
+
+
+def _compare(f):
+    """A comparison; a Piecewise operand (Falcon's ``causal_mask < -1`` on a ``0 / finfo.min``
+    mask) is compared branch by branch and the result written as a boolean."""
+    def cmp(a, b):
+        e = f(a, b)
+        if isinstance(e, sympy.Rel) and e.has(sympy.Piecewise):
+            e = _nonzero(sympy.piecewise_fold(e))
+        return e
+    return _binary(cmp)
 
 
 def _where(ev, node, c, a, b):
@@ -324,9 +439,12 @@ def _getattr(ev, node, x, name):
 
 
 def _const_tensor(ev, node, *args, **kw):
-    """A tensor constant: ``tensor(c)`` / one-element ``full`` ..., and ``zeros`` / ``ones``
+    """A tensor constant: ``tensor(c)`` ..., and ``full(size, c)`` / ``zeros`` / ``ones``
     of any shape (T5's cross-attention ``position_bias = zeros(1, H, Lq, Lk)``)."""
     out = value_of(node)
+    fill = kw.get("fill_value", args[1] if len(args) > 1 else None)
+    if isinstance(out, torch.Tensor) and op_of(node) == "full" and isinstance(fill, (int, float, bool)):
+        return Index(_sym(fill), (None,) * out.dim())  # full(size, c) of any shape
     if isinstance(out, torch.Tensor) and op_of(node) in ("zeros", "ones", "new_zeros", "new_ones") \
             and not out.is_complex():
         val = 1 if op_of(node) in ("ones", "new_ones") else 0
@@ -478,10 +596,11 @@ def _embedding(ev, node, idx, weight, padding_idx=None, max_norm=None, *rest, **
 RULES = {
     "arange": _arange,
     "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
+    "div": lambda ev, node, a, b: _div(ev, node, a, b),
     "floordiv": _binary(lambda a, b: sympy.floor(a / b)), "mod": _binary(sympy.Mod),
     "neg": lambda ev, node, x: Index(-ev.arg(x).expr, ev.arg(x).axes),
-    "le": _binary(sympy.Le), "lt": _binary(sympy.Lt), "ge": _binary(sympy.Ge), "gt": _binary(sympy.Gt),
-    "eq": _binary(sympy.Eq), "ne": _binary(sympy.Ne),
+    "le": _compare(sympy.Le), "lt": _compare(sympy.Lt), "ge": _compare(sympy.Ge), "gt": _compare(sympy.Gt),
+    "eq": _compare(sympy.Eq), "ne": _compare(sympy.Ne),
     "and": _binary(lambda a, b: sympy.And(_bool(a), _bool(b))),
     "or": _binary(lambda a, b: sympy.Or(_bool(a), _bool(b))),
     "not": lambda ev, node, x: Index(sympy.Not(_bool(ev.arg(x).expr)), ev.arg(x).axes),
@@ -489,7 +608,8 @@ RULES = {
     "maximum": _max_min(sympy.Max), "minimum": _max_min(sympy.Min),
     "where": _where, "masked_fill": _masked_fill, "getitem": _getitem, "unsqueeze": _unsqueeze,
     "squeeze": _squeeze, "transpose": _transpose, "getattr": _getattr,
-    "view": _view, "reshape": _view, "expand": _view,
+    "view": _view, "reshape": _view, "expand": _view, "flatten": _view, "unflatten": _view, "repeat": _repeat,
+    "cumsum": _cumsum,
     "to": _to, "contiguous": _same, "clone": _same,
     "tensor": _const_tensor, "new_ones": _const_tensor, "new_zeros": _const_tensor, "zeros": _const_tensor,
     "ones": _const_tensor, "full": _const_tensor, "permute": _permute, "embedding": _embedding,
@@ -806,7 +926,10 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
         if floats and not set(app.args) <= {b_idx, h_idx}:
             raise Opaque(f"it reads the float tensor {node.target!r} at {app.args} (a bias along the query / "
                          "key axes stays a tensor)")
-        name = f"{'slope' if floats else 'pad'}{len(reads)}"
-        reads.append((name, tuple(_DIM_OF[a] for a in app.args), node))
+        dims = tuple(_DIM_OF[a] for a in app.args)
+        name = next((nm for nm, d, n in reads if n is node and d == dims), None)  # read before: one tensor
+        if name is None:
+            name = f"{'slope' if floats else 'pad'}{len(reads)}"
+            reads.append((name, dims, node))
         subs[app] = sympy.Function(name)(*app.args)
     return e.subs(subs)

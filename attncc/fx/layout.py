@@ -58,8 +58,8 @@ class Folding:
         key: the new 4-D matmul; a site that replaced the chain erased it.
         old_out / new_out: the folded node whose readers moved, and the node they read now.
         created: the nodes added, in creation order.
-        erased: ``(node, args, kwargs)`` of the folded nodes removed (now dead), in
-            removal order (users first); erasing a node clears its arguments.
+        erased: ``(node, args, kwargs, position)`` of the folded nodes removed (now dead);
+            erasing a node clears its arguments, ``position`` is its place in the graph.
     """
 
     key: fx.Node
@@ -73,7 +73,7 @@ class Folding:
         metadata, in their order) and remove the 4-D ones."""
         copies: dict = {}
         with g.inserting_before(self.created[0]):
-            for old, args, kwargs in reversed(self.erased):
+            for old, args, kwargs, _ in sorted(self.erased, key=lambda e: e[3]):  # the original order
                 args, kwargs = fx.node.map_arg((args, kwargs), lambda a: copies.get(a, a))
                 copies[old] = g.create_node(old.op, old.target, args, kwargs)
                 copies[old].meta = dict(old.meta)
@@ -202,11 +202,12 @@ def _rule_pv(g: fx.Graph, o3: fx.Node) -> Optional[Folding]:
 
 def _commit(g: fx.Graph, f: Folding, old: list) -> Folding:
     """Move the readers of ``f.old_out`` to ``f.new_out`` and remove the folded nodes that
-    are now dead (in ``old``'s order: users first)."""
+    are now dead (``old`` lists users before their inputs)."""
     f.old_out.replace_all_uses_with(f.new_out)
+    pos = {n: i for i, n in enumerate(g.nodes)}
     for n in old:
-        if isinstance(n, fx.Node) and not n.users and all(n is not e for e, _, _ in f.erased):
-            f.erased.append((n, n.args, n.kwargs))
+        if isinstance(n, fx.Node) and not n.users and all(n is not e[0] for e in f.erased):
+            f.erased.append((n, n.args, n.kwargs, pos[n]))
             g.erase_node(n)
     return f
 

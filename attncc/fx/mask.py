@@ -629,6 +629,8 @@ class Evaluator:
         self.buckets: dict = {}
         #: why an embedding was not recovered as a bucketed table read (for the report)
         self.why: list = []
+        #: computed float values read as tensors -> why they were not modelled
+        self.opaque: dict = {}
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -658,9 +660,10 @@ class Evaluator:
                 if rule is None:
                     raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
                 res = rule(self, n, *n.args, **n.kwargs)
-            except Opaque:
+            except Opaque as e:
                 if not (self.floats and isinstance(val, torch.Tensor) and val.is_floating_point()):
                     raise
+                self.opaque[n] = str(e)
                 res = _input_read(n, val, True)  # an opaque float value: read as a tensor
                 self.reads[f"read_{n.name}"] = n
         self.memo[n] = res
@@ -847,7 +850,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     term = _name_reads(term, ints, got)
     try:
         term = _name_reads(term, floats, fgot, floats=True,
-                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot)
+                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot, opaque=ev.opaque)
     except Opaque as e:
         if ev.why:
             raise Opaque(f"{e}; the embedding's index is not a relative-position bucket: {ev.why[0]}") from None
@@ -892,14 +895,21 @@ def _table_read(app, node, buckets: dict, reads: list, index_reads: list):
     return sympy.Function(tname)(sympy.Function(bname)(kv_idx - q_idx + Lq - 1), h_idx)
 
 
+def _label(node: fx.Node) -> str:
+    """An input's name (its target) or a computed value's node name."""
+    return node.name if node.op == "call_function" or node.op == "call_method" else str(node.target)
+
+
 def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Optional[dict] = None,
-                index_reads: Optional[list] = None):
+                index_reads: Optional[list] = None, opaque: Optional[dict] = None):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
     not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
     float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only,
     or (with ``buckets``) an embedding table read at a relative-position bucket and the
-    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``."""
+    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``.
+    ``opaque``: computed float values read as tensors -> why they were not modelled (for
+    the message when such a read is not at ``b`` / ``h``)."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
@@ -924,7 +934,8 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
             raise Opaque(f"it reads the input tensor {node.target!r} at every (q, kv) pair (values unknown at "
                          "compile time)")
         if floats and not set(app.args) <= {b_idx, h_idx}:
-            raise Opaque(f"it reads the float tensor {node.target!r} at {app.args} (a bias along the query / "
+            why = f", {opaque[node]}" if node in (opaque or {}) else ""
+            raise Opaque(f"it reads the float tensor {_label(node)!r}{why} at {app.args} (a bias along the query / "
                          "key axes stays a tensor)")
         dims = tuple(_DIM_OF[a] for a in app.args)
         name = next((nm for nm, d, n in reads if n is node and d == dims), None)  # read before: one tensor

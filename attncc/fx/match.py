@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from . import site as S
-from .layout import Folding, call_with_value, rebind_inplace, unfold_heads
+from .layout import call_with_value, rebind_inplace, unfold_heads
 from .mask import Diagonals, Opaque, bucket_diagonals, recover, recover_score
 from .ops import arg, op_of, same_size, shape_of, value_of
 

@@ -185,3 +185,32 @@ def test_second_of_two_inplace_sites_gives_the_reason():
     assert [s.replaced for s in sites] == [True, False], "\n".join(s.line() for s in sites)
     assert "are also read by softmax" in sites[1].reason, sites[1].reason
     torch.testing.assert_close(out, two_sites_sharing_inplace_scores(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ KV-cache decode under a sliding window
+def test_mistral_sliding_window_decode_reports_the_cache_length():
+    """Greedy generate() (dynamic cache, window 4) through the backend equals eager. The
+    prompt's sites are sliding_window(window=4); in the decode steps the positions are
+    offset by the cache's ``cumulative_length``, a run-time size the graph does not tie to
+    Lq / Lk, so the (1, 1, 1, Lk) mask stays a tensor and the report names that size."""
+    from tiny_models import input_ids, tiny_model
+
+    model, _ = tiny_model("mistral", "sdpa")
+    ids = input_ids(10)
+    torch._dynamo.reset()
+    attncc.fx.clear_reports()
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+        forward = model.forward
+        model.forward = torch.compile(model.forward, backend=EAGER)
+        try:
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        finally:
+            model.forward = forward
+    assert out.tolist() == ref.tolist()
+    reps = attncc.fx.reports()
+    assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)
+    assert [s.pattern.split(";")[0] for s in reps[0].sites] == ["sliding_window(window=4)"] * 2
+    for s in (s for r in reps[1:] for s in r.sites):
+        assert "mask tensor [1, 1, 1, Lk]" in s.pattern and "cumulative_length" in s.pattern \
+            and "does not tie to Lq, Lk" in s.pattern, s.pattern

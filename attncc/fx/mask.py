@@ -631,6 +631,8 @@ class Evaluator:
         self.why: list = []
         #: computed float values read as tensors -> why they were not modelled
         self.opaque: dict = {}
+        #: size symbol -> the graph input it came from (a KV cache's ``cumulative_length``)
+        self.size_names: dict = {}
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -651,6 +653,9 @@ class Evaluator:
         val = value_of(n)
         if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
             res = Index(_sym(val))  # sizes and size arithmetic: their symbolic value
+            if n.op == "placeholder" and isinstance(val, torch.SymInt):  # for the report
+                for sym in _sym(val).free_symbols:
+                    self.size_names.setdefault(str(sym), str(n.target))
         elif n.op == "placeholder" or n.op == "get_attr":
             res = _input_read(n, val, self.floats)
             self.reads[f"read_{n.name}"] = n
@@ -705,7 +710,7 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         e = pieces[0].cond
     elif not _is_bool(e):
         raise Opaque("a float mask that is not where(condition, 0, -inf)")
-    e = _to_site(Index(e, v.axes), sizes)
+    e = _to_site(Index(e, v.axes), sizes, ev.size_names)
     if ev.reads:
         e = _name_reads(e, ev.reads, reads)
     e = sympy.simplify_logic(e) if isinstance(e, sympy.logic.boolalg.BooleanFunction) else e
@@ -725,9 +730,10 @@ def _drops(v) -> bool:
     return c == -sympy.oo or (c.is_number and c.is_real is not False and float(c) <= -1e30)
 
 
-def _to_site(v: Index, sizes: dict):
+def _to_site(v: Index, sizes: dict, names: Optional[dict] = None):
     """``v`` mapped onto ``(b, h, q, kv)`` (right-aligned dims), with the graph's size
-    symbols rewritten in ``Lq`` / ``Lk``."""
+    symbols rewritten in ``Lq`` / ``Lk`` (``names``: size symbol -> the graph input it came
+    from, for the message when one cannot be)."""
     if len(v.axes) > 4:
         raise Opaque("a mask with more than 4 dims")
     axes = (None,) * (4 - len(v.axes)) + v.axes
@@ -750,7 +756,10 @@ def _to_site(v: Index, sizes: dict):
             e = e.subs(sol[0])
         left = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
         if left:
-            raise Opaque(f"it depends on the sizes {sorted(map(str, left))}, not expressible in Lq, Lk")
+            said = [f"{s} = {(names or {}).get(str(s), 'a size')}" for s in sorted(left, key=str)]
+            raise Opaque(f"it depends on the run-time size {', '.join(said)}, which the graph does not tie to Lq, "
+                         "Lk (positions offset by a KV cache's length: the query position is not Lk - Lq + q "
+                         "in the graph)")
     return e
 
 
@@ -821,7 +830,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     v = ev.node(node)
     if _is_bool(v.expr):
         raise Opaque("a boolean added to the scores")
-    e = sympy.piecewise_fold(_to_site(v, sizes))  # bias + where(c, 0, min): one Piecewise
+    e = sympy.piecewise_fold(_to_site(v, sizes, ev.size_names))  # bias + where(c, 0, min): one Piecewise
     floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
     ints = {k: n for k, n in ev.reads.items() if k not in floats}
     keep, terms = sympy.false, []

@@ -193,20 +193,11 @@ def test_mistral_sliding_window_decode_reports_the_cache_length():
     prompt's sites are sliding_window(window=4); in the decode steps the positions are
     offset by the cache's ``cumulative_length``, a run-time size the graph does not tie to
     Lq / Lk, so the (1, 1, 1, Lk) mask stays a tensor and the report names that size."""
-    from tiny_models import input_ids, tiny_model
+    from tiny_models import generate_both, input_ids, tiny_model
 
     model, _ = tiny_model("mistral", "sdpa")
-    ids = input_ids(10)
-    torch._dynamo.reset()
     attncc.fx.clear_reports()
-    with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
-        forward = model.forward
-        model.forward = torch.compile(model.forward, backend=EAGER)
-        try:
-            out = model.generate(ids, max_new_tokens=4, do_sample=False)
-        finally:
-            model.forward = forward
+    ref, out = generate_both(model, input_ids(10), EAGER, max_new_tokens=4)
     assert out.tolist() == ref.tolist()
     reps = attncc.fx.reports()
     assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)

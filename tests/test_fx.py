@@ -370,18 +370,11 @@ def test_mpt_eager_masked_fill():
 
 def test_mistral_generate_kv_cache():
     """Greedy generation with a KV cache (Lq = 1, Lq != Lk, dynamic shapes) through the backend."""
+    from tiny_models import generate_both
+
     model, _ = tiny_model("mistral", "sdpa")
-    ids = input_ids(10)
-    torch._dynamo.reset()
     attncc.fx.clear_reports()
-    with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
-        eager_forward = model.forward
-        model.forward = torch.compile(model.forward, backend=EAGER)
-        try:
-            out = model.generate(ids, max_new_tokens=4, do_sample=False)
-        finally:
-            model.forward = eager_forward
+    ref, out = generate_both(model, input_ids(10), EAGER, max_new_tokens=4)
     assert out.tolist() == ref.tolist()
     reps = attncc.fx.reports()
     assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)

@@ -53,6 +53,21 @@ def input_ids(n: int = 12, batch: int = 1):
     return torch.randint(0, COMMON["vocab_size"], (batch, n), generator=g)
 
 
+def generate_both(model, ids, backend, **kw):
+    """``(eager, compiled)``: greedy ``generate()`` of ``model`` as it is, then with its
+    ``forward`` compiled by ``backend`` (restored afterwards); dynamo is reset first."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model.generate(ids, do_sample=False, **kw)
+        forward = model.forward
+        model.forward = torch.compile(model.forward, backend=backend)
+        try:
+            out = model.generate(ids, do_sample=False, **kw)
+        finally:
+            model.forward = forward
+    return ref, out
+
+
 # ------------------------------------------------------------------ the architecture zoo
 _TXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=64)

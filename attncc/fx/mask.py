@@ -262,11 +262,14 @@ def _squeeze(ev, node, x, dim=None):
 
 
 def _view(ev, node, x, *shape, **kw):
-    """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast.
+    """view / reshape / flatten / unflatten / expand, read off the recorded shapes.
 
-    ``expand`` keeps every dim in place (right-aligned); a view / reshape carries the
-    dims of size != 1 over in order (their sizes must agree pairwise), so equal sizes
-    (``Lq == Lk``) never move an axis to the wrong dim."""
+    ``expand`` keeps every dim in place (right-aligned). The others pair the dims of
+    size != 1 in order, in groups of equal total size: a dim carried over keeps its axis
+    (so equal sizes such as ``Lq == Lk`` never move an axis to the wrong dim); a group
+    that splits or merges dims (BLOOM's ``(B*H, 1, Lk)`` alibi seen as ``(B, H, 1, Lk)``)
+    gets fresh axes, each source index written with ``floor`` / ``Mod`` of the row-major
+    flat index and simplified with the axes' ranges (:func:`_in_range`)."""
     src = x
     x = ev.arg(x)
     out, before = value_of(node), value_of(src)
@@ -278,14 +281,126 @@ def _view(ev, node, x, *shape, **kw):
     def big(shape):
         return [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) or d != 1]
 
+    def size(shape, dims):
+        return sympy.Mul(*[_sym(shape[d]) for d in dims])
+
     src_dims, out_dims = big(before.shape), big(out.shape)
-    if len(src_dims) != len(out_dims) or any(sympy.simplify(_sym(before.shape[i]) - _sym(out.shape[j])) != 0
-                                             for i, j in zip(src_dims, out_dims)):
-        raise Opaque("a reshape that merges or splits dims")
-    axes = [None] * out.dim()
-    for i, j in zip(src_dims, out_dims):
-        axes[j] = x.axes[i]
-    return Index(x.expr, tuple(axes))
+    axes, subs, ranges = [None] * out.dim(), {}, {}
+    si = oi = 0
+    while si < len(src_dims) or oi < len(out_dims):
+        if si == len(src_dims) or oi == len(out_dims):
+            raise Opaque("a reshape whose sizes do not pair up")
+        gs, go = [src_dims[si]], [out_dims[oi]]
+        si, oi = si + 1, oi + 1
+        while sympy.simplify(size(before.shape, gs) - size(out.shape, go)) != 0:
+            ratio = sympy.simplify(size(out.shape, go) / size(before.shape, gs))
+            if sympy.fraction(ratio)[1] == 1 and si < len(src_dims):
+                gs.append(src_dims[si])
+                si += 1
+            elif sympy.fraction(1 / ratio)[1] == 1 and oi < len(out_dims):
+                go.append(out_dims[oi])
+                oi += 1
+            else:
+                raise Opaque("a reshape whose sizes do not pair up")
+        if len(gs) == 1 and len(go) == 1:
+            axes[go[0]] = x.axes[gs[0]]
+            continue
+        if all(x.axes[d] is None for d in gs):
+            continue  # constant along the whole group
+        fresh = [sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in go]
+        flat = sum(o * size(out.shape, go[j + 1:]) for j, o in enumerate(fresh))
+        for j, (o, d) in enumerate(zip(fresh, go)):
+            axes[d] = (o, _sym(out.shape[d]))
+            ranges[o] = _sym(out.shape[d])
+        for i, d in enumerate(gs):
+            if x.axes[d] is None:
+                continue
+            idx = sympy.floor(flat / size(before.shape, gs[i + 1:]))
+            subs[x.axes[d][0]] = idx if i == 0 else sympy.Mod(idx, x.axes[d][1])
+    e = _in_range(x.expr.subs(subs, simultaneous=True), ranges) if subs else x.expr
+    return Index(e, tuple(axes))
+
+
+def _in_range(e, ranges: dict):
+    """``e`` with ``floor(a + r/n)`` -> ``a`` and ``Mod(a*n + r, n)`` -> ``r`` for each index
+    ``r`` whose range is ``0 <= r < n`` (``ranges``: symbol -> ``n``) and integer ``a``."""
+    def floor(x):
+        for r, n in ranges.items():
+            rest = sympy.simplify(x.args[0] - r / n)
+            if rest.is_integer and not rest.has(r):
+                return rest
+        return x
+
+    def mod(x):
+        v, m = x.args
+        for r, n in ranges.items():
+            if sympy.simplify(n - m) == 0 and sympy.simplify((v - r) / m).is_integer:
+                return r
+        return x
+
+    for _ in range(3):
+        e = e.replace(lambda x: isinstance(x, sympy.floor), floor).replace(lambda x: isinstance(x, sympy.Mod), mod)
+    return e
+
+
+def _repeat(ev, node, x, *reps):
+    """``x.repeat(r0, r1, ...)`` (BLOOM's ``alibi.repeat(B, 1, 1)``): a repeated dim reads
+    the source at ``Mod(i, n)``; new leading dims and dims of size 1 are constant."""
+    src = x
+    x = ev.arg(x)
+    reps = tuple(reps[0]) if len(reps) == 1 and isinstance(reps[0], (tuple, list)) else reps
+    out, before = value_of(node), value_of(src)
+    if not isinstance(out, torch.Tensor) or not isinstance(before, torch.Tensor) or len(reps) != out.dim() \
+            or before.dim() != len(x.axes):
+        raise Opaque("a repeat without example values")
+    axes, subs = list((None,) * (out.dim() - len(x.axes)) + x.axes), {}
+    for i, r in enumerate(reps):
+        a = axes[i]
+        if a is None or (not isinstance(r, torch.SymInt) and r == 1):
+            continue
+        t = sympy.Symbol(f"i{next(_counter)}", integer=True)
+        subs[a[0]] = sympy.Mod(t, a[1])
+        axes[i] = (t, _sym(out.shape[i]))
+    return Index(x.expr.subs(subs, simultaneous=True), tuple(axes))
+
+
+def _cumsum(ev, node, x, dim, **kw):
+    """``x.cumsum(dim)`` of a value constant along ``dim`` (Falcon's and BLOOM's
+    ``ones(B, L).cumsum(-1)`` positions): ``x * (i + 1)``. A cumulative sum of a value that
+    varies along ``dim`` (a padding mask's positions) is opaque."""
+    src = x
+    x = ev.arg(x)
+    out = value_of(node)
+    if not isinstance(out, torch.Tensor) or out.dim() != len(x.axes):
+        raise Opaque("a cumsum without an example value")
+    d = kw.get("dim", dim) % out.dim()
+    if x.axes[d] is not None:
+        raise Opaque(f"a cumulative sum along a dim where {src.name} varies (a position that depends on the "
+                     "values of a mask)")
+    i = sympy.Symbol(f"i{next(_counter)}", integer=True)
+    axes = list(x.axes)
+    axes[d] = (i, _sym(out.shape[d]))
+    return Index(x.expr * (i + 1), tuple(axes))
+
+
+def _div(ev, node, a, b):
+    """``a / c`` with ``c`` a number (Falcon's ``alibi / sqrt(d)``). A division by a tensor
+    is opaque: in a score term the quotient is then read as one tensor (MPT's slopes
+    ``1 / 2 ** x`` stay ``slope0[h]``, not ``1 / slope0[h]``)."""
+    if isinstance(b, fx.Node):
+        raise Opaque("a division by a tensor")
+    return _binary(operator.truediv)(ev, node, a, b)
+
+
+def _compare(f):
+    """A comparison; a Piecewise operand (Falcon's ``causal_mask < -1`` on a ``0 / finfo.min``
+    mask) is compared branch by branch and the result written as a boolean."""
+    def cmp(a, b):
+        e = f(a, b)
+        if isinstance(e, sympy.Rel) and e.has(sympy.Piecewise):
+            e = _nonzero(sympy.piecewise_fold(e))
+        return e
+    return _binary(cmp)
 
 
 def _where(ev, node, c, a, b):
@@ -324,9 +439,12 @@ def _getattr(ev, node, x, name):
 
 
 def _const_tensor(ev, node, *args, **kw):
-    """A tensor constant: ``tensor(c)`` / one-element ``full`` ..., and ``zeros`` / ``ones``
+    """A tensor constant: ``tensor(c)`` ..., and ``full(size, c)`` / ``zeros`` / ``ones``
     of any shape (T5's cross-attention ``position_bias = zeros(1, H, Lq, Lk)``)."""
     out = value_of(node)
+    fill = kw.get("fill_value", args[1] if len(args) > 1 else None)
+    if isinstance(out, torch.Tensor) and op_of(node) == "full" and isinstance(fill, (int, float, bool)):
+        return Index(_sym(fill), (None,) * out.dim())  # full(size, c) of any shape
     if isinstance(out, torch.Tensor) and op_of(node) in ("zeros", "ones", "new_zeros", "new_ones") \
             and not out.is_complex():
         val = 1 if op_of(node) in ("ones", "new_ones") else 0
@@ -478,10 +596,11 @@ def _embedding(ev, node, idx, weight, padding_idx=None, max_norm=None, *rest, **
 RULES = {
     "arange": _arange,
     "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
+    "div": lambda ev, node, a, b: _div(ev, node, a, b),
     "floordiv": _binary(lambda a, b: sympy.floor(a / b)), "mod": _binary(sympy.Mod),
     "neg": lambda ev, node, x: Index(-ev.arg(x).expr, ev.arg(x).axes),
-    "le": _binary(sympy.Le), "lt": _binary(sympy.Lt), "ge": _binary(sympy.Ge), "gt": _binary(sympy.Gt),
-    "eq": _binary(sympy.Eq), "ne": _binary(sympy.Ne),
+    "le": _compare(sympy.Le), "lt": _compare(sympy.Lt), "ge": _compare(sympy.Ge), "gt": _compare(sympy.Gt),
+    "eq": _compare(sympy.Eq), "ne": _compare(sympy.Ne),
     "and": _binary(lambda a, b: sympy.And(_bool(a), _bool(b))),
     "or": _binary(lambda a, b: sympy.Or(_bool(a), _bool(b))),
     "not": lambda ev, node, x: Index(sympy.Not(_bool(ev.arg(x).expr)), ev.arg(x).axes),
@@ -489,7 +608,8 @@ RULES = {
     "maximum": _max_min(sympy.Max), "minimum": _max_min(sympy.Min),
     "where": _where, "masked_fill": _masked_fill, "getitem": _getitem, "unsqueeze": _unsqueeze,
     "squeeze": _squeeze, "transpose": _transpose, "getattr": _getattr,
-    "view": _view, "reshape": _view, "expand": _view,
+    "view": _view, "reshape": _view, "expand": _view, "flatten": _view, "unflatten": _view, "repeat": _repeat,
+    "cumsum": _cumsum,
     "to": _to, "contiguous": _same, "clone": _same,
     "tensor": _const_tensor, "new_ones": _const_tensor, "new_zeros": _const_tensor, "zeros": _const_tensor,
     "ones": _const_tensor, "full": _const_tensor, "permute": _permute, "embedding": _embedding,
@@ -509,6 +629,10 @@ class Evaluator:
         self.buckets: dict = {}
         #: why an embedding was not recovered as a bucketed table read (for the report)
         self.why: list = []
+        #: computed float values read as tensors -> why they were not modelled
+        self.opaque: dict = {}
+        #: size symbol -> the graph input it came from (a KV cache's ``cumulative_length``)
+        self.size_names: dict = {}
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -529,6 +653,9 @@ class Evaluator:
         val = value_of(n)
         if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
             res = Index(_sym(val))  # sizes and size arithmetic: their symbolic value
+            if n.op == "placeholder" and isinstance(val, torch.SymInt):  # for the report
+                for sym in _sym(val).free_symbols:
+                    self.size_names.setdefault(str(sym), str(n.target))
         elif n.op == "placeholder" or n.op == "get_attr":
             res = _input_read(n, val, self.floats)
             self.reads[f"read_{n.name}"] = n
@@ -538,9 +665,10 @@ class Evaluator:
                 if rule is None:
                     raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
                 res = rule(self, n, *n.args, **n.kwargs)
-            except Opaque:
+            except Opaque as e:
                 if not (self.floats and isinstance(val, torch.Tensor) and val.is_floating_point()):
                     raise
+                self.opaque[n] = str(e)
                 res = _input_read(n, val, True)  # an opaque float value: read as a tensor
                 self.reads[f"read_{n.name}"] = n
         self.memo[n] = res
@@ -582,7 +710,7 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         e = pieces[0].cond
     elif not _is_bool(e):
         raise Opaque("a float mask that is not where(condition, 0, -inf)")
-    e = _to_site(Index(e, v.axes), sizes)
+    e = _to_site(Index(e, v.axes), sizes, ev.size_names)
     if ev.reads:
         e = _name_reads(e, ev.reads, reads)
     e = sympy.simplify_logic(e) if isinstance(e, sympy.logic.boolalg.BooleanFunction) else e
@@ -602,9 +730,10 @@ def _drops(v) -> bool:
     return c == -sympy.oo or (c.is_number and c.is_real is not False and float(c) <= -1e30)
 
 
-def _to_site(v: Index, sizes: dict):
+def _to_site(v: Index, sizes: dict, names: Optional[dict] = None):
     """``v`` mapped onto ``(b, h, q, kv)`` (right-aligned dims), with the graph's size
-    symbols rewritten in ``Lq`` / ``Lk``."""
+    symbols rewritten in ``Lq`` / ``Lk`` (``names``: size symbol -> the graph input it came
+    from, for the message when one cannot be)."""
     if len(v.axes) > 4:
         raise Opaque("a mask with more than 4 dims")
     axes = (None,) * (4 - len(v.axes)) + v.axes
@@ -627,7 +756,10 @@ def _to_site(v: Index, sizes: dict):
             e = e.subs(sol[0])
         left = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
         if left:
-            raise Opaque(f"it depends on the sizes {sorted(map(str, left))}, not expressible in Lq, Lk")
+            said = [f"{s} = {(names or {}).get(str(s), 'a size')}" for s in sorted(left, key=str)]
+            raise Opaque(f"it depends on the run-time size {', '.join(said)}, which the graph does not tie to Lq, "
+                         "Lk (positions offset by a KV cache's length: the query position is not Lk - Lq + q "
+                         "in the graph)")
     return e
 
 
@@ -698,7 +830,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     v = ev.node(node)
     if _is_bool(v.expr):
         raise Opaque("a boolean added to the scores")
-    e = sympy.piecewise_fold(_to_site(v, sizes))  # bias + where(c, 0, min): one Piecewise
+    e = sympy.piecewise_fold(_to_site(v, sizes, ev.size_names))  # bias + where(c, 0, min): one Piecewise
     floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
     ints = {k: n for k, n in ev.reads.items() if k not in floats}
     keep, terms = sympy.false, []
@@ -727,7 +859,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     term = _name_reads(term, ints, got)
     try:
         term = _name_reads(term, floats, fgot, floats=True,
-                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot)
+                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot, opaque=ev.opaque)
     except Opaque as e:
         if ev.why:
             raise Opaque(f"{e}; the embedding's index is not a relative-position bucket: {ev.why[0]}") from None
@@ -772,14 +904,21 @@ def _table_read(app, node, buckets: dict, reads: list, index_reads: list):
     return sympy.Function(tname)(sympy.Function(bname)(kv_idx - q_idx + Lq - 1), h_idx)
 
 
+def _label(node: fx.Node) -> str:
+    """An input's name (its target) or a computed value's node name."""
+    return node.name if node.op == "call_function" or node.op == "call_method" else str(node.target)
+
+
 def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Optional[dict] = None,
-                index_reads: Optional[list] = None):
+                index_reads: Optional[list] = None, opaque: Optional[dict] = None):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
     not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
     float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only,
     or (with ``buckets``) an embedding table read at a relative-position bucket and the
-    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``."""
+    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``.
+    ``opaque``: computed float values read as tensors -> why they were not modelled (for
+    the message when such a read is not at ``b`` / ``h``)."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
@@ -804,9 +943,13 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
             raise Opaque(f"it reads the input tensor {node.target!r} at every (q, kv) pair (values unknown at "
                          "compile time)")
         if floats and not set(app.args) <= {b_idx, h_idx}:
-            raise Opaque(f"it reads the float tensor {node.target!r} at {app.args} (a bias along the query / "
+            why = f", {opaque[node]}" if node in (opaque or {}) else ""
+            raise Opaque(f"it reads the float tensor {_label(node)!r}{why} at {app.args} (a bias along the query / "
                          "key axes stays a tensor)")
-        name = f"{'slope' if floats else 'pad'}{len(reads)}"
-        reads.append((name, tuple(_DIM_OF[a] for a in app.args), node))
+        dims = tuple(_DIM_OF[a] for a in app.args)
+        name = next((nm for nm, d, n in reads if n is node and d == dims), None)  # read before: one tensor
+        if name is None:
+            name = f"{'slope' if floats else 'pad'}{len(reads)}"
+            reads.append((name, dims, node))
         subs[app] = sympy.Function(name)(*app.args)
     return e.subs(subs)

@@ -37,8 +37,9 @@ import torch
 import torch.fx as fx
 
 from . import site as S
+from .layout import call_with_value, rebind_inplace, unfold_heads
 from .mask import Diagonals, Opaque, bucket_diagonals, recover, recover_score
-from .ops import arg, op_of, value_of
+from .ops import arg, op_of, same_size, shape_of, value_of
 
 log = logging.getLogger("attncc")
 
@@ -99,18 +100,7 @@ class Report:
 
 
 # ---------------------------------------------------------------------- helpers
-def _shape(n):
-    v = value_of(n)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _same(a, b) -> bool:
-    sa = a.node.expr if isinstance(a, torch.SymInt) else a
-    sb = b.node.expr if isinstance(b, torch.SymInt) else b
-    try:
-        return bool(sympy.simplify(sympy.sympify(sa) - sympy.sympify(sb)) == 0)
-    except (TypeError, sympy.SympifyError):
-        return False
+_shape, _same = shape_of, same_size
 
 
 def _number(x) -> Optional[float]:
@@ -244,7 +234,7 @@ def _rule_where(g, n):
 
 
 def _rule_add(g, n):
-    if op_of(n) == "add" and len(n.args) == 2 and not n.kwargs:
+    if op_of(n) in ("add", "iadd") and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
         for x, m in ((a, b), (b, a)):
             if isinstance(x, fx.Node) and isinstance(m, fx.Node):
@@ -277,8 +267,18 @@ def _is_bool(n) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
+def _same_shape_view(n) -> bool:
+    """``n`` is a view / reshape that keeps its input's shape (Falcon's
+    ``scores.view(B, H, Lq, Lk)`` of a ``(B, H, Lq, Lk)`` tensor)."""
+    if op_of(n) not in ("view", "reshape") or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = _shape(n.args[0]), _shape(n)
+    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
 def _rule_cast(g, n):
-    if op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node) and not _is_bool(n):
+    if (op_of(n) in ("to", "contiguous") and isinstance(n.args[0], fx.Node) and not _is_bool(n)) \
+            or _same_shape_view(n):
         yield n.args[0], Step("cast")
 
 
@@ -308,20 +308,31 @@ def _qk(n: fx.Node):
     return q, k
 
 
-def _walk_scores(g: Graph, n: fx.Node, steps: list, depth: int = 0):
-    """Back from the softmax input to matmul(q, k^T): ``(qk_node, steps outer-first)``."""
+def _walk_scores(g: Graph, n: fx.Node, steps: list, depth: int = 0, why: Optional[list] = None):
+    """Back from the softmax input to matmul(q, k^T): ``(qk_node, steps outer-first)``.
+    ``why`` collects the reasons steps that match a rule were not taken (an intermediate
+    read elsewhere, a scale that is a run-time value), for the report."""
+    why = [] if why is None else why
     if _qk(n):
         return n, steps
     if depth > 16:
         return None
+    if op_of(n) in ("mul", "imul", "div", "idiv"):
+        for c in n.args[:2]:
+            if isinstance(c, fx.Node) and not isinstance(value_of(c), torch.Tensor):
+                why.append(f"the scale {c.name} in {n.name} is a run-time value (a symbolic size such as "
+                           "sqrt(head_dim) under dynamic shapes)")
     for rule in SCORE_RULES:
         for x, step in rule(g, n):
             allowed = step.value if step.kind == "shift" else ()
             if not g.single_use(x, allowed):
                 if step.kind == "add" and g.depends(step.value, x):
                     raise LeaveAlone(f"the added term {step.value.name} depends on the scores")
+                others = [u.name for u in g.nx.successors(x) if u is not n and u not in (allowed or ())]
+                why.append(f"the scores {x.name} are also read by {', '.join(others)} (shared with another site "
+                           "or returned)")
                 continue
-            got = _walk_scores(g, x, steps + [step], depth + 1)
+            got = _walk_scores(g, x, steps + [step], depth + 1, why)
             if got:
                 return got
     return None
@@ -338,7 +349,7 @@ def _walk_probs(g: Graph, sm: fx.Node):
         op = op_of(u)
         if op == "matmul" and u.args[0] is n:
             return u, u.args[1], dropped_col, notes
-        if op in ("to", "contiguous") and not _is_bool(u):
+        if (op in ("to", "contiguous") and not _is_bool(u)) or _same_shape_view(u):
             pass
         elif op == "dropout":
             p, training = arg(u, 1, "p", 0.5), arg(u, 2, "training", True)
@@ -361,7 +372,7 @@ def _feeds_matmul(sm: fx.Node) -> bool:
         n = next(iter(n.users))
         if op_of(n) == "matmul":
             return True
-        if op_of(n) not in ("to", "contiguous", "dropout", "getitem"):
+        if op_of(n) not in ("to", "contiguous", "dropout", "getitem") and not _same_shape_view(n):
             return False
     return False
 
@@ -385,6 +396,8 @@ class Found:
     score_ops: list = field(default_factory=list)  # ("softcap", c) | ("bias", node)
     sink: Optional[fx.Node] = None
     scores: Optional[fx.Node] = None  # matmul(q, k^T) of a chain
+    #: additive mask / bias node -> the factor a later scale multiplies it by
+    factors: dict = field(default_factory=dict)
 
 
 def _tensor_dims(n: fx.Node, sizes: dict) -> tuple:
@@ -395,6 +408,20 @@ def _tensor_dims(n: fx.Node, sizes: dict) -> tuple:
         return S.broadcast_dims(shp, sizes, f"the mask/bias {n.name}", same=_same)
     except ValueError as e:
         raise LeaveAlone(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A bias tensor the chain multiplies by ``factor`` after adding it (``(s + b) * c``):
+    passed to the kernel as ``node * factor``."""
+
+    node: fx.Node
+    factor: float
+
+
+def _scaled(node: fx.Node, factors: dict):
+    c = factors.get(node, 1)
+    return node if c == 1 else Scaled(node, float(c))
 
 
 def _site_of(f: Found, sizes: dict, g: Graph):
@@ -415,7 +442,7 @@ def _site_of(f: Found, sizes: dict, g: Graph):
             if kind == "additive":  # a mask, a closed-form score term (ALiBi), or both
                 e, term = recover_score(node, sizes, reads, float_reads, index_reads)
                 if term is not None:
-                    ops.append(("term", term))
+                    ops.append(("term", term * f.factors.get(node, 1)))
                 mask = sympy.And(mask, e) if e is not None else mask
                 continue
             got = list(reads)  # names continue after the reads of earlier masks
@@ -426,15 +453,22 @@ def _site_of(f: Found, sizes: dict, g: Graph):
             notes.append(f"mask {node.name} passed as a tensor ({e})")
             dims = _tensor_dims(node, sizes)
             if kind == "additive":
-                ops.append(("bias", dims, node))
+                ops.append(("bias", dims, _scaled(node, f.factors)))
             else:
                 if mask_tensor is not None:
                     raise LeaveAlone("two opaque boolean masks")
                 mask_tensor, drops = dims, kind == "drop"
                 tensors.insert(0, node)
+    # the movable terms are added together (Falcon adds ALiBi twice: in the chain and in its mask)
+    terms = [op[1] for op in ops if op[0] == "term"]
+    if len(terms) > 1:
+        first = next(i for i, op in enumerate(ops) if op[0] == "term")
+        ops = [op for op in ops if op[0] != "term"]
+        ops.insert(first, ("term", sympy.factor_terms(sympy.expand(sum(terms)))))
     # the chain's own score ops (softcaps, biases added before a softcap) come first: the
     # movable masks / biases above are added after every non-linear step
-    ops = [op if op[0] == "softcap" else ("bias", _tensor_dims(op[1], sizes), op[1]) for op in f.score_ops] + ops
+    ops = [op if op[0] == "softcap" else ("bias", _tensor_dims(op[1], sizes), _scaled(op[1], f.factors))
+           for op in f.score_ops] + ops
     # score ops in application order; bias tensors in declaration order
     score_ops, biases = [], []
     for op in ops:
@@ -518,8 +552,11 @@ def match_chain(g: Graph, sm: fx.Node) -> Found:
     if not _dim_is_last(dim, rank):
         raise LeaveAlone(f"softmax over dim {dim}, not the key axis (-1)")
     out, v, dropped_col, _ = _walk_probs(g, sm)
-    walked = _walk_scores(g, x, []) if isinstance(x, fx.Node) else None
+    why: list = []
+    walked = _walk_scores(g, x, [], why=why) if isinstance(x, fx.Node) else None
     if walked is None:
+        if why:
+            raise LeaveAlone(why[0])
         raise LeaveAlone("the softmax input is not matmul(q, k^T) followed by scale/softcap/bias/sink steps")
     qk, steps = walked
     steps = steps[::-1]  # application order: from the matmul outwards
@@ -532,16 +569,20 @@ def match_chain(g: Graph, sm: fx.Node) -> Found:
     k, v = _gqa(k, v, q)
     f = Found(out, "chain", q, k, v, 1.0, scores=qk)
     nonlinear_after = [i for i, s in enumerate(steps) if s.kind == "softcap"]
-    seen_other = False
     for i, s in enumerate(steps):
         if s.kind == "scale":
-            if seen_other:
-                raise LeaveAlone("a scale applied after a bias or softcap")
+            # (s + bias) * c = c * s + c * bias (Falcon's ALiBi, then ``*= inv_norm``)
+            if any(t.kind in ("softcap", "sinks") for t in steps[:i]):
+                raise LeaveAlone("a scale applied after a softcap or a sink column")
+            if s.value <= 0 and any(t.kind in ("add", "fill", "keepfill") for t in steps[:i]):
+                raise LeaveAlone(f"a scale {s.value:g} <= 0 applied after a mask")
             f.scale *= s.value
+            for t in steps[:i]:
+                if t.kind == "add":
+                    f.factors[t.value] = f.factors.get(t.value, 1.0) * s.value
             continue
         if s.kind in ("cast", "shift"):
             continue
-        seen_other = True
         if s.kind == "softcap":
             f.score_ops.append(("softcap", s.value))
         elif s.kind == "add":
@@ -657,6 +698,8 @@ def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Op
     with g.inserting_before(f.out):
         # derived tensors (T5's bucket of each distance, read off the graph's bucket matrix)
         tensors = [_derived(g, t) if isinstance(t, Diagonals) else t for t in tensors]
+        tensors = [call_with_value(g, operator.mul, t.node, t.factor) if isinstance(t, Scaled) else t
+                   for t in tensors]
         sink = None
         if f.sink is not None:
             sink = g.call_function(_select_last, (f.sink,))
@@ -713,9 +756,12 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
         per site (replaced, with the inferred pattern; or left alone, with the reason).
         One INFO line per site goes to the ``attncc`` logger.
 
-    Sites that are not understood stay exactly as they were.
+    Sites that are not understood stay exactly as they were (the head-folded products
+    :func:`~attncc.fx.layout.unfold_heads` rewrote for matching are put back).
     """
     _ensure_values(gm, example_inputs)
+    rebind_inplace(gm.graph)
+    foldings = unfold_heads(gm.graph)
     g = Graph(gm.graph)
     report = Report()
     dead = []
@@ -747,9 +793,13 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
             rep = SiteReport(n.name, kind, False, reason=str(e))
         report.sites.append(rep)
         log.info(rep.line())
-    if report.replaced:
-        for n in dead:
-            _erase_dead(gm.graph, n)
+    for n in dead:
+        _erase_dead(gm.graph, n)
+    alive = set(gm.graph.nodes)
+    for fold in foldings:
+        if fold.key in alive:  # no site consumed it
+            fold.undo(gm.graph)
+    if report.replaced or foldings:
         gm.graph.lint()
         gm.recompile()
     return gm, report

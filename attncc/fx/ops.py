@@ -6,13 +6,16 @@ Dynamo graphs call ``torch.matmul`` / ``operator.mul`` / ``Tensor.transpose`` me
 ``"transpose"``, ``"sdpa"`` ...) so the matcher's rules are written once.
 In-place arithmetic (``s /= c``, ``s.mul_(c)``) is ``"idiv"`` / ``"imul"``: only the
 score rules, which check that the operand has no other use, accept it (the mask
-recovery does not model it).
+recovery does not model it); :func:`rebind_inplace` makes later readers of a tensor
+mutated in place read the in-place op's result (the same tensor), so ``s.div_(c)``
+without ``s = ...`` is a chain step too.
 """
 
 from __future__ import annotations
 
 import operator
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -37,7 +40,8 @@ _FUNCTIONS = {
     torch.repeat_interleave: "repeat_interleave",
     torch.max: "max", torch.amax: "amax", torch.tensor: "tensor", torch.zeros: "zeros", torch.ones: "ones",
     torch.full: "full", torch.clone: "clone", getattr: "getattr",
-    F.embedding: "embedding", operator.iadd: "iadd",
+    F.embedding: "embedding", operator.iadd: "iadd", torch.baddbmm: "baddbmm", torch.flatten: "flatten", torch.unflatten: "unflatten",
+    torch.cumsum: "cumsum", torch.masked_fill: "masked_fill",
     F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
 }
 
@@ -51,6 +55,8 @@ _METHODS = {
     "bfloat16": "to", "type_as": "to", "clone": "clone", "repeat_interleave": "repeat_interleave", "max": "max",
     "amax": "amax", "new_ones": "new_ones", "new_zeros": "new_zeros", "masked_fill": "masked_fill",
     "__getitem__": "getitem", "div_": "idiv", "mul_": "imul", "__itruediv__": "idiv", "__imul__": "imul",
+    "add_": "iadd", "__iadd__": "iadd", "baddbmm": "baddbmm", "bmm": "matmul", "repeat": "repeat",
+    "flatten": "flatten", "unflatten": "unflatten", "cumsum": "cumsum",
 }
 
 _ATEN = {
@@ -61,6 +67,7 @@ _ATEN = {
     "transpose": "transpose", "permute": "permute", "view": "view", "_unsafe_view": "view", "reshape": "reshape",
     "expand": "expand", "unsqueeze": "unsqueeze", "clone": "clone", "_to_copy": "to", "cat": "cat",
     "where": "where", "arange": "arange", "amax": "amax", "scaled_dot_product_attention": "sdpa",
+    "baddbmm": "baddbmm", "repeat": "repeat", "cumsum": "cumsum",
 }
 
 
@@ -104,3 +111,19 @@ def arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
     return default
+
+
+def shape_of(node):
+    """The recorded shape of a node's tensor value, or None."""
+    v = value_of(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def same_size(a, b) -> bool:
+    """Two sizes (ints, SymInts or sympy expressions) are provably equal."""
+    sa = a.node.expr if isinstance(a, torch.SymInt) else a
+    sb = b.node.expr if isinstance(b, torch.SymInt) else b
+    try:
+        return bool(sympy.simplify(sympy.sympify(sa) - sympy.sympify(sb)) == 0)
+    except (TypeError, sympy.SympifyError):
+        return False

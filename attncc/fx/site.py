@@ -297,9 +297,10 @@ def mask_name(mask) -> str:
 
 
 def term_name(term) -> str:
-    """``"alibi"`` for a score term ``slope[h] * (kv - q + c)`` (``c`` constant along the
-    keys: the same softmax as ALiBi's ``slope[h] * (kv - q)``, e.g. MPT's ``kv - Lk + 1``),
-    ``"alibi_symmetric"`` for ``-slope[h] * abs(q - kv)``, ``"relative_position_bias"`` for
+    """``"alibi"`` for a score term ``a * slope[h] * (kv - q + c)`` (``a > 0`` a number, ``c``
+    constant along the keys: the same softmax as ALiBi's ``slope[h] * (kv - q)``, e.g. MPT's
+    ``kv - Lk + 1``, BLOOM's ``kv``, Falcon's ``2 / sqrt(d) * kv``),
+    ``"alibi_symmetric"`` for ``-a * slope[h] * abs(q - kv)``, ``"relative_position_bias"`` for
     T5's ``table[bucket[kv - q + Lq - 1], h]``, else ``"score_term"``.
     Only used for reports: the kernel computes the term itself."""
     from sympy.core.function import AppliedUndef
@@ -311,10 +312,11 @@ def term_name(term) -> str:
     if len(reads) == 1:
         rest = sympy.simplify(term / reads[0])
         if not rest.has(reads[0]):
-            if sympy.simplify(sympy.diff(rest, kv_idx) - 1) == 0 and not (rest - kv_idx).has(kv_idx) \
-                    and not isinstance(rest, sympy.Piecewise):
+            c = sympy.simplify(sympy.diff(rest, kv_idx))  # a scaled slope is a slope (Falcon: slope / sqrt(d))
+            if c.is_number and c > 0 and not (rest - c * kv_idx).has(kv_idx) and not isinstance(rest, sympy.Piecewise):
                 return "alibi"
-            if sympy.simplify(rest + sympy.Abs(q_idx - kv_idx)) == 0:
+            c = sympy.simplify(-rest / sympy.Abs(q_idx - kv_idx))
+            if c.is_number and c > 0:
                 return "alibi_symmetric"
     return "score_term"
 

@@ -23,7 +23,8 @@ from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes
                            compile_read_checks, compile_size_checks, compile_value_checks, flatten_grid,
                            shape_functions)
 from attncc.codegen import backward_support
-from attncc.dense import check_clause_reads, lowrank_factors
+from attncc.dense import check_clause_reads, eval_expr, index_env as dense_index_env, lowrank_factors
+from attncc.ir import INDEX as I_INDEX, SIZES as I_SIZES, s as _S
 from attncc.gradients import partial_shape, reduce_partials
 from attncc.ir import BLOCK_TENSOR, grid_sizes, size_values, with_block_mask
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
@@ -754,6 +755,90 @@ class CompiledAttention:
             ir = with_block_mask(self.ir, *bs.block_size, per_batch, heads)
             kern = twins[key] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
         return kern, blocks
+
+    def block_mass(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_mask, scale: Optional[float] = None,
+                   **tensors) -> torch.Tensor:
+        """The softmax mass each listed block received in a ``block_mask`` call: the target
+        for training a router / indexer by distillation (NSA, DeepSeek sparse attention).
+
+        ``mass[b, h, i, s]`` is the attention probability summed over the keys of block
+        ``kv_indices[b, h', i, s]`` and averaged over the valid queries of query block ``i``
+        (``exp(score - lse)`` over the pairs the pattern allows, ``lse`` from the same call's
+        ``return_lse=True``, so the masses of a row sum to 1 minus its sink's share); 0 past
+        ``kv_num_blocks`` and for rows with no allowed key. Computed in torch (float32) from
+        gathered key blocks, a chunk of query blocks at a time (never ``Lq x Lk``); no gradient.
+
+        Args:
+            q / k: as the call (1-D patterns); lse: float32 ``(B, Hq, Lq)`` from the call.
+            block_mask: the call's :class:`attncc.BlockSparse` or FlexAttention ``BlockMask``.
+            scale / **tensors: as the call.
+
+        Returns:
+            float32 ``(B, Hq, ceil(Lq / BQ), max_blocks)`` (both lists of a schedule with
+            ``full_*`` lists are concatenated: the full ones after the others).
+
+        Raises:
+            NotImplementedError: grid patterns, ``dot()`` terms or sigmoid normalization.
+            ValueError / TypeError: as the call, and an ``lse`` of another shape.
+        """
+        from .sparse import as_block_sparse
+
+        if self.ir.grid or self.ir.lowrank or self.ir.normalize != "softmax":
+            raise NotImplementedError(f"block_mass: pattern {self.ir.name!r} has a grid, dot() terms or sigmoid "
+                                      "normalization; only 1-D softmax patterns are supported")
+        bs = as_block_sparse(block_mask)
+        twin, blocks = self.with_blocks(bs, q, k)
+        sizes, tens = twin._check(q, k, k, dict(tensors, **{BLOCK_TENSOR: blocks}))
+        B, Hq, Hkv, Lq, Lk, D = (sizes[n] for n in ("B", "H", "Hkv", "Lq", "Lk", "D"))
+        if tuple(lse.shape) != (B, Hq, Lq):
+            raise ValueError(f"block_mass: lse must have shape (B, Hq, Lq) = {(B, Hq, Lq)}, got {tuple(lse.shape)}")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        bq, bk = bs.block_size
+        nq = -(-Lq // bq)
+        lists = [(bs.kv_num_blocks, bs.kv_indices)]
+        if bs.full_kv_num_blocks is not None:
+            lists.append((bs.full_kv_num_blocks, bs.full_kv_indices))
+        num, idx = [], []
+        for n_, i_ in lists:  # per query head: (B, Hq, nq[, slots])
+            th = n_.shape[1]
+            hmap = torch.arange(Hq, device=q.device) // (Hq // th) if th not in (1, Hq) else None
+            n_, i_ = n_[:, :, :nq].long(), i_[:, :, :nq].long()
+            if hmap is not None:
+                n_, i_ = n_[:, hmap], i_[:, hmap]
+            num.append(n_.expand(B, Hq, nq))
+            idx.append(i_.expand(B, Hq, nq, i_.shape[-1]))
+        slots = torch.cat([torch.arange(x.shape[-1], device=q.device) < n_[..., None] for n_, x in zip(num, idx)], -1)
+        idx = torch.cat(idx, -1)
+        S = idx.shape[-1]
+        kq = k.detach().float().repeat_interleave(Hq // Hkv, dim=1)
+        out = torch.zeros(B, Hq, nq, S, dtype=torch.float32, device=q.device)
+        per = max(1, (1 << 24) // max(1, B * Hq * bq * S * bk))  # query blocks per chunk
+        env = dense_index_env(B, Hq, 1, 1, Hkv, D, sizes["Dv"], q.device)
+        env[I_SIZES["Lq"]], env[I_SIZES["Lk"]] = Lq, Lk
+        qpad = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, nq * bq - Lq))
+        lpad = torch.nn.functional.pad(lse.detach().float(), (0, nq * bq - Lq), value=float("inf"))
+        with torch.no_grad():
+            for i0 in range(0, nq, per):
+                i1 = min(nq, i0 + per)
+                c = i1 - i0
+                rows = torch.arange(i0 * bq, i1 * bq, device=q.device).view(c, bq)
+                cols = (idx[:, :, i0:i1, :, None] * bk + torch.arange(bk, device=q.device)).view(B, Hq, c, S * bk)
+                kg = torch.gather(kq, 2, cols.clamp(max=Lk - 1).view(B, Hq, -1, 1).expand(-1, -1, -1, D))
+                sc = torch.einsum("bhcqd,bhcnd->bhcqn", qpad[:, :, i0 * bq:i1 * bq].view(B, Hq, c, bq, D),
+                                  kg.view(B, Hq, c, S * bk, D)) * scale
+                env.update({I_INDEX["b"]: torch.arange(B, device=q.device).view(B, 1, 1, 1, 1),
+                            I_INDEX["h"]: torch.arange(Hq, device=q.device).view(1, Hq, 1, 1, 1),
+                            I_INDEX["q"]: rows.view(1, 1, c, bq, 1), I_INDEX["kv"]: cols.view(B, Hq, c, 1, S * bk),
+                            _S: sc})
+                ok = eval_expr(twin.ir.mask, env, tens).to(q.device) & (rows.view(1, 1, c, bq, 1) < Lq)
+                ok = ok & (cols.view(B, Hq, c, 1, S * bk) < Lk) & slots[:, :, i0:i1, None, :, None].expand(
+                    B, Hq, c, 1, S, bk).reshape(B, Hq, c, 1, S * bk)
+                score = eval_expr(self.ir.score, env, tens, float_dtype=torch.float32).to(q.device)
+                p = torch.where(ok, torch.exp(torch.broadcast_to(score, ok.shape) - lpad[:, :, i0 * bq:i1 * bq]
+                                              .view(B, Hq, c, bq, 1)), 0.0)
+                cnt = torch.clamp(Lq - rows[:, 0], max=bq).to(torch.float32).view(1, 1, c, 1)
+                out[:, :, i0:i1] = p.view(B, Hq, c, bq, S, bk).sum((3, 5)) / cnt
+        return out
 
     # ------------------------------------------------------------------ internals
     def _check_grads(self, q, k, v, tens: dict) -> None:

@@ -289,3 +289,39 @@ def test_route_clause_errors_point_at_the_spec(clause, match):
     with pytest.raises(attncc.SpecError, match=match) as e:
         attncc.compile(spec)
     assert ":3:" in str(e.value)
+
+
+def test_block_mass_is_the_softmax_mass_of_each_listed_block():
+    """block_mass against the dense probabilities of the same call (computed here with SDPA's
+    formula in float64): per listed block, the probability summed over its keys and averaged
+    over its queries; the masses of a query block sum to 1 over its slots."""
+    g = torch.Generator().manual_seed(9)
+    B, Hq, Hkv, L, D, bq = 1, 4, 2, 100, 16, 32
+    n = -(-L // bq)
+    num, idx = _random_schedule(g, B, Hkv, n, n, max_blocks=3, p_empty=0.0)
+    num = num.clamp(min=1)
+    idx[..., 0] = torch.arange(n, dtype=torch.int32)  # the own block first: every row has a key
+    idx = torch.where(torch.arange(3) < num[..., None], idx, 0)
+    for i in range(n):  # duplicate-free rows
+        for h in range(Hkv):
+            row = idx[0, h, i, :int(num[0, h, i])].tolist()
+            num[0, h, i] = len(dict.fromkeys(row))
+            idx[0, h, i, :int(num[0, h, i])] = torch.tensor(list(dict.fromkeys(row)), dtype=torch.int32)
+    bs = BlockSparse(num, idx, bq)
+    q = torch.randn(B, Hq, L, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    kern = attncc.compile(CAUSAL)
+    out, lse = kern(q, k, k, block_mask=bs, return_lse=True)
+    mass = kern.block_mass(q, k, lse, bs)
+    assert mass.shape == (B, Hq, n, 3)
+    allowed = _dense_allowed(bs, B, Hq, L, L, lambda qi, ki: ki <= qi)
+    sc = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) / math.sqrt(D)
+    p = torch.softmax(sc.masked_fill(~allowed, float("-inf")), -1)
+    for h in range(Hq):
+        for i in range(n):
+            rows = slice(i * bq, min(L, (i + 1) * bq))
+            for s_ in range(3):
+                j = int(idx[0, h // 2, i, s_])
+                want = p[0, h, rows, j * bq:(j + 1) * bq].sum(-1).mean() if s_ < int(num[0, h // 2, i]) else 0.0
+                assert abs(float(mass[0, h, i, s_]) - float(want)) < 1e-5
+    assert torch.allclose(mass.sum(-1), torch.ones(B, Hq, n), atol=1e-5)

@@ -168,12 +168,16 @@ def _group_rows(pid, Lq, Hkv, G, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_heads(X, b, heads, i, rmask, stride_b, stride_h, stride_l, stride_d, N, BLOCK: tl.constexpr):
+def _load_heads(X, b, heads, i, rmask, stride_b, stride_h, stride_l, stride_d, N, BLOCK: tl.constexpr,
+                UPCAST: tl.constexpr):
     """``[BLOCK_M, BLOCK]`` tile: per row, token ``i`` (one, or one per row) of head ``heads``
-    of X (zero where not ``rmask`` / past N)."""
+    of X (zero where not ``rmask`` / past N); float32 with ``UPCAST``."""
     d = tl.arange(0, BLOCK)
-    return tl.load(X + b * stride_b + (heads * stride_h + i * stride_l)[:, None] + d[None, :] * stride_d,
-                   mask=rmask[:, None] & (d[None, :] < N), other=0.0)
+    x = tl.load(X + b * stride_b + (heads * stride_h + i * stride_l)[:, None] + d[None, :] * stride_d,
+                mask=rmask[:, None] & (d[None, :] < N), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -194,12 +198,16 @@ def _list_chunk(IDX, row, T, s0, n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(X, b, g, j, cmask, stride_b, stride_h, stride_l, stride_d, N, BLOCK: tl.constexpr):
+def _load_keys(X, b, g, j, cmask, stride_b, stride_h, stride_l, stride_d, N, BLOCK: tl.constexpr,
+               UPCAST: tl.constexpr):
     """``[BLOCK_N, BLOCK]`` tile gathered from KV head g of X: the tokens ``j`` (zero where not
-    ``cmask`` / past N)."""
+    ``cmask`` / past N); float32 with ``UPCAST``."""
     d = tl.arange(0, BLOCK)
-    return tl.load(X + b * stride_b + g.to(tl.int64) * stride_h + j[:, None] * stride_l + d[None, :] * stride_d,
-                   mask=cmask[:, None] & (d[None, :] < N), other=0.0)
+    x = tl.load(X + b * stride_b + g.to(tl.int64) * stride_h + j[:, None] * stride_l + d[None, :] * stride_d,
+                mask=cmask[:, None] & (d[None, :] < N), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -210,7 +218,7 @@ def _gather_fwd_kernel(Q, K, V, IDX, CNT, OUT, LSE,
                        stride_ob, stride_oh, stride_ol, stride_od,
                        Lq, Hq, Hkv, T, D, DV, G, qk_scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (b, query token i, KV group g) (``pid`` is the row of the canonical
     ``(B, Lq, Hkv, T)`` lists): the G query heads as M rows, the listed keys gathered
     ``BLOCK_N`` at a time, online softmax in the log2 domain (``qk_scale = scale * log2 e``).
@@ -219,20 +227,20 @@ def _gather_fwd_kernel(Q, K, V, IDX, CNT, OUT, LSE,
     g, i, b, heads, rmask = _group_rows(pid, Lq, Hkv, G, BLOCK_M)
     row = pid.to(tl.int64)
     n = tl.load(CNT + row)
-    q = _load_heads(Q, b, heads, i, rmask, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D)
+    q = _load_heads(Q, b, heads, i, rmask, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D, UPCAST)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for s0 in range(0, n, BLOCK_N):
         j, cmask = _list_chunk(IDX, row, T, s0, n, BLOCK_N)
-        kt = _load_keys(K, b, g, j, cmask, stride_kb, stride_kh, stride_kl, stride_kd, D, BLOCK_D)
+        kt = _load_keys(K, b, g, j, cmask, stride_kb, stride_kh, stride_kl, stride_kd, D, BLOCK_D, UPCAST)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every chunk holds at least one key
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        vt = _load_keys(V, b, g, j, cmask, stride_vb, stride_vh, stride_vl, stride_vd, DV, BLOCK_DV)
+        vt = _load_keys(V, b, g, j, cmask, stride_vb, stride_vh, stride_vl, stride_vd, DV, BLOCK_DV, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m = m_new
     has = l > 0
@@ -252,7 +260,7 @@ def _gather_dq_kernel(Q, K, V, DO, LSE, DELTA, IDX, CNT, DQ,
                       stride_gb, stride_gh, stride_gl, stride_gd,
                       Lq, Hq, Hkv, T, D, DV, G, sm_scale, qk_scale,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ, one program per (b, i, g) as the forward: ``P = exp(S - LSE)`` over the gathered
     keys, ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K`` (``delta``: rowsum(dO * O)
     minus the LSE's incoming gradient, float32 ``(B, Hq, Lq)``)."""
@@ -260,15 +268,15 @@ def _gather_dq_kernel(Q, K, V, DO, LSE, DELTA, IDX, CNT, DQ,
     g, i, b, heads, rmask = _group_rows(pid, Lq, Hkv, G, BLOCK_M)
     row = pid.to(tl.int64)
     n = tl.load(CNT + row)
-    q = _load_heads(Q, b, heads, i, rmask, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D)
-    do = _load_heads(DO, b, heads, i, rmask, stride_ob, stride_oh, stride_ol, stride_od, DV, BLOCK_DV)
+    q = _load_heads(Q, b, heads, i, rmask, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D, UPCAST)
+    do = _load_heads(DO, b, heads, i, rmask, stride_ob, stride_oh, stride_ol, stride_od, DV, BLOCK_DV, UPCAST)
     lse2 = tl.load(LSE + (b * Hq + heads) * Lq + i, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + (b * Hq + heads) * Lq + i, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s0 in range(0, n, BLOCK_N):
         j, cmask = _list_chunk(IDX, row, T, s0, n, BLOCK_N)
-        kt = _load_keys(K, b, g, j, cmask, stride_kb, stride_kh, stride_kl, stride_kd, D, BLOCK_D)
-        vt = _load_keys(V, b, g, j, cmask, stride_vb, stride_vh, stride_vl, stride_vd, DV, BLOCK_DV)
+        kt = _load_keys(K, b, g, j, cmask, stride_kb, stride_kh, stride_kl, stride_kd, D, BLOCK_D, UPCAST)
+        vt = _load_keys(V, b, g, j, cmask, stride_vb, stride_vh, stride_vl, stride_vd, DV, BLOCK_DV, UPCAST)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.where(rmask[:, None] & cmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
@@ -314,8 +322,8 @@ def _gather_dkdv_kernel(Q, K, V, DO, LSE, DELTA, OFF, QIDX, DK, DV_,
         pair = p0 + r // GP
         ok = (pair < end) & (hh < G)
         i = tl.load(QIDX + pair, mask=ok, other=0).to(tl.int64)
-        q = _load_heads(Q, b, heads, i, ok, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D).to(tl.float32)
-        do = _load_heads(DO, b, heads, i, ok, stride_ob, stride_oh, stride_ol, stride_od, DV, BLOCK_DV).to(tl.float32)
+        q = _load_heads(Q, b, heads, i, ok, stride_qb, stride_qh, stride_ql, stride_qd, D, BLOCK_D, True)
+        do = _load_heads(DO, b, heads, i, ok, stride_ob, stride_oh, stride_ol, stride_od, DV, BLOCK_DV, True)
         lse2 = tl.load(LSE + (b * Hq + heads) * Lq + i, mask=ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + (b * Hq + heads) * Lq + i, mask=ok, other=0.0)
         s = tl.sum(q * kv[None, :], 1) * qk_scale
@@ -329,12 +337,15 @@ def _gather_dkdv_kernel(Q, K, V, DO, LSE, DELTA, OFF, QIDX, DK, DV_,
 
 
 def _blocks(q, v):
-    """``(BLOCK_M, BLOCK_D, BLOCK_DV, PREC)`` of the forward-style kernels: the G heads of a group
-    padded to 16 rows (``tl.dot``'s minimum), head dims to powers of two (>= 16), and IEEE
-    float32 products for float32 inputs (no TF32)."""
+    """The constexprs of the forward-style kernels: ``BLOCK_M`` (the G heads of a group padded
+    to 16 rows, ``tl.dot``'s minimum), ``BLOCK_D`` / ``BLOCK_DV`` (powers of two >= 16), ``PREC``
+    (IEEE float32 products for float32 inputs, no TF32) and ``UPCAST`` (bfloat16 tiles made
+    float32 under the Triton interpreter, which has no bfloat16 dot)."""
     G = q.shape[1] // v.shape[1]
-    return (max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(q.shape[3])),
-            max(16, triton.next_power_of_2(v.shape[3])), "ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=_BLOCK_N,
+                BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[3])),
+                PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST=q.dtype == torch.bfloat16 and cache.interpreting(), num_warps=4, num_stages=1)
 
 
 def _forward_launch(q, k, v, idx, cnt, scale):
@@ -347,12 +358,10 @@ def _forward_launch(q, k, v, idx, cnt, scale):
     Hkv, Dv, T = k.shape[1], v.shape[3], idx.shape[3]
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    bm, bd, bdv, prec = _blocks(q, v)
     launch = Launch("_gather_fwd_kernel", (B * Lq * Hkv,),
                     [q, k, v, idx, cnt, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                      Lq, Hq, Hkv, T, D, Dv, Hq // Hkv, scale * _LOG2E],
-                    dict(BLOCK_M=bm, BLOCK_N=_BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec,
-                         num_warps=4, num_stages=1))
+                    _blocks(q, v))
     return launch, out, lse
 
 
@@ -363,12 +372,10 @@ def _dq_launch(q, k, v, do, lse, delta, idx, cnt, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Dv, T = k.shape[1], v.shape[3], idx.shape[3]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    bm, bd, bdv, prec = _blocks(q, v)
     launch = Launch("_gather_dq_kernel", (B * Lq * Hkv,),
                     [q, k, v, do, lse, delta, idx, cnt, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                      *dq.stride(), Lq, Hq, Hkv, T, D, Dv, Hq // Hkv, scale, scale * _LOG2E],
-                    dict(BLOCK_M=bm, BLOCK_N=_BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec,
-                         num_warps=4, num_stages=1))
+                    _blocks(q, v))
     return launch, dq
 
 

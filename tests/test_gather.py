@@ -41,7 +41,7 @@ def _grads(out, lse, q, k, v, seed=0):
 
 
 CONFIGS = [  # (B, Hq, Hkv, Lq, Lk, D, Dv, topk, causal, extra)
-    (2, 4, 2, 12, 37, 32, 24, 12, False, {}),                    # GQA, Lq < Lk, Dv != D
+    (2, 4, 2, 12, 24, 32, 24, 12, False, {}),                    # GQA, Lq < Lk, Dv != D
     (1, 4, 2, 30, 19, 16, 16, 10, True, {}),                     # GQA, causal, Lq > Lk
     (1, 2, 2, 24, 24, 16, 32, 8, True, dict(channels_last=True)),  # Hq = Hkv, strided inputs
     (1, 4, 1, 24, 150, 16, 16, 140, False, dict(lo=-10)),       # 2 or 3 chunks of 64 keys, > 16 rows per key
@@ -82,17 +82,19 @@ def test_kernels_equal_reference(case):
         assert torch.equal(attncc.gather_attention(q, k, v, idx), want)
 
 
-def test_half_precision():
-    q, k, v, idx = _inputs(5, 1, 4, 2, 12, 20, 32, 32, 16, dtype=torch.float16)
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision(dtype, tol):
+    q, k, v, idx = _inputs(5, 1, 4, 2, 12, 20, 32, 32, 16, dtype=dtype)
     out, lse = attncc.gather_attention(q, k, v, idx, causal=True, return_lse=True, backend="interpret", scale=0.2)
     want, want_lse = gather_attention_reference(q, k, v, idx, causal=True, return_lse=True, scale=0.2)
-    assert out.dtype == torch.float16
-    assert (out.float() - want.float()).abs().max() < 2e-3
+    assert out.dtype == dtype
+    assert (out.float() - want.float()).abs().max() < tol
     empty = torch.isinf(want_lse)
     assert torch.equal(torch.isinf(lse), empty)
-    assert (torch.where(empty, 0.0, lse - want_lse)).abs().max() < 2e-3
+    assert (torch.where(empty, 0.0, lse - want_lse)).abs().max() < tol
     for a, e in zip(_grads(out, lse, q, k, v), _grads(want, want_lse, q, k, v)):
-        assert (a.float() - e.float()).abs().max() < 2e-2
+        assert a.dtype == dtype
+        assert (a.float() - e.float()).abs().max() < 10 * tol * (1 + e.float().abs().max())
 
 
 def _dense_mask(idx, Hq, Lk, causal):

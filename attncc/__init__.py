@@ -11,6 +11,7 @@ Public API::
     out, lse = kern(q, k, v, return_lse=True)
     out = kern(q, k, v, block_mask=attncc.BlockSparse(kv_num_blocks, kv_indices, (BQ, BK)))
     out = kern(q, k, v, block_mask=attncc.topk_blocks(q, k, block_size=64, topk=8))
+    out = attncc.gather_attention(q, k, v, kv_index, causal=True)   # per-token top-k lists
     ref = attncc.reference(spec, q, k, v, pattern=None, scale=None, return_lse=False, **params_and_tensors)
 """
 
@@ -50,7 +51,7 @@ from .errors import SpecError  # noqa: E402
 #: public names imported on first use (torch, triton and sympy are not imported by ``import attncc``)
 _LAZY = {"compile": "compiler", "explain": "compiler", "library_patterns": "library", "pattern_path": "library",
          "reference": "dense", "AttentionIR": "ir", "lower": "ir", "BlockSparse": "runtime",
-         "topk_blocks": "runtime"}
+         "topk_blocks": "runtime", "gather_attention": "runtime", "gather_attention_reference": "runtime"}
 
 
 def __getattr__(name):
@@ -65,5 +66,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
 
 
-__all__ = ["compile", "reference", "BlockSparse", "topk_blocks", "explain", "parse", "lower", "SpecError", "PatternSpec", "AttentionIR",
+__all__ = ["compile", "reference", "BlockSparse", "topk_blocks", "gather_attention", "gather_attention_reference", "explain", "parse", "lower", "SpecError", "PatternSpec", "AttentionIR",
            "library_patterns", "pattern_path", "__version__"]

@@ -32,6 +32,24 @@ def library():
     return attncc.library_patterns()
 
 
+def compiled_resources(script: str, timeout: int = 300) -> list:
+    """Run ``script`` (it compiles launches with :func:`attncc.aot.compile_launch` and prints a
+    JSON list of :func:`attncc.aot.resource_usage` records as its last line) in a separate
+    process with the Triton interpreter off (real compilation, no GPU needed); return the
+    records after checking each has no spills, no local stores and no local memory."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = json.loads(res.stdout.strip().splitlines()[-1])
+    for rec in recs:
+        assert rec["spill_bytes"] == 0 and rec["local_stores"] == 0 and rec["local_bytes"] == 0, rec
+    return recs
+
+
 def max_err(a, b):
     """max |a - b| in float64."""
     return (a.double() - b.double()).abs().max().item()

@@ -10,6 +10,7 @@ import torch
 
 import attncc
 from attncc.runtime.routing import topk_blocks_reference
+from conftest import compiled_resources
 
 CAUSAL = attncc.pattern_path("causal")
 
@@ -176,13 +177,4 @@ def test_kernel_compiles_for_sm90a_without_spills():
     """The routing kernel compiled with real Triton for sm_90a (no GPU: a separate process with
     the interpreter off), at 32k and 128k keys (512 / 2048 key blocks in registers) and per
     token: no spills, no local memory."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    for rec in json.loads(res.stdout.strip().splitlines()[-1]):
-        assert rec["spill_bytes"] == 0 and rec["local_stores"] == 0 and rec["local_bytes"] == 0, rec
+    compiled_resources(_AOT)

@@ -403,8 +403,27 @@ def clamp_score(score: torch.Tensor) -> torch.Tensor:
     return torch.where(score == -math.inf, score, score.clamp(-SCORE_LIMIT, SCORE_LIMIT))
 
 
+def _listed(kv_index, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, device) -> torch.Tensor:
+    """bool ``(B, Hq, Lq, Lk)``: key ``kv`` is in ``kv_index[b, q, h // (Hq / Hkv), :]``.
+
+    Raises:
+        TypeError / ValueError: not an integer tensor of shape ``(B, Lq, Hkv, topk)``.
+    """
+    if not isinstance(kv_index, torch.Tensor) or kv_index.dtype.is_floating_point or kv_index.dtype == torch.bool:
+        raise TypeError("kv_index must be an integer tensor (B, Lq, Hkv, topk)")
+    if kv_index.dim() != 4 or tuple(kv_index.shape[:3]) != (B, Lq, Hkv):
+        raise ValueError(f"kv_index must have shape (B, Lq, Hkv, topk) = ({B}, {Lq}, {Hkv}, topk), "
+                         f"got {tuple(kv_index.shape)}")
+    ix = kv_index.to(device=device, dtype=torch.int64)
+    ok = (ix >= 0) & (ix < Lk)
+    listed = torch.zeros(B, Lq, Hkv, Lk + 1, dtype=torch.bool, device=device)
+    listed.scatter_(-1, torch.where(ok, ix, Lk), True)
+    listed = listed[..., :Lk].permute(0, 2, 1, 3)  # (B, Hkv, Lq, Lk)
+    return listed.repeat_interleave(Hq // Hkv, dim=1)
+
+
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
-              return_lse: bool = False, block_mask=None, **params_and_tensors):
+              return_lse: bool = False, block_mask=None, kv_index=None, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
 
     Args:
@@ -419,6 +438,9 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
             the pattern's mask AND "the pair's block is listed" (see
             :meth:`attncc.runtime.CompiledAttention.with_blocks`). Patterns with a ``route:``
             clause take it from :func:`attncc.runtime.routing.topk_blocks_reference` unless given.
+        kv_index: optional int ``(B, Lq, Hkv, topk)`` token-level lists (DeepSeek sparse
+            attention): the pattern's mask AND "the key is listed for this query and KV
+            head" (entries outside ``[0, Lk)`` ignored, duplicates count once).
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -468,6 +490,8 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         raise ValueError(f"pattern {ir.name!r} uses normalize: sigmoid, which has no log-sum-exp: "
                          "call without return_lse")
     mask = dense_mask(ir, sizes, tensors, q.device)
+    if kv_index is not None:
+        mask = mask & _listed(kv_index, B, Hq, Hkv, Lq, Lk, q.device)
     env = index_env(B, Hq, Lq, Lk, Hkv, D, Dv, q.device, grid=grid)
     env[I.s] = sc
     check_clause_reads(ir, sizes, tensors, q.device)  # score, sink and gate reads in bounds

@@ -24,8 +24,8 @@ from attncc.checks import (KERNEL_DTYPES, check_inputs, check_reads, check_sizes
                            shape_functions)
 from attncc.codegen import backward_support
 from attncc.dense import check_clause_reads, eval_expr, index_env as dense_index_env, lowrank_factors
-from attncc.ir import INDEX as I_INDEX, SIZES as I_SIZES, s as _S
 from attncc.gradients import partial_shape, reduce_partials
+from attncc.ir import INDEX as I_INDEX, SIZES as I_SIZES, s as _S
 from attncc.ir import BLOCK_TENSOR, grid_sizes, size_values, with_block_mask
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
@@ -389,7 +389,7 @@ class CompiledAttention:
 
     # ------------------------------------------------------------------ calling
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                 return_lse: bool = False, block_mask=None, **tensors):
+                 return_lse: bool = False, block_mask=None, kv_index=None, **tensors):
         """Run the kernel.
 
         Args:
@@ -405,6 +405,10 @@ class CompiledAttention:
                 Patterns with a ``route:`` clause compute it per call with
                 :func:`attncc.topk_blocks` on ``q`` and ``k`` (no gradient flows to the
                 routing) unless one is given.
+            kv_index: optional token-level top-k lists (DeepSeek sparse attention), int
+                ``(B, Lq, Hkv, topk)``: each query attends exactly to its listed keys (and
+                where the pattern allows), run by :func:`attncc.gather_attention`; patterns
+                with no mask or ``kv <= q`` and the plain score ``s`` only.
             **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
 
         Returns:
@@ -421,6 +425,8 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        if kv_index is not None:
+            return self._gathered(q, k, v, kv_index, scale, return_lse, block_mask, tensors)
         if block_mask is None and self.ir.route is not None:  # route: the producer, then the consumer
             from .routing import topk_blocks
 
@@ -755,6 +761,30 @@ class CompiledAttention:
             ir = with_block_mask(self.ir, *bs.block_size, per_batch, heads)
             kern = twins[key] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
         return kern, blocks
+
+    def _gathered(self, q, k, v, kv_index, scale, return_lse: bool, block_mask, tensors: dict):
+        """A call with ``kv_index`` (see :meth:`__call__`): :func:`attncc.gather_attention` with
+        ``causal`` from the pattern's mask (none: every listed key; ``kv <= q``: top-left causal).
+
+        Raises:
+            NotImplementedError: another mask or score, a sink, gate, sigmoid, ``dot()``
+                terms, spec tensors or a grid, or ``block_mask`` given too.
+        """
+        import sympy as sp
+
+        from .gather import gather_attention
+
+        ir = self.ir
+        causal = {sp.true: False, sp.Le(I_INDEX["kv"], I_INDEX["q"]): True}.get(ir.mask)
+        plain = (ir.score == _S and ir.sink is None and ir.gate is None and ir.normalize == "softmax"
+                 and not ir.lowrank and not ir.tensors and not ir.grid)
+        if causal is None or not plain or block_mask is not None or tensors:
+            raise NotImplementedError(f"kv_index: token-level top-k runs attncc.gather_attention, which covers "
+                                      f"patterns with no mask or 'kv <= q', the plain score s and no tensors, sink, "
+                                      f"gate or grid, without block_mask; pattern {ir.name!r} is not one (use "
+                                      f"attncc.reference(..., kv_index=...) for its semantics)")
+        backend = "interpret" if q.device.type == "cpu" and cpu.cpu_backend(self.backend) == "interpret" else None
+        return gather_attention(q, k, v, kv_index, scale=scale, causal=causal, return_lse=return_lse, backend=backend)
 
     def block_mass(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_mask, scale: Optional[float] = None,
                    **tensors) -> torch.Tensor:

@@ -325,3 +325,39 @@ def test_block_mass_is_the_softmax_mass_of_each_listed_block():
                 want = p[0, h, rows, j * bq:(j + 1) * bq].sum(-1).mean() if s_ < int(num[0, h // 2, i]) else 0.0
                 assert abs(float(mass[0, h, i, s_]) - float(want)) < 1e-5
     assert torch.allclose(mass.sum(-1), torch.ones(B, Hq, n), atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, causal", [(CAUSAL, True), (FULL, False)])
+def test_kv_index_call_is_token_level_topk(spec, causal):
+    """kern(q, k, v, kv_index=...) (DeepSeek sparse attention): equal to SDPA with the listed
+    keys (and the pattern's mask) built here, and to reference(kv_index=...)."""
+    g = torch.Generator().manual_seed(10)
+    B, Hq, Hkv, L, D, topk = 1, 4, 2, 40, 16, 6
+    q = torch.randn(B, Hq, L, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    idx = torch.randint(-2, L + 2, (B, L, Hkv, topk), generator=g, dtype=torch.int32)
+    kern = attncc.compile(spec)
+    out = kern(q, k, v, kv_index=idx)
+    allowed = torch.zeros(B, Hq, L, L, dtype=torch.bool)
+    for i in range(L):
+        for h in range(Hq):
+            for j in idx[0, i, h // 2].tolist():
+                if 0 <= j < L and (j <= i or not causal):
+                    allowed[0, h, i, j] = True
+    want = _sdpa(q, k, v, allowed)
+    assert (out - want).abs().max() < 2e-5
+    ref = attncc.reference(spec, q.detach(), k, v, kv_index=idx)
+    assert (out.detach() - ref).abs().max() < 2e-5
+    dq, = torch.autograd.grad(out.sum(), q)
+    dq_want, = torch.autograd.grad(want.sum(), q)
+    assert (dq - dq_want).abs().max() < 5e-5
+
+
+def test_kv_index_refused_for_other_patterns():
+    q = torch.randn(1, 2, 16, 8)
+    idx = torch.zeros(1, 16, 2, 2, dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="kv_index: token-level top-k"):
+        attncc.compile(attncc.pattern_path("sliding_window"), window=4)(q, q, q, kv_index=idx)
+    with pytest.raises(ValueError, match=r"kv_index must have shape \(B, Lq, Hkv, topk\)"):
+        attncc.reference(CAUSAL, q, q, q, kv_index=idx[:, :8])

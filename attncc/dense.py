@@ -37,6 +37,10 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
         A tensor (bool for booleans, ``float_dtype`` or int64 otherwise).
     """
     memo: dict = {}
+    # symbols also by name: equal Symbol objects from different sources (a plan loaded from the
+    # disk cache, sympy's expression cache) are one key by name, also where torch.compile
+    # (FlexAttention's mods) looks dict keys up by identity
+    named = {k.name: v for k, v in env.items() if isinstance(k, sp.Symbol)}
 
     def ev(e):
         if e in memo:
@@ -49,6 +53,8 @@ def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_d
         return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=device)
 
     def _ev(e):  # noqa: C901
+        if isinstance(e, sp.Symbol) and e.name in named:
+            return num(named[e.name])
         if e in env:
             return num(env[e])
         if e is sp.true or e == sp.true:

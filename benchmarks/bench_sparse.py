@@ -18,10 +18,17 @@ FlexAttention anchor of the same run:
   pattern on its first call for a document layout (a chunked evaluation of the mask per
   tile: both are O(L^2); attncc caches the table per document-id contents).
 
-    python benchmarks/bench_sparse.py [--lengths 16384,65536,131072] [--topk 8,16] [--runs 3]
+* **routed attention** (``--attn-lengths``; default on CUDA 16k / 64k / 128k, on CPU one
+  small length as a smoke run): the forward of MoBA-style routed causal attention (bf16 on
+  CUDA, D = 128, ``Hq`` heads sharing lists per KV head), attncc's producer
+  (:func:`attncc.topk_blocks`) + consumer (``kern(q, k, v, block_mask=...)``) against compiled
+  FlexAttention with ``BlockMask.from_kv_blocks`` on the same lists (the lists' producer not
+  timed for flex: it has none) and dense causal SDPA; outputs checked equal first.
 
-On a CUDA machine the same code runs on the GPU (``--device cuda``); the attention kernels'
-own timing against compiled FlexAttention needs the GPU and is not part of this script.
+    python benchmarks/bench_sparse.py [--lengths 16384,65536,131072] [--topk 8,16] [--runs 3]
+    python benchmarks/bench_sparse.py --attn-lengths 16384,65536,131072     # on a GPU
+
+On a CUDA machine the same code runs on the GPU (``--device cuda``).
 """
 
 from __future__ import annotations
@@ -94,6 +101,45 @@ def doc_ids(L: int, n_docs: int, device, seed: int = 0) -> torch.Tensor:
     return ids.cumsum(0).to(torch.int32).to(device)
 
 
+def routed_attention_rows(lengths, topks, block: int, runs: int, device, Hq: int = 16, Hkv: int = 4,
+                          D: int = 128) -> list:
+    """Table rows: routed causal attention, attncc (producer + consumer) vs compiled
+    FlexAttention on the same lists vs dense causal SDPA (forward, seconds, median)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    flex = torch.compile(flex_attention, dynamic=False)
+    out = ["| routed attention (fwd) | L | topk | attncc (producer + consumer) s | flex s | SDPA causal s "
+           "| attncc / flex | attncc / SDPA | max err vs flex |", "|---|---|---|---|---|---|---|---|---|"]
+    for L in lengths:
+        g = torch.Generator(device="cpu").manual_seed(L)
+        q, k, v = (torch.randn(1, h, L, D, generator=g).to(device, dtype) for h in (Hq, Hkv, Hkv))
+        for topk in topks:
+            kern = attncc.compile(attncc.pattern_path("moba"), block=block, topk=topk)
+            bs = attncc.topk_blocks(q, k, block_size=block, topk=topk)  # (1, Hkv, nQ, topk)
+            n = -(-L // block)
+            idx = torch.nn.functional.pad(bs.kv_indices, (0, n - bs.kv_indices.shape[-1]))
+            num = bs.kv_num_blocks.repeat_interleave(Hq // Hkv, 1)
+            bm = BlockMask.from_kv_blocks(num, idx.repeat_interleave(Hq // Hkv, 1).contiguous(), BLOCK_SIZE=block,
+                                          mask_mod=lambda b, h, qi, ki: ki <= qi)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = flex(q, k, v, block_mask=bm, enable_gqa=True)
+                got = kern(q, k, v)
+                err = float((got.float() - ref.float()).abs().max())
+                t_ours = _median_s(lambda: kern(q, k, v), runs, device)
+                t_flex = _median_s(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), runs, device)
+                t_sdpa = _median_s(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True), runs, device)
+            out.append(f"| moba (block {block}, Hq={Hq}, Hkv={Hkv}, D={D}, {str(dtype)[6:]}) | {L} | {topk} "
+                       f"| {t_ours:.4f} | {t_flex:.4f} | {t_sdpa:.4f} | {t_ours / t_flex:.2f}x | {t_ours / t_sdpa:.2f}x "
+                       f"| {err:.2e} |")
+            print(out[-1], flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     """Run both measurements and write ``results/bench_sparse_<device>_<date>.md``."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -106,9 +152,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=8, help="heads with their own lists")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attn-lengths", default=None,
+                    help="routed-attention token counts (default: 16384,65536,131072 on CUDA, 1024 on CPU; '' to skip)")
     ap.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if args.attn_lengths is None:
+        args.attn_lengths = "16384,65536,131072" if dev.type == "cuda" else "1024"
     causal = attncc.compile(attncc.pattern_path("causal"))
     rows = ["| schedule | L | topk | FlexAttention s | attncc s | attncc / flex | flex MiB | attncc MiB |",
             "|---|---|---|---|---|---|---|---|"]
@@ -147,6 +197,9 @@ def main(argv=None) -> int:
         t_tab = _median_s(ours_table, args.runs, dev)
         rows.append(f"| document causal | {L} | {n_docs} | {t_flex:.3f} | {t_tab:.3f} | {t_tab / t_flex:.2f}x |")
         print(rows[-1], flush=True)
+    if args.attn_lengths:
+        rows += ["", *routed_attention_rows([int(x) for x in args.attn_lengths.split(",")],
+                                            [int(x) for x in args.topk.split(",")], args.block, args.runs, dev)]
     settings = (f"device {dev}, {torch.get_num_threads()} threads, median of {args.runs}; attncc tiles 128 x 64; "
                 "ratios < 1: attncc faster")
     write_results("bench_sparse", "Run-time block sparsity: schedule build cost", "\n".join(rows), settings,

@@ -174,17 +174,19 @@ def _slice(ax, sl: slice, before, out, dim: int, out_dim: int, subs: dict):
 
 def _gather(ev, x, idx):
     """``t[i0, i1, ...]`` with index tensors (transformers' ``padding_mask[batch_idx, kv_idx]``):
-    each indexed axis's symbol replaced by the index's value, axes broadcast."""
+    each indexed axis's symbol replaced by the index's value, axes broadcast. Fewer
+    indices than dims index the leading dims (Swin's ``table[index]``: the rows of a
+    ``(T, H)`` table at an index buffer), the other dims follow the indices' dims."""
     x = ev.arg(x)
-    if len(idx) != len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
-        raise Opaque("advanced indexing that is not one index tensor per dim")
+    if len(idx) > len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
+        raise Opaque("advanced indexing that is not one index tensor per leading dim")
     subs, axes = {}, ()
     for ax, i in zip(x.axes, idx):
         iv = ev.node(i)
         if ax is not None:
             subs[ax[0]] = iv.expr
         axes = _broadcast(axes, iv.axes)
-    return Index(x.expr.subs(subs, simultaneous=True), axes)
+    return Index(x.expr.subs(subs, simultaneous=True), axes + x.axes[len(idx):])
 
 
 def _input_read(n: fx.Node, val, floats: bool = False) -> Index:
@@ -262,11 +264,16 @@ def _squeeze(ev, node, x, dim=None):
 
 
 def _view(ev, node, x, *shape, **kw):
-    """view / reshape / expand: only dims of size 1 may appear, vanish or broadcast.
+    """view / reshape / expand.
 
-    ``expand`` keeps every dim in place (right-aligned); a view / reshape carries the
-    dims of size != 1 over in order (their sizes must agree pairwise), so equal sizes
-    (``Lq == Lk``) never move an axis to the wrong dim."""
+    ``expand`` keeps every dim in place (right-aligned). A view / reshape groups the dims
+    of size != 1 of both shapes into runs of equal size products (row-major order): a
+    run of one dim on each side carries its axis over unchanged (so equal sizes,
+    ``Lq == Lk``, never move an axis to the wrong dim); a run that merges or splits dims
+    (Swin's window partition ``view(B, H // P, P, W // P, P, C)``, the flat relative
+    position index ``table[index].view(N, N, -1)``, ``expand(B, nW, ...).reshape(B * nW,
+    ...)``) gets a fresh symbol per output dim, each input axis symbol rewritten as
+    ``floor(flat / stride) mod size`` of the run's flat index (see :func:`_regroup`)."""
     src = x
     x = ev.arg(x)
     out, before = value_of(node), value_of(src)
@@ -279,13 +286,69 @@ def _view(ev, node, x, *shape, **kw):
         return [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) or d != 1]
 
     src_dims, out_dims = big(before.shape), big(out.shape)
-    if len(src_dims) != len(out_dims) or any(sympy.simplify(_sym(before.shape[i]) - _sym(out.shape[j])) != 0
-                                             for i, j in zip(src_dims, out_dims)):
-        raise Opaque("a reshape that merges or splits dims")
+    subs = {x.axes[i][0]: 0 for i in range(before.dim()) if i not in src_dims and x.axes[i] is not None}
     axes = [None] * out.dim()
-    for i, j in zip(src_dims, out_dims):
-        axes[j] = x.axes[i]
-    return Index(x.expr, tuple(axes))
+    for run_src, run_out in _runs([_sym(before.shape[i]) for i in src_dims], [_sym(out.shape[j]) for j in out_dims]):
+        if len(run_src) == 1 and len(run_out) == 1:
+            axes[out_dims[run_out[0]]] = x.axes[src_dims[run_src[0]]]
+            continue
+        got = _regroup([x.axes[src_dims[i]] for i in run_src], [_sym(before.shape[src_dims[i]]) for i in run_src],
+                       [_sym(out.shape[out_dims[j]]) for j in run_out])
+        if got is None:  # the run does not vary: its output dims broadcast
+            continue
+        run_subs, run_axes = got
+        subs.update(run_subs)
+        for j, ax in zip(run_out, run_axes):
+            axes[out_dims[j]] = ax
+    return Index(x.expr.subs(subs, simultaneous=True) if subs else x.expr, tuple(axes))
+
+
+def _runs(src: list, out: list):
+    """The dims of two shapes (sizes != 1, sympy) grouped into runs of equal products:
+    ``[([src dims], [out dims]), ...]`` in order.
+
+    Raises:
+        Opaque: the shapes do not regroup (symbolic sizes whose products cannot be
+            matched, or different element counts)."""
+    runs, i, j = [], 0, 0
+    while i < len(src) or j < len(out):
+        if i == len(src) or j == len(out):
+            raise Opaque("a reshape between shapes of different sizes")
+        a, b, ra, rb = src[i], out[j], [i], [j]
+        i, j = i + 1, j + 1
+        while sympy.simplify(a - b) != 0:
+            if not (a.is_number and b.is_number):
+                raise Opaque("a reshape that merges or splits dims of symbolic size")
+            if a < b and i < len(src):
+                a, ra, i = a * src[i], ra + [i], i + 1
+            elif b < a and j < len(out):
+                b, rb, j = b * out[j], rb + [j], j + 1
+            else:
+                raise Opaque("a reshape between shapes of different sizes")
+        runs.append((ra, rb))
+    return runs
+
+
+def _regroup(src_axes: list, src_sizes: list, out_sizes: list):
+    """One run of a merging / splitting reshape: ``({input symbol: its value}, output
+    axes)``, or None when no input axis varies. The run's flat (row-major) index is
+    ``sum(t_k * stride_k)`` over fresh output symbols ``t_k``; input dim ``i`` (size
+    ``n_i``, stride ``s_i``) is ``floor(flat / s_i) mod n_i`` (no ``floor`` for the last
+    dim, no ``mod`` for the first); a broadcast input dim (axis None) only takes its
+    place in the strides (``expand(B, nW, ..).reshape(B * nW, ..)``: ``w = b' mod nW``)."""
+    if all(a is None for a in src_axes):
+        return None
+    fresh = [sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in out_sizes]
+    flat, stride = sympy.Integer(0), sympy.Integer(1)
+    for t, n in zip(reversed(fresh), reversed(out_sizes)):
+        flat, stride = flat + t * stride, stride * n
+    subs, stride = {}, sympy.Integer(1)
+    for k in range(len(src_axes) - 1, -1, -1):
+        if src_axes[k] is not None:
+            v = flat if k == len(src_axes) - 1 else sympy.floor(flat / stride)
+            subs[src_axes[k][0]] = v if k == 0 else sympy.Mod(v, src_sizes[k])
+        stride = stride * src_sizes[k]
+    return subs, [(t, n) for t, n in zip(fresh, out_sizes)]
 
 
 def _where(ev, node, c, a, b):
@@ -701,22 +764,25 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     e = sympy.piecewise_fold(_to_site(v, sizes))  # bias + where(c, 0, min): one Piecewise
     floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
     ints = {k: n for k, n in ev.reads.items() if k not in floats}
-    keep, terms = sympy.false, []
+    keep, terms, conds = sympy.false, [], []
     for value, cond in _pieces(e):
         cond = cond.replace(lambda x: isinstance(x, (sympy.Eq, sympy.Ne)), _read_rel)
         if _drops(value):
             continue
         if value.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
             raise Opaque(f"an additive mask with the value {value}")
+        cond = sympy.simplify_logic(cond)
+        if cond is sympy.false:
+            continue
         keep = sympy.Or(keep, cond)
-        terms.append(_refine(value, sympy.simplify_logic(cond)))
+        terms.append(_refine(value, cond))
+        conds.append(cond)
     if not terms:
         raise Opaque("the mask drops every pair")
-    if any(sympy.simplify(t - terms[0]) != 0 for t in terms[1:]):
-        raise Opaque("a bias with different closed forms on different pairs")
     term = terms[0]
     if _is_bool(term) or term.has(sympy.Piecewise):
         raise Opaque("a bias with a condition in its values")
+    term += _steps(terms, conds)
     keep = sympy.simplify_logic(keep) if isinstance(keep, sympy.logic.boolalg.BooleanFunction) else keep
     if keep is sympy.false:
         raise Opaque("the mask drops every pair")
@@ -727,7 +793,8 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     term = _name_reads(term, ints, got)
     try:
         term = _name_reads(term, floats, fgot, floats=True,
-                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot)
+                           buckets=ev.buckets if index_reads is not None else None,
+                           index_reads=igot if index_reads is not None else None, index_inputs=ints)
     except Opaque as e:
         if ev.why:
             raise Opaque(f"{e}; the embedding's index is not a relative-position bucket: {ev.why[0]}") from None
@@ -736,6 +803,22 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     if index_reads is not None:
         index_reads[:] = igot
     return (None if keep is sympy.true else keep), (None if term.is_zero else sympy.factor_terms(term))
+
+
+def _steps(terms: list, conds: list):
+    """The part of a piecewise bias that is not ``terms[0]``: 0 when every piece has the
+    same closed form, else ``where(cond_0, 0, where(cond_1, c_1, ...))`` with ``c_i = terms[i]
+    - terms[0]`` constants (Swin's shifted-window mask: 0 inside a region, -100 across
+    regions, added to the relative-position table read).
+
+    Raises:
+        Opaque: the pieces differ by more than constants."""
+    diffs = [sympy.simplify(t - terms[0]) for t in terms]
+    if all(d == 0 for d in diffs):
+        return sympy.Integer(0)
+    if not all(d.is_number for d in diffs):
+        raise Opaque("a bias with different closed forms on different pairs")
+    return sympy.Piecewise(*[(d, c) for d, c in zip(diffs[:-1], conds[:-1])], (diffs[-1], True))
 
 
 _DIM_OF = {b_idx: "B", h_idx: "H", q_idx: "Lq", kv_idx: "Lk"}
@@ -772,25 +855,85 @@ def _table_read(app, node, buckets: dict, reads: list, index_reads: list):
     return sympy.Function(tname)(sympy.Function(bname)(kv_idx - q_idx + Lq - 1), h_idx)
 
 
+def _index_expr(e, what: str) -> None:
+    """Check that ``e`` is an integer expression of ``b, h, q, kv, Lq, Lk`` (and named reads)."""
+    from sympy.core.function import AppliedUndef
+
+    if e.free_symbols - {b_idx, h_idx, q_idx, kv_idx, Lq, Lk}:
+        raise Opaque(f"{what} is read at {e}, which is not a function of b, h, q, kv")
+    if e.has(sympy.Float) or any(not a.func.__name__.startswith(("index", "table"))
+                                 for a in e.atoms(AppliedUndef)):
+        raise Opaque(f"{what} is read at {e}")
+
+
+def _tensor_name(node, reads: list, prefix: str) -> str:
+    """The spec name of ``node`` in ``reads`` (appended as ``prefixN`` when new); the
+    tensor's dims are its sizes != 1, as numbers."""
+    for name, _, n in reads:
+        if n is node:
+            return name
+    val = value_of(node)
+    if any(isinstance(d, torch.SymInt) for d in val.shape):
+        raise Opaque(f"{node.name} has a symbolic size")
+    name = f"{prefix}{len(reads)}"
+    reads.append((name, tuple(str(int(d)) for d in val.shape if d != 1), node))
+    return name
+
+
+def _gathered_read(app, node, index_inputs: dict, reads: list, index_reads: list):
+    """A float tensor read at index expressions instead of plain ``b, h, q, kv``, each
+    possibly reading an integer tensor: Swin's relative-position bias
+    ``table[index[4*q + kv], h]`` (a ``(T, H)`` table gathered by a flat index buffer,
+    then viewed as ``(N, N, H)``), or its region map read at window coordinates
+    (``regions[2*floor(b mod 4 / 2) + floor(q / 2), ...]``). The float tensor is named
+    ``tableN`` (appended to ``reads``), the integer ones ``indexM`` (appended to
+    ``index_reads``, passed as int32); every read is exact (the graph computes the same
+    values). Returns the renamed read."""
+    from sympy.core.function import AppliedUndef
+
+    args = []
+    for a in app.args:
+        subs = {}
+        for r in a.atoms(AppliedUndef):
+            n = index_inputs.get(r.func.__name__)
+            if n is None:
+                raise Opaque(f"the float tensor {node.target!r} is read at {r.func.__name__}")
+            for x in r.args:
+                _index_expr(x, f"the index tensor {n.target!r}")
+            subs[r] = sympy.Function(_tensor_name(n, index_reads, "index"))(*r.args)
+        a = a.subs(subs, simultaneous=True)
+        _index_expr(a, f"the float tensor {node.target!r}")
+        args.append(a)
+    return sympy.Function(_tensor_name(node, reads, "table"))(*args)
+
+
 def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Optional[dict] = None,
-                index_reads: Optional[list] = None):
+                index_reads: Optional[list] = None, index_inputs: Optional[dict] = None):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
     not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
     float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only,
     or (with ``buckets``) an embedding table read at a relative-position bucket and the
-    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``."""
+    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``, or
+    (with ``index_reads``) a float tensor read at index expressions, possibly through the
+    integer tensors of ``index_inputs`` (:func:`_gathered_read`)."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
-    for app in sorted(e.atoms(AppliedUndef), key=str):
+    apps = e.atoms(AppliedUndef)
+    nested = {r for a in apps for x in a.args for r in x.atoms(AppliedUndef)}
+    for app in sorted(apps, key=str):
         if app.func.__name__.startswith("bucket_"):  # read inside a table read
             if floats and not buckets:
                 raise Opaque("a table read at a relative-position bucket (not recovered at this site)")
             continue
+        if app in nested:  # an index read: named with the read it indexes
+            continue
         node = inputs.get(app.func.__name__)
         if node is not None and floats:
             got = _table_read(app, node, buckets, reads, index_reads)
+            if got is None and index_reads is not None and not all(a in _DIM_OF for a in app.args):
+                got = _gathered_read(app, node, index_inputs or {}, reads, index_reads)
             if got is not None:
                 subs[app] = got
                 continue

@@ -14,6 +14,11 @@ is split by :func:`recover_score` into a mask and a closed-form score term, whos
 tensors (ALiBi slopes: inputs, parameters, constants or values the graph computes with
 ops outside :data:`RULES`) are read at batch / head indices (``slope0[h]``).
 
+Reshapes that merge or split dims (window partitions, batch folded with windows) become
+``floor`` / ``mod`` of the flat index; a float tensor gathered by an integer buffer
+(Swin's ``table[index].view(N, N, -1)``) becomes ``tableN[indexM[N*q + kv], h]``, and a
+bias whose pieces differ by constants (Swin's 0 / -100 shifted-window mask) a ``where``.
+
 Anything else (a producer that reads a tensor at every (q, kv) pair, an op not listed
 in :data:`RULES`) raises :class:`Opaque` with the reason; the caller then passes the
 mask as a tensor instead (still exact).

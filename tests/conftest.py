@@ -55,6 +55,18 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def assert_grads_close(out, ref, inputs, atol=1e-4, rtol=1e-4):
+    """The gradients of ``out`` and ``ref`` with respect to ``inputs`` agree under one random
+    output gradient; returns ``ref``'s."""
+    import torch
+
+    g = torch.randn_like(out)
+    got, want = (torch.autograd.grad(y, inputs, g) for y in (out, ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    return want
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compile_memo():
     """Each test module compiles its own kernels: attncc.compile's in-process memo (same spec,

@@ -54,12 +54,43 @@ def test_beyond_score_mod_example_runs_and_agrees_with_torch():
 def test_fx_alibi_example_recovers_alibi_and_agrees_with_eager():
     """examples/fx_alibi.py: the site is causal + the ALiBi score term (slopes as a float32[H]
     tensor, no dense bias) and matches eager (output and the slopes' gradient)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fx_alibi", ROOT / "examples" / "fx_alibi.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    site, (out_err, grad_err) = mod.main()
+    site, (out_err, grad_err) = _example("fx_alibi").main()
     assert site.replaced and site.pattern.startswith("causal_alibi;"), site.pattern
     assert "tensor slope0: float32[H]" in site.spec and "bias" not in site.spec, site.spec
     assert out_err < 1e-4 and grad_err < 1e-4, (out_err, grad_err)
+
+
+def _example(name):
+    """Import ``examples/<name>.py`` as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fx_t5_example_recovers_the_bucketed_bias_and_agrees_with_eager():
+    """examples/fx_t5.py: encoder and decoder self-attention read the bias table at the bucket
+    of ``kv - q`` (cross-attention has no bias); logits and every gradient match eager."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    sites, (out_err, grad_err, table_err) = _example("fx_t5").main()
+    assert [s.pattern.split(";")[0] for s in sites] == ["dense_relative_position_bias",
+                                                        "causal_relative_position_bias", "dense"]
+    assert all(s.replaced for s in sites) and "bias0" not in sites[0].spec, sites[0].spec
+    assert out_err < 1e-4 and grad_err < 1e-4 and table_err < 1e-4, (out_err, grad_err, table_err)
+
+
+def test_fx_swin_example_recovers_the_table_and_the_shift_mask_and_agrees_with_eager():
+    """examples/fx_swin.py: every window attention reads its table at the index buffer, the
+    shifted one adds the region mask in closed form; output and every gradient match eager."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    sites, (out_err, grad_err, table_err) = _example("fx_swin").main()
+    assert [s.pattern.split(";")[0] for s in sites] == ["dense_table_bias", "dense_region_mask_table_bias",
+                                                        "dense_table_bias", "dense_table_bias"]
+    assert all(s.replaced and "bias0" not in s.spec for s in sites), [s.spec for s in sites]
+    assert out_err < 1e-4 and grad_err < 1e-4 and table_err < 1e-4, (out_err, grad_err, table_err)

@@ -14,6 +14,11 @@ is split by :func:`recover_score` into a mask and a closed-form score term, whos
 tensors (ALiBi slopes: inputs, parameters, constants or values the graph computes with
 ops outside :data:`RULES`) are read at batch / head indices (``slope0[h]``).
 
+Reshapes that merge or split dims (window partitions, batch folded with windows) become
+``floor`` / ``mod`` of the flat index; a float tensor gathered by an integer buffer
+(Swin's ``table[index].view(N, N, -1)``) becomes ``tableN[indexM[N*q + kv], h]``, and a
+bias whose pieces differ by constants (Swin's 0 / -100 shifted-window mask) a ``where``.
+
 Anything else (a producer that reads a tensor at every (q, kv) pair, an op not listed
 in :data:`RULES`) raises :class:`Opaque` with the reason; the caller then passes the
 mask as a tensor instead (still exact).
@@ -174,17 +179,19 @@ def _slice(ax, sl: slice, before, out, dim: int, out_dim: int, subs: dict):
 
 def _gather(ev, x, idx):
     """``t[i0, i1, ...]`` with index tensors (transformers' ``padding_mask[batch_idx, kv_idx]``):
-    each indexed axis's symbol replaced by the index's value, axes broadcast."""
+    each indexed axis's symbol replaced by the index's value, axes broadcast. Fewer
+    indices than dims index the leading dims (Swin's ``table[index]``: the rows of a
+    ``(T, H)`` table at an index buffer), the other dims follow the indices' dims."""
     x = ev.arg(x)
-    if len(idx) != len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
-        raise Opaque("advanced indexing that is not one index tensor per dim")
+    if len(idx) > len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
+        raise Opaque("advanced indexing that is not one index tensor per leading dim")
     subs, axes = {}, ()
     for ax, i in zip(x.axes, idx):
         iv = ev.node(i)
         if ax is not None:
             subs[ax[0]] = iv.expr
         axes = _broadcast(axes, iv.axes)
-    return Index(x.expr.subs(subs, simultaneous=True), axes)
+    return Index(x.expr.subs(subs, simultaneous=True), axes + x.axes[len(idx):])
 
 
 def _input_read(n: fx.Node, val, floats: bool = False) -> Index:
@@ -264,12 +271,16 @@ def _squeeze(ev, node, x, dim=None):
 def _view(ev, node, x, *shape, **kw):
     """view / reshape / flatten / unflatten / expand, read off the recorded shapes.
 
-    ``expand`` keeps every dim in place (right-aligned). The others pair the dims of
-    size != 1 in order, in groups of equal total size: a dim carried over keeps its axis
-    (so equal sizes such as ``Lq == Lk`` never move an axis to the wrong dim); a group
-    that splits or merges dims (BLOOM's ``(B*H, 1, Lk)`` alibi seen as ``(B, H, 1, Lk)``)
-    gets fresh axes, each source index written with ``floor`` / ``Mod`` of the row-major
-    flat index and simplified with the axes' ranges (:func:`_in_range`)."""
+    ``expand`` keeps every dim in place (right-aligned). The others group the dims of
+    size != 1 of both shapes into runs of equal size products, in row-major order
+    (:func:`_runs`): a run of one dim on each side carries its axis over unchanged (so
+    equal sizes, ``Lq == Lk``, never move an axis to the wrong dim); a run that merges or
+    splits dims gets a fresh axis per output dim, each input axis symbol rewritten as
+    ``floor(flat / stride) mod size`` of the run's flat index (:func:`_regroup`) and
+    simplified with the fresh axes' ranges (:func:`_in_range`). Such runs: BLOOM's
+    ``(B*H, 1, Lk)`` alibi seen as ``(B, H, 1, Lk)`` (symbolic sizes), Swin's window
+    partition ``view(B, H // P, P, W // P, P, C)``, the flat relative-position index
+    ``table[index].view(N, N, -1)``, ``expand(B, nW, ...).reshape(B * nW, ...)``."""
     src = x
     x = ev.arg(x)
     out, before = value_of(node), value_of(src)
@@ -281,44 +292,77 @@ def _view(ev, node, x, *shape, **kw):
     def big(shape):
         return [i for i, d in enumerate(shape) if isinstance(d, torch.SymInt) or d != 1]
 
-    def size(shape, dims):
-        return sympy.Mul(*[_sym(shape[d]) for d in dims])
-
     src_dims, out_dims = big(before.shape), big(out.shape)
-    axes, subs, ranges = [None] * out.dim(), {}, {}
-    si = oi = 0
-    while si < len(src_dims) or oi < len(out_dims):
-        if si == len(src_dims) or oi == len(out_dims):
-            raise Opaque("a reshape whose sizes do not pair up")
-        gs, go = [src_dims[si]], [out_dims[oi]]
-        si, oi = si + 1, oi + 1
-        while sympy.simplify(size(before.shape, gs) - size(out.shape, go)) != 0:
-            ratio = sympy.simplify(size(out.shape, go) / size(before.shape, gs))
-            if sympy.fraction(ratio)[1] == 1 and si < len(src_dims):
-                gs.append(src_dims[si])
-                si += 1
-            elif sympy.fraction(1 / ratio)[1] == 1 and oi < len(out_dims):
-                go.append(out_dims[oi])
-                oi += 1
+    subs = {x.axes[i][0]: 0 for i in range(before.dim()) if i not in src_dims and x.axes[i] is not None}
+    axes, ranges = [None] * out.dim(), {}
+    for run_src, run_out in _runs([_sym(before.shape[i]) for i in src_dims], [_sym(out.shape[j]) for j in out_dims]):
+        if len(run_src) == 1 and len(run_out) == 1:
+            axes[out_dims[run_out[0]]] = x.axes[src_dims[run_src[0]]]
+            continue
+        got = _regroup([x.axes[src_dims[i]] for i in run_src], [_sym(before.shape[src_dims[i]]) for i in run_src],
+                       [_sym(out.shape[out_dims[j]]) for j in run_out])
+        if got is None:  # the run does not vary: its output dims broadcast
+            continue
+        run_subs, run_axes = got
+        subs.update(run_subs)
+        for j, ax in zip(run_out, run_axes):
+            axes[out_dims[j]] = ax
+            ranges[ax[0]] = ax[1]
+    e = x.expr.subs(subs, simultaneous=True) if subs else x.expr
+    return Index(_in_range(e, ranges) if ranges else e, tuple(axes))
+
+
+def _runs(src: list, out: list):
+    """The dims of two shapes (sizes != 1, sympy) grouped into runs of equal products:
+    ``[([src dims], [out dims]), ...]`` in order. Numeric runs grow the side with the
+    smaller product; symbolic ones the side whose product divides the other's
+    (``B*H`` against ``B, H``).
+
+    Raises:
+        Opaque: the shapes do not regroup (symbolic sizes whose products cannot be
+            matched, or different element counts)."""
+    runs, i, j = [], 0, 0
+    while i < len(src) or j < len(out):
+        if i == len(src) or j == len(out):
+            raise Opaque("a reshape between shapes of different sizes")
+        a, b, ra, rb = src[i], out[j], [i], [j]
+        i, j = i + 1, j + 1
+        while sympy.simplify(a - b) != 0:
+            if a.is_number and b.is_number:
+                grow_src, grow_out = bool(a < b), bool(b < a)
+            else:
+                grow_src = sympy.fraction(sympy.simplify(b / a))[1] == 1
+                grow_out = sympy.fraction(sympy.simplify(a / b))[1] == 1
+            if grow_src and i < len(src):
+                a, ra, i = a * src[i], ra + [i], i + 1
+            elif grow_out and j < len(out):
+                b, rb, j = b * out[j], rb + [j], j + 1
             else:
                 raise Opaque("a reshape whose sizes do not pair up")
-        if len(gs) == 1 and len(go) == 1:
-            axes[go[0]] = x.axes[gs[0]]
-            continue
-        if all(x.axes[d] is None for d in gs):
-            continue  # constant along the whole group
-        fresh = [sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in go]
-        flat = sum(o * size(out.shape, go[j + 1:]) for j, o in enumerate(fresh))
-        for j, (o, d) in enumerate(zip(fresh, go)):
-            axes[d] = (o, _sym(out.shape[d]))
-            ranges[o] = _sym(out.shape[d])
-        for i, d in enumerate(gs):
-            if x.axes[d] is None:
-                continue
-            idx = sympy.floor(flat / size(before.shape, gs[i + 1:]))
-            subs[x.axes[d][0]] = idx if i == 0 else sympy.Mod(idx, x.axes[d][1])
-    e = _in_range(x.expr.subs(subs, simultaneous=True), ranges) if subs else x.expr
-    return Index(e, tuple(axes))
+        runs.append((ra, rb))
+    return runs
+
+
+def _regroup(src_axes: list, src_sizes: list, out_sizes: list):
+    """One run of a merging / splitting reshape: ``({input symbol: its value}, output
+    axes)``, or None when no input axis varies. The run's flat (row-major) index is
+    ``sum(t_k * stride_k)`` over fresh output symbols ``t_k``; input dim ``i`` (size
+    ``n_i``, stride ``s_i``) is ``floor(flat / s_i) mod n_i`` (no ``floor`` for the last
+    dim, no ``mod`` for the first); a broadcast input dim (axis None) only takes its
+    place in the strides (``expand(B, nW, ..).reshape(B * nW, ..)``: ``w = b' mod nW``)."""
+    if all(a is None for a in src_axes):
+        return None
+    fresh = [sympy.Symbol(f"i{next(_counter)}", integer=True) for _ in out_sizes]
+    flat, stride = sympy.Integer(0), sympy.Integer(1)
+    for t, n in zip(reversed(fresh), reversed(out_sizes)):
+        flat, stride = flat + t * stride, stride * n
+    subs, stride = {}, sympy.Integer(1)
+    for k in range(len(src_axes) - 1, -1, -1):
+        if src_axes[k] is not None:
+            v = flat if k == len(src_axes) - 1 else sympy.floor(flat / stride)
+            subs[src_axes[k][0]] = v if k == 0 else sympy.Mod(v, src_sizes[k])
+        stride = stride * src_sizes[k]
+    return subs, [(t, n) for t, n in zip(fresh, out_sizes)]
 
 
 def _in_range(e, ranges: dict):
@@ -833,22 +877,25 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     e = sympy.piecewise_fold(_to_site(v, sizes, ev.size_names))  # bias + where(c, 0, min): one Piecewise
     floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
     ints = {k: n for k, n in ev.reads.items() if k not in floats}
-    keep, terms = sympy.false, []
+    keep, terms, conds = sympy.false, [], []
     for value, cond in _pieces(e):
         cond = cond.replace(lambda x: isinstance(x, (sympy.Eq, sympy.Ne)), _read_rel)
         if _drops(value):
             continue
         if value.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
             raise Opaque(f"an additive mask with the value {value}")
+        cond = sympy.simplify_logic(cond)
+        if cond is sympy.false:
+            continue
         keep = sympy.Or(keep, cond)
-        terms.append(_refine(value, sympy.simplify_logic(cond)))
+        terms.append(_refine(value, cond))
+        conds.append(cond)
     if not terms:
         raise Opaque("the mask drops every pair")
-    if any(sympy.simplify(t - terms[0]) != 0 for t in terms[1:]):
-        raise Opaque("a bias with different closed forms on different pairs")
     term = terms[0]
     if _is_bool(term) or term.has(sympy.Piecewise):
         raise Opaque("a bias with a condition in its values")
+    term += _steps(terms, conds)
     keep = sympy.simplify_logic(keep) if isinstance(keep, sympy.logic.boolalg.BooleanFunction) else keep
     if keep is sympy.false:
         raise Opaque("the mask drops every pair")
@@ -859,7 +906,8 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     term = _name_reads(term, ints, got)
     try:
         term = _name_reads(term, floats, fgot, floats=True,
-                           buckets=ev.buckets if index_reads is not None else None, index_reads=igot, opaque=ev.opaque)
+                           buckets=ev.buckets if index_reads is not None else None,
+                           index_reads=igot if index_reads is not None else None, index_inputs=ints, opaque=ev.opaque)
     except Opaque as e:
         if ev.why:
             raise Opaque(f"{e}; the embedding's index is not a relative-position bucket: {ev.why[0]}") from None
@@ -868,6 +916,22 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     if index_reads is not None:
         index_reads[:] = igot
     return (None if keep is sympy.true else keep), (None if term.is_zero else sympy.factor_terms(term))
+
+
+def _steps(terms: list, conds: list):
+    """The part of a piecewise bias that is not ``terms[0]``: 0 when every piece has the
+    same closed form, else ``where(cond_0, 0, where(cond_1, c_1, ...))`` with ``c_i = terms[i]
+    - terms[0]`` constants (Swin's shifted-window mask: 0 inside a region, -100 across
+    regions, added to the relative-position table read).
+
+    Raises:
+        Opaque: the pieces differ by more than constants."""
+    diffs = [sympy.simplify(t - terms[0]) for t in terms]
+    if all(d == 0 for d in diffs):
+        return sympy.Integer(0)
+    if not all(d.is_number for d in diffs):
+        raise Opaque("a bias with different closed forms on different pairs")
+    return sympy.Piecewise(*[(d, c) for d, c in zip(diffs[:-1], conds[:-1])], (diffs[-1], True))
 
 
 _DIM_OF = {b_idx: "B", h_idx: "H", q_idx: "Lq", kv_idx: "Lk"}
@@ -909,27 +973,93 @@ def _label(node: fx.Node) -> str:
     return node.name if node.op == "call_function" or node.op == "call_method" else str(node.target)
 
 
+def _read_name(reads: list, node, dims: tuple, prefix: str) -> str:
+    """The spec name of ``node`` read with ``dims``: the name it got in ``reads`` before
+    (a tensor read twice is one tensor), else ``prefixN``, appended as ``(name, dims, node)``."""
+    name = next((nm for nm, d, n in reads if n is node and d == dims), None)
+    if name is None:
+        name = f"{prefix}{len(reads)}"
+        reads.append((name, dims, node))
+    return name
+
+
+def _index_expr(e, what: str) -> None:
+    """Check that ``e`` is an integer expression of ``b, h, q, kv, Lq, Lk`` (and named reads)."""
+    from sympy.core.function import AppliedUndef
+
+    if e.free_symbols - {b_idx, h_idx, q_idx, kv_idx, Lq, Lk}:
+        raise Opaque(f"{what} is read at {e}, which is not a function of b, h, q, kv")
+    if e.has(sympy.Float) or any(not a.func.__name__.startswith(("index", "table"))
+                                 for a in e.atoms(AppliedUndef)):
+        raise Opaque(f"{what} is read at {e}")
+
+
+def _tensor_name(node, reads: list, prefix: str) -> str:
+    """The spec name of ``node`` in ``reads`` (:func:`_read_name`); the tensor's dims are
+    its sizes != 1, as numbers."""
+    val = value_of(node)
+    if any(isinstance(d, torch.SymInt) for d in val.shape):
+        raise Opaque(f"{_label(node)} has a symbolic size")
+    return _read_name(reads, node, tuple(str(int(d)) for d in val.shape if d != 1), prefix)
+
+
+def _gathered_read(app, node, index_inputs: dict, reads: list, index_reads: list):
+    """A float tensor read at index expressions instead of plain ``b, h, q, kv``, each
+    possibly reading an integer tensor: Swin's relative-position bias
+    ``table[index[4*q + kv], h]`` (a ``(T, H)`` table gathered by a flat index buffer,
+    then viewed as ``(N, N, H)``), or its region map read at window coordinates
+    (``regions[2*floor(b mod 4 / 2) + floor(q / 2), ...]``). The float tensor is named
+    ``tableN`` (appended to ``reads``), the integer ones ``indexM`` (appended to
+    ``index_reads``, passed as int32); every read is exact (the graph computes the same
+    values). Returns the renamed read."""
+    from sympy.core.function import AppliedUndef
+
+    args = []
+    for a in app.args:
+        subs = {}
+        for r in a.atoms(AppliedUndef):
+            n = index_inputs.get(r.func.__name__)
+            if n is None:
+                raise Opaque(f"the float tensor {_label(node)!r} is read at {r.func.__name__}")
+            for x in r.args:
+                _index_expr(x, f"the index tensor {_label(n)!r}")
+            subs[r] = sympy.Function(_tensor_name(n, index_reads, "index"))(*r.args)
+        a = a.subs(subs, simultaneous=True)
+        _index_expr(a, f"the float tensor {_label(node)!r}")
+        args.append(a)
+    return sympy.Function(_tensor_name(node, reads, "table"))(*args)
+
+
 def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Optional[dict] = None,
-                index_reads: Optional[list] = None, opaque: Optional[dict] = None):
+                index_reads: Optional[list] = None, index_inputs: Optional[dict] = None,
+                opaque: Optional[dict] = None):
     """The input-tensor reads of ``e`` renamed ``pad0, pad1, ...`` (appended to ``reads``
     as ``(name, dims, node)``); each must be read at distinct plain indices ``b/h/q/kv``,
     not at both ``q`` and ``kv`` (a dense mask stays a bool mask tensor). ``floats``:
     float tensors of a score term, named ``slope0, ...`` and read at ``b`` / ``h`` only,
     or (with ``buckets``) an embedding table read at a relative-position bucket and the
-    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``.
-    ``opaque``: computed float values read as tensors -> why they were not modelled (for
-    the message when such a read is not at ``b`` / ``h``)."""
+    head, named ``tableN`` with its bucket vector ``bucketM`` appended to ``index_reads``, or
+    (with ``index_reads``) a float tensor read at index expressions, possibly through the
+    integer tensors of ``index_inputs`` (:func:`_gathered_read`). ``opaque``: computed
+    float values read as tensors -> why they were not modelled (for the message when such
+    a read is not at ``b`` / ``h``)."""
     from sympy.core.function import AppliedUndef
 
     subs = {}
-    for app in sorted(e.atoms(AppliedUndef), key=str):
+    apps = e.atoms(AppliedUndef)
+    nested = {r for a in apps for x in a.args for r in x.atoms(AppliedUndef)}
+    for app in sorted(apps, key=str):
         if app.func.__name__.startswith("bucket_"):  # read inside a table read
             if floats and not buckets:
                 raise Opaque("a table read at a relative-position bucket (not recovered at this site)")
             continue
+        if app in nested:  # an index read: named with the read it indexes
+            continue
         node = inputs.get(app.func.__name__)
         if node is not None and floats:
             got = _table_read(app, node, buckets, reads, index_reads)
+            if got is None and index_reads is not None and not all(a in _DIM_OF for a in app.args):
+                got = _gathered_read(app, node, index_inputs or {}, reads, index_reads)
             if got is not None:
                 subs[app] = got
                 continue
@@ -946,10 +1076,6 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
             why = f", {opaque[node]}" if node in (opaque or {}) else ""
             raise Opaque(f"it reads the float tensor {_label(node)!r}{why} at {app.args} (a bias along the query / "
                          "key axes stays a tensor)")
-        dims = tuple(_DIM_OF[a] for a in app.args)
-        name = next((nm for nm, d, n in reads if n is node and d == dims), None)  # read before: one tensor
-        if name is None:
-            name = f"{'slope' if floats else 'pad'}{len(reads)}"
-            reads.append((name, dims, node))
+        name = _read_name(reads, node, tuple(_DIM_OF[a] for a in app.args), "slope" if floats else "pad")
         subs[app] = sympy.Function(name)(*app.args)
     return e.subs(subs)

@@ -104,8 +104,9 @@ class Site:
         for n, dims in self.score_reads:
             bits.append(f"{n}: float32[{', '.join(dims)}]")
         for n, dims in self.index_reads:
-            bits.append(f"{n}: int32[{', '.join(dims)}] (the bucket of each distance kv - q, from the graph's "
-                        "bucket function)")
+            what = "the bucket of each distance kv - q, from the graph's bucket function" if n.startswith("bucket") \
+                else "an index tensor of the graph, read in the score"
+            bits.append(f"{n}: int32[{', '.join(dims)}] ({what})")
         if self.sinks:
             bits.append("sinks (fused sink clause)")
         if self.gate:
@@ -173,6 +174,22 @@ class _SpecPrinter(sympy.printing.str.StrPrinter):
 
     def _print_Max(self, expr):
         return f"max({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Mod(self, expr):
+        return f"({self._print(expr.args[0])}) % ({self._print(expr.args[1])})"
+
+    def _print_floor(self, expr):
+        n, d = sympy.fraction(sympy.together(expr.args[0]))
+        if d.is_Integer and d != 1:
+            return f"(({self._print(n)}) // {d})"
+        return f"floor({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr):
+        *pieces, last = expr.args
+        out = self._print(last.expr)
+        for p in reversed(pieces):
+            out = f"where({print_mask(p.cond)}, {self._print(p.expr)}, {out})"
+        return out
 
     def _print_Function(self, expr):
         from sympy.core.function import AppliedUndef
@@ -308,6 +325,9 @@ def term_name(term) -> str:
     tables = [a for a in term.atoms(AppliedUndef) if len(a.args) == 2 and isinstance(a.args[0], AppliedUndef)]
     if len(tables) == 1 and term == tables[0] and a_rel(tables[0].args[0]):
         return "relative_position_bias"
+    parts = [_part_name(a) for a in sympy.Add.make_args(term)]
+    if len(parts) > 1 or parts[0]:
+        return "_".join(parts) if all(parts) else "score_term"
     reads = [a for a in term.atoms(AppliedUndef) if set(a.args) <= {h_idx}]
     if len(reads) == 1:
         rest = sympy.simplify(term / reads[0])
@@ -319,6 +339,21 @@ def term_name(term) -> str:
             if c.is_number and c > 0:
                 return "alibi_symmetric"
     return "score_term"
+
+
+def _part_name(term) -> str:
+    """``"table_bias"`` for a table read at an index tensor's value (Swin's
+    ``table0[index0[4*q + kv], h]``), ``"region_mask"`` for a piecewise constant
+    (``where(regions0[..q..] - regions0[..kv..] == 0, 0, -100)``: Swin's shifted-window
+    mask), else ``""``."""
+    from sympy.core.function import AppliedUndef
+
+    if isinstance(term, AppliedUndef) and term.func.__name__.startswith("table") \
+            and any(r.func.__name__.startswith("index") for x in term.args for r in x.atoms(AppliedUndef)):
+        return "table_bias"
+    if isinstance(term, sympy.Piecewise) and all(p.expr.is_number for p in term.args):
+        return "region_mask"
+    return ""
 
 
 def a_rel(read) -> bool:

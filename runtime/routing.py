@@ -197,6 +197,7 @@ def _kernel_launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, s
     """The launch of :func:`_topk_blocks_kernel` (``kp``: the pooled keys of :func:`_pool_keys`)
     as an :class:`attncc.runtime.Launch` (what AOT compiles), with its outputs: ``(launch,
     schedule)``, the :class:`BlockSparse` written by the launch."""
+    from .configs import register_cap
     from .kernel import Launch
 
     B, Hq, Lq, D = q.shape
@@ -210,11 +211,14 @@ def _kernel_launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, s
     # [BLOCK_NK, BLOCK_D] and [BLOCK_Q, BLOCK_D] tiles of at most 4096 elements per step
     block_d = max(1, min(triton.next_power_of_2(D), 4096 // block_nk, 4096 // block_q))
     qd = q.detach()
+    warps = 4 if block_nk * block_d <= 2048 else 8
     launch = Launch("_topk_blocks_kernel", (B * Hout * nq,),
                     [qd, kp, num, idx, *qd.stride(), *kp.stride(), Hout, nq, Lq, nk, D, G, Hq // Hkv, bq, block_size,
                      topk, local_blocks, sink_blocks, maxb],
-                    dict(CAUSAL=bool(causal), BLOCK_Q=block_q, BLOCK_NK=block_nk, BLOCK_D=block_d,
-                         num_warps=4 if block_nk * block_d <= 2048 else 8))
+                    dict(CAUSAL=bool(causal), BLOCK_Q=block_q, BLOCK_NK=block_nk, BLOCK_D=block_d, num_warps=warps,
+                         # the whole register file per CTA (measured, sm_80, 2048 key blocks: 64
+                         # registers and 8 B of spills uncapped; 92 registers, none, capped)
+                         maxnreg=register_cap(warps)))
     return launch, BlockSparse(num, idx, (bq, block_size))
 
 

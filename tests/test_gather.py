@@ -181,17 +181,18 @@ for Hq, Hkv in [(16, 1), (8, 8)]:
                              ("dq", G._gather_dq_kernel, G._dq_launch(q, k, v, q, lse, delta, idx, cnt, 0.1)[0]),
                              ("dkdv", G._gather_dkdv_kernel,
                               G._dkdv_launch(q, k, v, q, lse, delta, off, qidx, 0.1)[0])]:
-        ck, _ = aot.compile_launch(fn, launch, "sm_90a")
-        out.append({"kernel": name, "G": Hq // Hkv, **aot.resource_usage(ck.asm["cubin"])})
+        for tgt in ("sm_90a", "sm_80"):
+            ck, _ = aot.compile_launch(fn, launch, tgt)
+            out.append({"kernel": name, "G": Hq // Hkv, "target": tgt, **aot.resource_usage(ck.asm["cubin"])})
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90a_without_spills():
     """The forward, dQ and dK / dV launches at D = 128, bfloat16, topk = 256 (G = 16 and
-    G = 1) compiled with real Triton for sm_90a (no GPU: a separate process with the
+    G = 1) compiled with real Triton for sm_90a and sm_80 (no GPU: a separate process with the
     interpreter off): no spills, no local memory; the forward and dQ use tensor cores."""
     recs = compiled_resources(_AOT)
-    assert len(recs) == 6
+    assert len(recs) == 12
     for rec in recs:
         assert rec["kernel"] == "dkdv" or rec["mma"], rec

@@ -163,18 +163,20 @@ from attncc.runtime import routing as R
 out = []
 for L, D, bs, gran, share, dt in [(32768, 128, 64, "block", "kv_head", torch.bfloat16),
                                   (131072, 128, 64, "block", "kv_head", torch.bfloat16),
+                                  (262144, 128, 64, "block", "kv_head", torch.bfloat16),
                                   (8192, 64, 128, "token", "head", torch.float16)]:
     q = torch.empty(1, 32, L if gran == "block" else 64, D, dtype=dt)
     kp = torch.empty(1, 8, -(-L // bs), D, dtype=torch.float32)
     launch, _ = R._kernel_launch(q, kp, bs, 16, True, 1, 1, share, gran)
-    ck, _ = aot.compile_launch(R._topk_blocks_kernel, launch, "sm_90a")
-    out.append({"L": L, **aot.resource_usage(ck.asm["cubin"])})
+    for tgt in ("sm_90a", "sm_80"):
+        ck, _ = aot.compile_launch(R._topk_blocks_kernel, launch, tgt)
+        out.append({"L": L, "target": tgt, **aot.resource_usage(ck.asm["cubin"])})
 print(json.dumps(out))
 '''
 
 
 def test_kernel_compiles_for_sm90a_without_spills():
-    """The routing kernel compiled with real Triton for sm_90a (no GPU: a separate process with
-    the interpreter off), at 32k and 128k keys (512 / 2048 key blocks in registers) and per
+    """The routing kernel compiled with real Triton for sm_90a and sm_80 (no GPU: a separate process with
+    the interpreter off), at 32k, 128k and 256k keys (512 / 2048 / 4096 key blocks in registers) and per
     token: no spills, no local memory."""
-    compiled_resources(_AOT)
+    assert len(compiled_resources(_AOT)) == 8

@@ -158,9 +158,19 @@ class Interval:
     hi: sp.Expr
     flo: sp.Expr
     fhi: sp.Expr
+    #: the keys of ONE row ``q`` are ``[rlo, rhi)`` (expressions of ``q``; ``None``: unbounded on
+    #: that side, or unknown), from the key-bound atoms; used to prove rows empty
+    #: (:func:`_row_nonempty`), not part of the interval's identity
+    rlo: sp.Expr = field(default=None, compare=False)
+    rhi: sp.Expr = field(default=None, compare=False)
 
     def __and__(self, o: "Interval") -> "Interval":
-        return Interval(_max(self.lo, o.lo), _min(self.hi, o.hi), _max(self.flo, o.flo), _min(self.fhi, o.fhi))
+        return Interval(_max(self.lo, o.lo), _min(self.hi, o.hi), _max(self.flo, o.flo), _min(self.fhi, o.fhi),
+                        _row_bound(self.rlo, o.rlo, _max), _row_bound(self.rhi, o.rhi, _min))
+
+
+def _row_bound(a, b, f):
+    return b if a is None else a if b is None else f(a, b)
 
 
 def _max(a, b):
@@ -288,13 +298,13 @@ def _bound_atom(rel):
         ext = _extremes(hi)
         if ext is None:
             return None
-        return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0])
+        return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0], rhi=hi)
     G = sp.ceiling(x) if op == ">=" else sp.floor(x) + 1  # g >= G
     lo = G if kind == "id" else (c * G - k0)
     ext = _extremes(lo)
     if ext is None:
         return None
-    return Interval(ext[0], Lk, ext[1], Lk)
+    return Interval(ext[0], Lk, ext[1], Lk, rlo=lo)
 
 
 def _cond_atom(cond):
@@ -899,6 +909,22 @@ def _scalar_plan(ir: AttentionIR, common: dict) -> KernelPlan | None:
                                notes=kp.notes + ((note,) if note else ()))
 
 
+def _row_nonempty(iv: Interval, scalars: set):
+    """``iv.hi``, or ``Piecewise((iv.hi, w > 0), (0, True))`` when the keys of one row,
+    ``[rlo(q), rhi(q))``, have a width ``w`` (its largest value over the tile's rows, ``w``
+    monotone in ``q``) that depends on run-time ``scalars``: a window ``win[h] <= 0`` leaves
+    every row empty, which the union over the rows (``[lo, hi)``) cannot see."""
+    if iv.rlo is None or iv.rhi is None:
+        return iv.hi
+    w = sp.expand(iv.rhi - iv.rlo)
+    if not w.free_symbols & scalars:
+        return iv.hi
+    ext = _extremes(w)
+    if ext is None:
+        return iv.hi
+    return sp.Piecewise((iv.hi, sp.Gt(ext[1], 0)), (sp.Integer(0), True))
+
+
 def _closed_plan(ir: AttentionIR, mask, common: dict, probe=None) -> KernelPlan:
     """The closed-form plan of ``mask`` (the table when it has none). ``probe``: values of
     run-time scalar symbols for ordering the intervals (:func:`_full_width`)."""
@@ -914,7 +940,8 @@ def _closed_plan(ir: AttentionIR, mask, common: dict, probe=None) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         common["notes"] = common.get("notes", ()) + tuple(an.notes)
         return KernelPlan(ir, "table", **common)
-    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
+    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) if not probe else
+           Interval(*(_simplify(x) for x in (iv.lo, _row_nonempty(iv, set(probe)), iv.flo, iv.fhi))) for iv in ivs]
     ivs = sorted(ivs, key=lambda iv: _full_width(iv, probe), reverse=True)
     common["notes"] = common.get("notes", ()) + tuple(an.notes)
     return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, **common)

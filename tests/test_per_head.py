@@ -130,7 +130,11 @@ def test_out_of_range_windows_behave_as_the_reference(backend):
     below 0 and past Lk: the int64 bounds never wrap, rows with no key give 0."""
     i32 = dict(dtype=torch.int32)
     kern = _compile("window", backend)
-    _check_against_reference(kern, WINDOW, dict(win=torch.tensor([0, -7, 2**31 - 1, -2**31], **i32)), Lq=70, Lk=90)
+    t = dict(win=torch.tensor([0, -7, 2**31 - 1, -2**31], **i32))
+    allowed = _check_against_reference(kern, WINDOW, t, Lq=70, Lk=90)
+    # empty windows visit nothing (the closed form tests win[h] > 0), the others exactly their tiles
+    st = kern.tile_stats(70, 90, B=1, H=H, Hkv=HKV, D=16, **t)
+    assert st["visited"] == nonempty_tiles(allowed, st["block_m"], st["block_n"])
     kern = _compile("sinks", backend)
     t = dict(win=torch.tensor([-2**31, 0, 2**31 - 1, 5], **i32), sinks=torch.tensor([[-3, 2**31 - 1, 0, -2**31]], **i32))
     _check_against_reference(kern, SINKS, t, Lq=70, Lk=90)

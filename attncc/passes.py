@@ -909,6 +909,19 @@ def _scalar_plan(ir: AttentionIR, common: dict) -> KernelPlan | None:
                                notes=kp.notes + ((note,) if note else ()))
 
 
+def _merge_prefixes(ivs: list) -> list:
+    """Intervals that start at key 0 (and whose full ranges do) merged into one:
+    ``[0, a) | [0, b) = [0, max(a, b))``, exact for the keys and the full ranges. A flag
+    ``is_retrieval[h]`` (every causal key) and the sinks of the other heads become one key
+    range, so the kernels iterate fewer loops."""
+    zero = sp.Integer(0)
+    pre = [iv for iv in ivs if iv.lo == zero and iv.flo == zero]
+    if len(pre) < 2:
+        return ivs
+    merged = Interval(zero, sp.Max(*(iv.hi for iv in pre)), zero, sp.Max(*(iv.fhi for iv in pre)))
+    return [merged] + [iv for iv in ivs if not (iv.lo == zero and iv.flo == zero)]
+
+
 def _row_nonempty(iv: Interval, scalars: set):
     """``iv.hi``, or ``Piecewise((iv.hi, w > 0), (0, True))`` when the keys of one row,
     ``[rlo(q), rhi(q))``, have a width ``w`` (its largest value over the tile's rows, ``w``
@@ -940,6 +953,8 @@ def _closed_plan(ir: AttentionIR, mask, common: dict, probe=None) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         common["notes"] = common.get("notes", ()) + tuple(an.notes)
         return KernelPlan(ir, "table", **common)
+    if probe:
+        ivs = _merge_prefixes(ivs)
     ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) if not probe else
            Interval(*(_simplify(x) for x in (iv.lo, _row_nonempty(iv, set(probe)), iv.flo, iv.fhi))) for iv in ivs]
     ivs = sorted(ivs, key=lambda iv: _full_width(iv, probe), reverse=True)

@@ -507,7 +507,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             clamps = {"lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, I.Lk),
                       "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)}
             if scal:
-                clamps = {k: sp.Max(sp.Min(x, I.Lk), zero) for k, x in clamps.items()}
+                clamps = {k: sp.Max(sp.Min(x, I.Lk), zero) if x.atoms(sp.Indexed) else x for k, x in clamps.items()}
             _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi, **clamps})
             if scal:
                 d.update({k: f"({d[k]}).to(tl.int32)" for k, x in clamps.items() if x.atoms(sp.Indexed)})

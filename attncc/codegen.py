@@ -48,12 +48,16 @@ class TritonPrinter:
         names: symbol -> code name.
         tensors: tensor name -> :class:`attncc.ir.TensorSpec`.
         prefix: prefix of the temporaries holding loads.
+        int_cast: a type integer / bool reads are converted to after their load (``"tl.int64"``
+            for the run-time scalars of key ranges, whose bound arithmetic must not wrap).
         bounds: read -> per index ``(in_bounds, nonnegative)``, the plan's
             :attr:`~attncc.passes.KernelPlan.read_bounds` (a read without an entry is an
             error: the bounds masks are printed from the analysis, never derived here).
     """
 
-    def __init__(self, names: dict, tensors: dict, prefix: str = "r", bounds: dict | None = None):
+    def __init__(self, names: dict, tensors: dict, prefix: str = "r", bounds: dict | None = None,
+                 int_cast: str = ""):
+        self.int_cast = int_cast
         self.names = names
         self.tensors = tensors
         self.prefix = prefix
@@ -259,7 +263,7 @@ class TritonPrinter:
         offs, mask = self.index_code(e)
         var = f"{self.prefix}{len(self.loads)}_{t.name}"
         mask = f", mask={mask}, other=0" if mask else ""
-        conv = ".to(tl.float32)" if t.kind == "float" else ""
+        conv = ".to(tl.float32)" if t.kind == "float" else (f".to({self.int_cast})" if self.int_cast else "")
         self.lines.append(f"{var} = tl.load(t_{t.name} + {offs}{mask}){conv}")
         self.loads[e] = var
         return var
@@ -343,9 +347,9 @@ def _pieces(i: int, starts_at_zero=()) -> list[tuple[str, str]]:
     return pieces
 
 
-def _printer(plan: KernelPlan, names: dict, prefix: str) -> TritonPrinter:
+def _printer(plan: KernelPlan, names: dict, prefix: str, int_cast: str = "") -> TritonPrinter:
     """A :class:`TritonPrinter` of ``plan``'s expressions (its tensors and read bounds)."""
-    return TritonPrinter(names, {t.name: t for t in plan.ir.tensors}, prefix, dict(plan.read_bounds))
+    return TritonPrinter(names, {t.name: t for t in plan.ir.tensors}, prefix, dict(plan.read_bounds), int_cast)
 
 
 def _backward_parts(plan: KernelPlan, ps: TritonPrinter) -> tuple:
@@ -491,14 +495,22 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
     greads = [dict(j=j, tensor=g.tensor, kind=g.kind, read=str(g.read), code=code, offs=offs,
                    inb=f" & ({inb})" if inb else "") for j, (g, code, offs, inb) in enumerate(printed)]
     score_lines = list(ps.lines)
-    intervals = []
+    intervals, range_lines = [], []
     if plan.path == "closed":
-        pr = _printer(plan, names, "rg")
+        # run-time scalars (per-head windows, sink counts): loaded as int64 once per program,
+        # the bounds computed in int64 and clamped to [0, Lk] before the int32 tile arithmetic,
+        # so that any int32 value behaves as in the reference (no wrap-around)
+        scal = bool(plan.scalars)
+        pr = _printer(plan, names, "rg", int_cast="tl.int64" if scal else "")
         for i, iv in enumerate(plan.intervals):
             zero = sp.Integer(0)
-            _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi,
-                               "lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, I.Lk),
-                               "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)})
+            clamps = {"lo_c": sp.Max(iv.lo, zero), "hi_c": sp.Min(iv.hi, I.Lk),
+                      "flo_c": sp.Max(iv.flo, zero), "fhi_c": sp.Max(sp.Min(iv.fhi, I.Lk), zero)}
+            if scal:
+                clamps = {k: sp.Max(sp.Min(x, I.Lk), zero) if x.atoms(sp.Indexed) else x for k, x in clamps.items()}
+            _, d = _block(pr, {"lo": iv.lo, "hi": iv.hi, "flo": iv.flo, "fhi": iv.fhi, **clamps})
+            if scal:
+                d.update({k: f"({d[k]}).to(tl.int32)" for k, x in clamps.items() if x.atoms(sp.Indexed)})
             d["idx"] = i
             d["pieces"] = _pieces(i, [j for j, jv in enumerate(plan.intervals[:i]) if sp.Max(jv.lo, zero) == 0])
             # key range and full range both start at key 0: the first piece has no leading
@@ -508,6 +520,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
             # no full loop (the first keys of global_sliding_window's sinks)
             d["no_full"] = sp.Min(iv.fhi, 15) == iv.fhi
             intervals.append(d)
+        range_lines = list(pr.lines)
     ctx = _box_context(plan if box else None, names)
     ctx.update(_lowrank_context(bool(ir.lowrank)))
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,
@@ -541,6 +554,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         visit_code=" | ".join(f"((pid_n >= t_lo{i}) & (pid_n < t_hi{i}))" for i in range(len(intervals))) or "False",
         full_code=" | ".join(f"((pid_n >= f_lo{i}) & (pid_n < f_hi{i}))" for i in range(len(intervals))) or "False",
         intervals=intervals,
+        range_lines=range_lines,
         targs="".join(a + ", " for a in tensor_arg_names(ir)),
         # several key intervals: a tile of one interval's masked range may be full in another's
         dyn_full=len(intervals) > 1,

@@ -2,7 +2,8 @@
 
 Used by the demo, the benchmarks, the tests and :mod:`attncc.testing`. By default float
 tensors get small random values (positive for 1-D per-head tensors such as ALiBi slopes);
-integer tensors get sorted segment ids (packed documents) with a padded tail of ``-1``;
+integer tensors get sorted segment ids (packed documents) with a padded tail of ``-1``
+(per-head scalars of the mask, such as windows ``win[h]``: key counts in ``1..Lk``);
 bool tensors get a sparse random pattern. :func:`tensor_values` also knows the edge-case
 value modes :mod:`attncc.testing` draws (:data:`VALUE_MODES`) and index tensors kept within
 bounds.
@@ -102,6 +103,23 @@ def tensor_values(t, shape: tuple, generator: torch.Generator | None = None, mod
     return x.to(getattr(torch, t.dtype))
 
 
+def _mask_scalars(ir: AttentionIR) -> set:
+    """Names of the int tensors the mask reads as run-time scalars of a (batch, head): every dim
+    a batch / head size or a constant, not read inside another read's index (per-head windows,
+    sink counts; see :func:`attncc.passes.scalar_reads`). Their example values are key counts
+    ``1..Lk`` (segment ids would make every window empty)."""
+    import sympy as sp
+
+    from . import ir as I
+
+    reads = ir.mask.atoms(sp.Indexed)
+    inner = {str(r.base.label) for x in reads for ix in x.indices for r in sp.sympify(ix).atoms(sp.Indexed)}
+    heads = {I.B, I.H, I.Hkv}
+    return {t.name for t in ir.tensors if t.kind == "int" and t.name not in inner
+            and t.name in {str(r.base.label) for r in reads}
+            and all(sp.sympify(d).free_symbols <= heads for d in t.shape)}
+
+
 def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch.Generator | None = None,
                     free: dict | None = None, modes: dict | None = None, bounds: dict | None = None) -> dict:
     """Plausible values for every ``tensor`` of ``ir`` (see :func:`tensor_values`).
@@ -122,9 +140,13 @@ def example_tensors(ir: AttentionIR, sizes: dict, device="cpu", generator: torch
     out = {}
     shapes = shape_functions(ir)
     fvals = tuple((free or {}).get(n, FREE_DIM_DEFAULT) for n in ir.free_dims)
+    spans = _mask_scalars(ir)
     for t in ir.tensors:
         shape = expected_shape(shapes, t.name, sizes, fvals)
-        x = tensor_values(t, shape, generator, (modes or {}).get(t.name), (bounds or {}).get(t.name))
+        bd, mode = (bounds or {}).get(t.name), (modes or {}).get(t.name)
+        if t.name in spans and bd is None and mode is None:  # per-head windows / sink counts: 1..Lk
+            bd = (1, max(1, sizes["Lk"]))
+        x = tensor_values(t, shape, generator, mode, bd)
         out[t.name] = x.to(device)
     return out
 

@@ -111,6 +111,8 @@ def _eq_ne_rule(e):
     x % c == r and tensor reads are left alone)."""
     if not isinstance(e, (sp.Eq, sp.Ne)) or e.atoms(sp.Mod) or e.atoms(sp.Indexed):
         return None
+    if not e.free_symbols & (_KEY_SYMBOLS | {q, *I.QC}):  # a run-time scalar test (``flag[h] != 0``):
+        return None  # one condition, not two intervals (see _cond_atom)
     if not (_is_int(e.lhs) and _is_int(e.rhs)):
         return None
     if isinstance(e, sp.Eq):
@@ -156,9 +158,19 @@ class Interval:
     hi: sp.Expr
     flo: sp.Expr
     fhi: sp.Expr
+    #: the keys of ONE row ``q`` are ``[rlo, rhi)`` (expressions of ``q``; ``None``: unbounded on
+    #: that side, or unknown), from the key-bound atoms; used to prove rows empty
+    #: (:func:`_row_nonempty`), not part of the interval's identity
+    rlo: sp.Expr = field(default=None, compare=False)
+    rhi: sp.Expr = field(default=None, compare=False)
 
     def __and__(self, o: "Interval") -> "Interval":
-        return Interval(_max(self.lo, o.lo), _min(self.hi, o.hi), _max(self.flo, o.flo), _min(self.fhi, o.fhi))
+        return Interval(_max(self.lo, o.lo), _min(self.hi, o.hi), _max(self.flo, o.flo), _min(self.fhi, o.fhi),
+                        _row_bound(self.rlo, o.rlo, _max), _row_bound(self.rhi, o.rhi, _min))
+
+
+def _row_bound(a, b, f):
+    return b if a is None else a if b is None else f(a, b)
 
 
 def _max(a, b):
@@ -286,13 +298,13 @@ def _bound_atom(rel):
         ext = _extremes(hi)
         if ext is None:
             return None
-        return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0])
+        return Interval(sp.Integer(0), ext[1], sp.Integer(0), ext[0], rhi=hi)
     G = sp.ceiling(x) if op == ">=" else sp.floor(x) + 1  # g >= G
     lo = G if kind == "id" else (c * G - k0)
     ext = _extremes(lo)
     if ext is None:
         return None
-    return Interval(ext[0], Lk, ext[1], Lk)
+    return Interval(ext[0], Lk, ext[1], Lk, rlo=lo)
 
 
 def _cond_atom(cond):
@@ -573,6 +585,10 @@ class KernelPlan:
             the sizes) and the :class:`Box` list (see :func:`box_analysis`).
         box_mask: ``box`` only: the coordinate-form mask with the residue tests that the
             grouping guarantees replaced by ``True`` (what partial tiles evaluate).
+        scalars: ``closed`` plans: the tensor reads in the intervals (sympy ``Indexed``; indices
+            of ``b``, ``h`` and sizes only: per-head windows, sink counts, flags), which every
+            kernel loads once per program before computing its key ranges (see
+            :func:`scalar_reads`).
         blocks: ``table`` plans whose mask is a tensor-free part AND one block-level read
             ``blk[..., q // BQ, kv // BK]`` (:class:`BlockRead`, see :func:`block_read`): the
             runtime builds the table from the block tensor and the closed form of the rest
@@ -604,6 +620,7 @@ class KernelPlan:
     backward: object = None
     read_bounds: tuple = ()
     blocks: "BlockRead" = None
+    scalars: tuple = ()
 
     def forms(self) -> tuple:
         """``(mask, score)`` as the kernels evaluate them: the IR's, or for box plans the
@@ -730,7 +747,7 @@ def block_read(ir: AttentionIR):
     return BlockRead(str(read.base.label), read, bq, bk, rest, intervals)
 
 
-def _full_width(iv: Interval) -> float:
+def _full_width(iv: Interval, probe=None) -> float:
     """Width of an interval's full range at a generic large shape. A tile in several
     intervals is visited once, by the first; putting the widest full ranges first lets a
     tile that is full in any interval run without mask code (e.g. the sink tile of a
@@ -738,6 +755,7 @@ def _full_width(iv: Interval) -> float:
     from .ir import SIZES
     subs = {q_lo: 10**6, q_hi: 10**6 + 127, h: 0}
     subs.update({sym: 2 * 10**6 for sym in SIZES.values()})
+    subs.update(probe or {})
     try:
         return float((iv.fhi - iv.flo).subs(subs))
     except (TypeError, ValueError):
@@ -836,6 +854,9 @@ def _plan(ir: AttentionIR) -> KernelPlan:
                   mask_uses_h=h in ir.mask.free_symbols,
                   mask_read_checks=read_checks(ir, ir.mask), notes=lowrank_notes(ir))
     if mask_tensors:
+        scal = _scalar_plan(ir, common)
+        if scal is not None:
+            return scal
         return KernelPlan(ir, "table", blocks=block_read(ir), **common)
     if ir.grid:
         groups, boxes, why = box_analysis(ir)
@@ -846,8 +867,83 @@ def _plan(ir: AttentionIR) -> KernelPlan:
             return KernelPlan(ir, "box", groups=tuple(groups), boxes=tuple(boxes),
                               box_mask=drop_residues(ir.coord_mask, groups), **common)
         common["notes"] = common["notes"] + (f"no box plan: {why}",)
+    return _closed_plan(ir, ir.mask, common)
+
+
+def scalar_reads(ir: AttentionIR) -> tuple | None:
+    """The tensor reads of ``ir.mask`` when every one is a run-time scalar of a (batch, head):
+    its indices depend on ``b``, ``h`` and sizes only (a window ``win[h]``, a sink count
+    ``sinks[b, h]``, a flag ``is_retrieval[h]``; no read inside an index). ``None`` when a read
+    depends on ``q`` / ``kv`` (document ids, labels: the block table) or the mask reads none."""
+    reads = sorted(ir.mask.atoms(sp.Indexed), key=sp.default_sort_key)
+    tile = {q, kv, *I.QC, *I.KC}
+    if not reads or any(sp.sympify(ix).free_symbols & tile or sp.sympify(ix).atoms(sp.Indexed)
+                        for r in reads for ix in r.indices):
+        return None
+    return tuple(reads)
+
+
+def _scalar_plan(ir: AttentionIR, common: dict) -> KernelPlan | None:
+    """The closed plan of a mask whose tensor reads are all run-time scalars
+    (:func:`scalar_reads`): each read is replaced by a fresh symbol (integer for int / bool
+    tensors, real for float ones), the closed-form analysis runs on the result, and the reads
+    are put back into the interval bounds, which the kernels evaluate after loading the
+    scalars once per program. ``None`` when the analysis has no closed form (the table)."""
+    reads = scalar_reads(ir)
+    if reads is None or ir.grid:
+        return None
+    syms = {}
+    for i, r in enumerate(reads):
+        kind = ir.tensor(str(r.base.label)).kind
+        syms[r] = sp.Symbol(f"_scalar{i}", integer=True) if kind != "float" else sp.Symbol(f"_scalar{i}", real=True)
+    kp = _closed_plan(ir, ir.mask.xreplace(syms), common, probe={v: 10**5 for v in syms.values()})
+    if kp.path != "closed":
+        return None
+    back = {v: r for r, v in syms.items()}
+    ivs = tuple(Interval(*(sp.sympify(x).xreplace(back) for x in (iv.lo, iv.hi, iv.flo, iv.fhi)))
+                for iv in kp.intervals)
+    used = set().union(*(x.atoms(sp.Indexed) for iv in ivs for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) if ivs else set()
+    note = ("run-time scalars of the key ranges (loaded once per program): "
+            + ", ".join(str(r) for r in reads if r in used)) if used else ()
+    return dataclasses.replace(kp, intervals=ivs, scalars=tuple(r for r in reads if r in used),
+                               notes=kp.notes + ((note,) if note else ()))
+
+
+def _merge_prefixes(ivs: list) -> list:
+    """Intervals that start at key 0 (and whose full ranges do) merged into one:
+    ``[0, a) | [0, b) = [0, max(a, b))``, exact for the keys and the full ranges. A flag
+    ``is_retrieval[h]`` (every causal key) and the sinks of the other heads become one key
+    range, so the kernels iterate fewer loops."""
+    zero = sp.Integer(0)
+    pre = [iv for iv in ivs if iv.lo == zero and iv.flo == zero]
+    if len(pre) < 2:
+        return ivs
+    merged = Interval(zero, sp.Max(*(iv.hi for iv in pre)), zero, sp.Max(*(iv.fhi for iv in pre)))
+    return [merged] + [iv for iv in ivs if not (iv.lo == zero and iv.flo == zero)]
+
+
+def _row_nonempty(iv: Interval, scalars: set):
+    """``iv.hi``, or ``Piecewise((iv.hi, w > 0), (0, True))`` when the keys of one row,
+    ``[rlo(q), rhi(q))``, have a width ``w`` (its largest value over the tile's rows, ``w``
+    monotone in ``q``) that depends on run-time ``scalars``: a window ``win[h] <= 0`` leaves
+    every row empty, which the union over the rows (``[lo, hi)``) cannot see."""
+    if iv.rlo is None or iv.rhi is None:
+        return iv.hi
+    w = sp.expand(iv.rhi - iv.rlo)
+    if not w.free_symbols & scalars:
+        return iv.hi
+    ext = _extremes(w)
+    if ext is None:
+        return iv.hi
+    return sp.Piecewise((iv.hi, sp.Gt(ext[1], 0)), (sp.Integer(0), True))
+
+
+def _closed_plan(ir: AttentionIR, mask, common: dict, probe=None) -> KernelPlan:
+    """The closed-form plan of ``mask`` (the table when it has none). ``probe``: values of
+    run-time scalar symbols for ordering the intervals (:func:`_full_width`)."""
+    common = dict(common)
     an = _Analysis()
-    norm = rewrite(ir.mask)
+    norm = rewrite(mask)
     ivs = kv_sets(norm, an)
     if ivs is None:
         common["notes"] = common.get("notes", ()) + (f"the mask splits into more than {MAX_INTERVALS} key intervals",)
@@ -857,7 +953,10 @@ def _plan(ir: AttentionIR) -> KernelPlan:
         # visit tiles it cannot prove non-empty, the table is exact.
         common["notes"] = common.get("notes", ()) + tuple(an.notes)
         return KernelPlan(ir, "table", **common)
-    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) for iv in ivs]
-    ivs = sorted(ivs, key=_full_width, reverse=True)
+    if probe:
+        ivs = _merge_prefixes(ivs)
+    ivs = [Interval(*(_simplify(x) for x in (iv.lo, iv.hi, iv.flo, iv.fhi))) if not probe else
+           Interval(*(_simplify(x) for x in (iv.lo, _row_nonempty(iv, set(probe)), iv.flo, iv.fhi))) for iv in ivs]
+    ivs = sorted(ivs, key=lambda iv: _full_width(iv, probe), reverse=True)
     common["notes"] = common.get("notes", ()) + tuple(an.notes)
     return KernelPlan(ir, "closed", intervals=tuple(ivs), exact=an.exact, **common)

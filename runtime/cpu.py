@@ -47,7 +47,7 @@ from attncc.dense import eval_expr, index_env
 from attncc.ir import grid_sizes
 from attncc.passes import BQ_HI, BQ_LO, GQ, LG, q_hi, q_lo
 
-from .tiles import block_table, closed_tile_classes, size_env
+from .tiles import block_table, closed_tile_classes, size_env, tensor_digest
 
 #: the CPU implementations: the tiled PyTorch executor of this module, and the generated
 #: Triton kernels under the Triton interpreter
@@ -155,11 +155,12 @@ def _rows_per_chunk(sizes: dict) -> int:
     return bm
 
 
-def _closed_tiles(plan, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device):
+def _closed_tiles(plan, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device,
+                  named: dict | None = None):
     """Visited / full key tiles of closed-form plans: bool ``(n_chunks, n_n)`` each (a tile is
     visited when some (batch, head) visits it, full when it is full for all), from the
     intervals exactly as the kernels' ``interval_bounds`` macro rounds them."""
-    visit, full = closed_tile_classes(plan.intervals, sizes, starts, lasts, block_n, device)
+    visit, full = closed_tile_classes(plan.intervals, sizes, starts, lasts, block_n, device, named)
     shape = (sizes["B"], sizes["H"]) + visit.shape[2:]
     return visit.any(1).any(0), torch.broadcast_to(full, shape).all(1).all(0)
 
@@ -227,9 +228,12 @@ def _box_keys(plan, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, devi
 def schedule(kern, sizes: dict, named: dict, device) -> list:
     """The :class:`Chunk` list of a call: query chunks and the keys each visits (from the
     plan: closed-form intervals, block table or box intervals). Closed-form and box
-    schedules depend on the sizes only and are cached on ``kern``."""
+    schedules depend on the sizes (and the values of a closed plan's run-time scalars) only
+    and are cached on ``kern``."""
     plan = kern.plan
     key = tuple(sorted(sizes.items()))
+    if plan.path == "closed" and plan.scalars:  # run-time scalars (per-head windows): keyed by their values
+        key += tuple(tensor_digest(named[n]) for n in sorted({str(r.base.label) for r in plan.scalars}))
     cache = kern.__dict__.setdefault("_cpu_schedules", {})
     if plan.path != "table" and key in cache:
         return cache[key]
@@ -249,7 +253,7 @@ def schedule(kern, sizes: dict, named: dict, device) -> list:
                 out.append(Chunk(a, z + 1, idx, 0, 0, None))
     else:
         if plan.path == "closed":
-            visit, full = _closed_tiles(plan, sizes, starts, lasts, BLOCK_N, device)
+            visit, full = _closed_tiles(plan, sizes, starts, lasts, BLOCK_N, device, named)
         else:
             visit, full = _table_tiles(kern, sizes, named, bm, BLOCK_N, device)
         for c, (a, z) in enumerate(zip(starts.tolist(), lasts.tolist())):

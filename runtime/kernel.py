@@ -265,6 +265,10 @@ def _kernel_sizes(sizes: dict, layout: list) -> list:
     return size_values(sizes) + list(layout_sizes(layout).values())[3:]
 
 
+#: the dtype of a stand-in for a spec tensor a kernel does not read, per tensor kind
+_STAND_IN = {"float": torch.float32, "int": torch.int32, "bool": torch.bool}
+
+
 def _tensor_args(tensors) -> list:
     """Kernel arguments of the spec tensors: pointer, strides, sizes of each."""
     out = []
@@ -1298,7 +1302,13 @@ class CompiledAttention:
         n_m, n_n = -(-Lq // cfg.block_m), -(-Lk // cfg.block_n)
         tables, tstrides = self._tables(sizes, named, cfg, device)
         counts = torch.zeros(B * H, n_m, 2, dtype=torch.int32, device=device)
-        self._run(device, Launch("count_tiles", (n_m, B * H), [counts, *tables, *tstrides, *_kernel_sizes(sizes, layout), n_m],
+        # the spec tensors (closed plans read their run-time scalars, e.g. per-head windows);
+        # tensors the iteration does not read may be left out: an empty stand-in of their kind
+        targs = _tensor_args([named[t.name] if t.name in named else
+                              torch.zeros((1,) * t.ndim, dtype=_STAND_IN[t.kind], device=device)
+                              for t in self.ir.tensors])
+        self._run(device, Launch("count_tiles", (n_m, B * H), [counts, *targs, *tables, *tstrides,
+                                                               *_kernel_sizes(sizes, layout), n_m],
                                  dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **layout_constexprs(layout))))
         visited = int(counts[..., 0].sum())
         full = int(counts[..., 1].sum())

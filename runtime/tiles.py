@@ -113,10 +113,14 @@ def _clamped(iv) -> tuple:
     return sp.Max(iv.lo, 0), sp.Min(iv.hi, I.Lk), sp.Max(iv.flo, 0), sp.Max(sp.Min(iv.fhi, I.Lk), 0)
 
 
-def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device):
+def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: torch.Tensor, block_n: int, device,
+                        tensors: dict | None = None):
     """Visited / full key tiles of the closed-form ``intervals`` (:class:`attncc.passes.Interval`)
     for query row ranges ``[starts, lasts]`` (int64 ``(n,)``), rounded to key tiles of
-    ``block_n`` exactly as the kernels' ``interval_bounds`` macro rounds them.
+    ``block_n`` exactly as the kernels' ``interval_bounds`` macro rounds them. ``tensors``
+    (name -> tensor) holds the run-time scalars the intervals read (``win[h]``: per-head
+    windows, see :attr:`attncc.passes.KernelPlan.scalars`), evaluated at the broadcast
+    ``b`` / ``h`` grids.
 
     Returns:
         ``(visit, full)``: bool ``(TB, TH, n, n_n)`` (TB / TH: ``B`` / ``H`` where an interval
@@ -133,7 +137,7 @@ def closed_tile_classes(intervals, sizes: dict, starts: torch.Tensor, lasts: tor
     full = torch.zeros_like(visit)
 
     def ev(e):
-        x = eval_expr(e, env, {})
+        x = eval_expr(e, env, tensors or {}, device=device)
         x = torch.as_tensor(x, device=device).to(torch.int64)
         return torch.broadcast_to(x, torch.broadcast_shapes(x.shape, (1, 1, starts.numel())))[..., None]
 

@@ -121,6 +121,12 @@ def _flex_mods(name, p, tens, Lq, Lk):
     if name == "document_causal":
         doc = tens["doc"]
         return None, lambda b, h, q, kv: (doc[q] == doc[kv]) & (doc[kv] >= 0) & (kv <= q)
+    if name == "per_head_window":
+        win = tens["win"]
+        return None, lambda b, h, q, kv: (kv <= q) & (q - kv < win[h])
+    if name == "duo_attention":
+        ret, w, s = tens["is_retrieval"], p["window"], p["sinks"]
+        return None, lambda b, h, q, kv: (kv <= q) & (ret[h] | (kv < s) | (q - kv < w))
     if name == "alibi":
         slope = tens["slope"]
         return (lambda sc, b, h, q, kv: sc + slope[h] * (kv - q)), (lambda b, h, q, kv: kv <= q)

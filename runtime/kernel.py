@@ -1196,11 +1196,17 @@ class CompiledAttention:
         """The launch configs the autotuner tries for this kernel: ``rule(head_dim, arch, dtype)``
         (:func:`~attncc.runtime.configs.forward_candidates` or
         :func:`~attncc.runtime.configs.backward_candidates`; also what ``attncc aot`` compiles).
+        Plans with several key intervals bounded by run-time scalars (per-head mixes such as
+        DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled).
         Block-read plans keep the configs whose tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
         else those with key tiles of at most 32 (measured: the per-pair block read spills
         at 64-key tiles, D = 128, sm_90a and sm_80)."""
         cands = tuple(rule(head_dim, arch, dtype))
+        if rule is backward_candidates and self.plan.scalars and len(self.plan.intervals) > 1:
+            # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
+            # 128 x 64 tiles needs more than 255 registers (measured, sm_90a bf16 D = 128: 8 B spilled)
+            return tuple(c for c in cands if c.block_m * c.block_n < 128 * 64) or cands
         br = self.plan.blocks
         if br is None:
             return cands

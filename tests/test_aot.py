@@ -56,8 +56,8 @@ pattern causal_blocks_48x24:
 #: and 3-D box plans with dilation, a relative-position table, gate, sink, sigmoid, low-rank,
 #: run-time scalars of the closed form (per-head windows)
 GATE_SET = ["causal", "prefix_lm", "document_causal", BLOCKS_128, BLOCKS_48x24, "dilated_neighborhood_2d",
-            DILATED_3D, "relative_position_bias", "gated_causal", "sink_window", "sigmoid_attention", "lowrank_bias", "duo_attention",
-            "per_head_window"]
+            DILATED_3D, "relative_position_bias", "gated_causal", "sink_window", "sigmoid_attention", "lowrank_bias",
+            "per_head_window", "duo_attention"]
 TARGETS = ("sm_90a", "sm_80")
 
 

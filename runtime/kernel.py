@@ -579,7 +579,9 @@ class CompiledAttention:
         :meth:`_memo_tables`), the outputs allocated, the call's tensors put into the
         remembered argument list, the value checks, one launch."""
         base = d.args
-        if d.masks:
+        if d.tables_at is not None and self.plan.blocks is not None:
+            base = self._memo_tables(d, tensors, remember=False)[1]  # O(tiles) on the device, per call
+        elif d.tables_at is not None:  # block-table plans (also those whose mask reads no tensor)
             m = d.memo
             if m is not None:
                 for snap, name in zip(m[0], d.masks):
@@ -604,7 +606,7 @@ class CompiledAttention:
         self._run(d.device, Launch("attn_fwd", d.grid, args, kwargs))
         return (out, lse) if return_lse else out
 
-    def _memo_tables(self, d: _Direct, tensors: dict) -> tuple:
+    def _memo_tables(self, d: _Direct, tensors: dict, remember: bool = True) -> tuple:
         """A block-table plan's :class:`_Direct`: the block table of the call's mask tensors
         (:meth:`_tables`, the block-table cache), remembered as ``d.memo``: ``(snapshots of
         the mask tensors, the argument list with the tables in place)``. Later calls of the
@@ -613,12 +615,15 @@ class CompiledAttention:
         its snapshot: a mask tensor changed in any way, in place or not, version counter
         bumped or not, takes this path again. The snapshots are the ones ``tensor_digest``
         keeps; the memo keeps them (one copy of each mask tensor) alive while the signature
-        is cached, also after the tensors they copy are freed."""
+        is cached, also after the tensors they copy are freed. ``remember=False`` (block-read
+        plans, whose block tensor may change every call): the argument list of this call only."""
         named = {name: tensors[name].contiguous() if copy else tensors[name] for _, name, copy in d.slots}
         tables, tstrides = self._tables(d.launch.sizes, named, d.launch.cfg, d.device)
         args = list(d.args)
         at, tat = d.tables_at
         args[at:at + 4], args[tat:tat + 4] = tables, tstrides
+        if not remember:  # block-read plans: the lists of this call only (no snapshot, no host copy)
+            return (), tuple(args)
         d.memo = (tuple(tensor_snapshot(named[n]) for n in d.masks), tuple(args))
         return d.memo
 
@@ -1187,7 +1192,7 @@ class CompiledAttention:
         if tma_strides_ok(q, k, v) and tma_pointers_ok(q, k, v):
             family, rule = "fwd", forward_candidates
         else:  # inputs tensor descriptors cannot read: the tma candidates are not tried (own bucket)
-            family, rule = "fwd:no-tma", lambda hd, arch, dt: tuple(c for c in forward_candidates(hd, arch, dt)
+            family, rule = "fwd:no-tma", lambda hd, arch, dt=None: tuple(c for c in forward_candidates(hd, arch, dt)
                                                                     if not c.tma)
         return self._tune(family, q, sizes, layout, lowrank, rule,
                           lambda cfg: self.launch(q, k, v, tensors, scale, cfg, layout, lowrank))

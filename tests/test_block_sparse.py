@@ -361,3 +361,23 @@ def test_kv_index_refused_for_other_patterns():
         attncc.compile(attncc.pattern_path("sliding_window"), window=4)(q, q, q, kv_index=idx)
     with pytest.raises(ValueError, match=r"kv_index must have shape \(B, Lq, Hkv, topk\)"):
         attncc.reference(CAUSAL, q, q, q, kv_index=idx[:, :8])
+
+
+def test_repeated_calls_take_new_block_tensors_and_tables():
+    """The direct call path (same signature again, no autograd): a block-mask call with new
+    lists rebuilds its tile lists; a table plan whose mask reads no tensor reuses its table."""
+    g = torch.Generator().manual_seed(11)
+    B, H, L = 1, 2, 64
+    q, k, v = (torch.randn(B, H, L, 16, generator=g) for _ in range(3))
+    kern = attncc.compile(CAUSAL, backend="interpret")
+    qi, ki = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    for _ in range(3):
+        blocks = torch.rand(B, H, 2, 2, generator=g) < 0.6
+        out = kern(q, k, v, block_mask=BlockSparse.from_dense(blocks, 32))
+        assert (out - _sdpa(q, k, v, blocks[:, :, qi // 32, ki // 32] & (ki <= qi))).abs().max() < 2e-5
+    spec = "pattern nonaffine:\n    mask: max(q, kv) < 2 * min(q, kv) + 3\n"
+    table = attncc.compile(spec, backend="interpret")
+    assert table.plan.path == "table" and not table.plan.mask_tensors
+    want = _sdpa(q, k, v, (torch.maximum(qi, ki) < 2 * torch.minimum(qi, ki) + 3).expand(B, H, L, L))
+    for _ in range(2):
+        assert (table(q, k, v) - want).abs().max() < 2e-5

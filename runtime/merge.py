@@ -208,8 +208,8 @@ class _MergeStates(torch.autograd.Function):
         if g is None:
             g = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
         gf = g.float()
-        dots = [torch.where(w[i] > 0, (gf * torch.where(w[i][..., None] > 0, o.float(), 0.0)).sum(-1), 0.0)
-                for i, o in enumerate(outs)]
+        # <g, out_i> where part i has weight (its output is not read elsewhere: it may be NaN)
+        dots = [(gf * torch.where(w[i][..., None] > 0, o.float(), 0.0)).sum(-1) for i, o in enumerate(outs)]
         mean = sum(w[i] * dots[i] for i in range(n))                      # <g, out> in float32
         for i, o in enumerate(outs):
             if ctx.needs_input_grad[3 + i]:
@@ -275,9 +275,7 @@ def merge_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, 
         RuntimeError: a Triton backend on CPU tensors without the interpreter, or
             ``backend="interpret"`` on CUDA tensors.
     """
-    return _merge("merge_states", list(outs) if isinstance(outs, tuple) else outs,
-                  list(lses) if isinstance(lses, tuple) else lses,
-                  _names(len(outs) if isinstance(outs, (list, tuple)) else 0), backend)
+    return _merge("merge_states", outs, lses, _names(len(outs) if isinstance(outs, (list, tuple)) else 0), backend)
 
 
 def merge_state(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,

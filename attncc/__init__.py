@@ -12,6 +12,8 @@ Public API::
     out = kern(q, k, v, block_mask=attncc.BlockSparse(kv_num_blocks, kv_indices, (BQ, BK)))
     out = kern(q, k, v, block_mask=attncc.topk_blocks(q, k, block_size=64, topk=8))
     out = attncc.gather_attention(q, k, v, kv_index, causal=True)   # per-token top-k lists
+    out, lse = attncc.merge_state(out_a, lse_a, out_b, lse_b)           # partial attentions over disjoint keys
+    out = attncc.cascade(prefix_kern, suffix_kern, q, prefix_k, prefix_v, suffix_k, suffix_v)  # shared prefix
     ref = attncc.reference(spec, q, k, v, pattern=None, scale=None, return_lse=False, **params_and_tensors)
 """
 
@@ -51,7 +53,8 @@ from .errors import SpecError  # noqa: E402
 #: public names imported on first use (torch, triton and sympy are not imported by ``import attncc``)
 _LAZY = {"compile": "compiler", "explain": "compiler", "library_patterns": "library", "pattern_path": "library",
          "reference": "dense", "AttentionIR": "ir", "lower": "ir", "BlockSparse": "runtime",
-         "topk_blocks": "runtime", "gather_attention": "runtime", "gather_attention_reference": "runtime"}
+         "topk_blocks": "runtime", "gather_attention": "runtime", "gather_attention_reference": "runtime",
+         "merge_state": "runtime", "merge_states": "runtime", "cascade": "runtime"}
 
 
 def __getattr__(name):
@@ -66,5 +69,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
 
 
-__all__ = ["compile", "reference", "BlockSparse", "topk_blocks", "gather_attention", "gather_attention_reference", "explain", "parse", "lower", "SpecError", "PatternSpec", "AttentionIR",
+__all__ = ["compile", "reference", "BlockSparse", "topk_blocks", "gather_attention", "gather_attention_reference", "merge_state", "merge_states", "cascade", "explain", "parse", "lower", "SpecError", "PatternSpec", "AttentionIR",
            "library_patterns", "pattern_path", "__version__"]

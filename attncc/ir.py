@@ -864,18 +864,14 @@ class _Lowerer:
             self.err(node, "topk() takes one positional argument, the number of blocks K")
 
         def value(n, kind, choices, what):
-            if kind == "int":
-                if isinstance(n, ast.Constant) and type(n.value) is int:
+            if kind in ("int", "bool"):  # a literal of the type, or a param of that type
+                typ = int if kind == "int" else bool
+                if isinstance(n, ast.Constant) and type(n.value) is typ:
                     return n.value
-                if isinstance(n, ast.Name) and n.id in self.values and self.ptypes[n.id] == "int":
-                    return int(self.values[n.id])
-                self.err(n, f"{what} must be an integer literal or an int param")
-            if kind == "bool":
-                if isinstance(n, ast.Constant) and type(n.value) is bool:
-                    return n.value
-                if isinstance(n, ast.Name) and n.id in self.values and self.ptypes[n.id] == "bool":
-                    return bool(self.values[n.id])
-                self.err(n, f"{what} must be True, False or a bool param")
+                if isinstance(n, ast.Name) and n.id in self.values and self.ptypes[n.id] == kind:
+                    return typ(self.values[n.id])
+                self.err(n, f"{what} must be " + ("an integer literal or an int param" if kind == "int"
+                                                  else "True, False or a bool param"))
             if not (isinstance(n, ast.Name) and n.id in choices):
                 self.err(n, f"{what} must be one of {', '.join(choices)}")
             return n.id

@@ -33,7 +33,7 @@ from attncc.passes import KernelPlan, index_tensors
 
 from . import cache, cpu
 from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates, register_cap
-from .tiles import block_table, tensor_digest, tensor_snapshot
+from .tiles import block_table, closed_tile_classes, tensor_digest, tensor_snapshot
 
 
 _OPS: dict = {}
@@ -250,6 +250,7 @@ class _Direct:
     names: tuple  # the spec tensors' names, in the order passed
     guards: object  # see _tensor_guards (None: only the call key finds this entry)
     memo: Optional[tuple] = None  # block-table plans: (mask tensor snapshots, args with their tables)
+    order_at: Optional[int] = None  # plans with run-time scalars: the index in args of HEAD_ORDER
 
 
 def _sizes(q, k, v, grid=None) -> dict:
@@ -277,13 +278,17 @@ def _tensor_args(tensors) -> list:
     return out
 
 
-def _forward_args(lp: "_LaunchPlan", head: list, tensors, lowrank, tables, tstrides, scale: float) -> tuple:
+def _forward_args(lp: "_LaunchPlan", head: list, tensors, lowrank, tables, tstrides, scale: float,
+                  order=None) -> tuple:
     """The positional arguments of ``attn_fwd`` (``head``: q, k, v, out, lse and the
-    ungated output's buffer), and where the varying parts sit in them.
+    ungated output's buffer; ``order``: plans with run-time scalars, the ``HEAD_ORDER``
+    tensor of :meth:`CompiledAttention._head_order`, right after the 4 tables; else None),
+    and where the varying parts sit in them.
 
     Returns:
         ``(args, slots, tables_at)``: the list, the index of each spec tensor in it, and
-        ``(index of the 4 tables, index of their 4 strides)``.
+        ``(index of the 4 tables, index of their 4 strides)`` (``HEAD_ORDER``: at index
+        ``tables_at[0] + 4``).
     """
     args = list(head)
     slots = []
@@ -292,7 +297,7 @@ def _forward_args(lp: "_LaunchPlan", head: list, tensors, lowrank, tables, tstri
         args += [t, *t.stride(), *t.shape]
     args += _lowrank_args(lowrank)
     at = len(args)
-    args += [*tables, *lp.strides]
+    args += [*tables, *([order] if order is not None else []), *lp.strides]
     tat = len(args)
     args += [*tstrides, *lp.ksizes, scale]
     return args, slots, (at, tat)
@@ -375,6 +380,7 @@ class CompiledAttention:
         self._direct: dict = {}
         self._last: Optional[_Direct] = None  # the last _Direct called through the key (see __call__)
         self._dummy: dict = {}
+        self._orders: dict = {}  # plans with run-time scalars: see _head_order
         #: "" or why there is no backward; tensor name -> why it has no gradient; the reads
         #: whose gradient partials the backward writes (see attncc.gradients)
         self.backward_error, self.tensor_grad_errors, self._grad_reads, self._epi_reads = backward_support(plan)
@@ -557,9 +563,11 @@ class CompiledAttention:
         q = launched[0]
         out = q.new_empty(0)  # stand-ins: their positions in the argument list are all that is kept
         tables = None if lp.tables is not None else ((out,) * 4, (0,) * 4)
+        order = out if self.plan.scalars else None  # HEAD_ORDER: per call (the scalars' values)
         args, slots, tables_at = _forward_args(lp, [q, q, q, out, out, out], targs, [],
-                                               *(lp.tables if tables is None else tables), plan.scale)
-        for i in (0, 1, 2, 3, 4, 5, *slots):
+                                               *(lp.tables if tables is None else tables), plan.scale, order)
+        order_at = tables_at[0] + 4 if order is not None else None
+        for i in (0, 1, 2, 3, 4, 5, *slots, *([order_at] if order is not None else [])):
             args[i] = None
         if tables is not None:
             args[tables_at[0]:tables_at[0] + 4] = [None] * 4
@@ -571,7 +579,8 @@ class CompiledAttention:
                        len(plan.grid), one(dtype=q.dtype).expand(out_shape), one(dtype=torch.float32).expand(lse_shape),
                        q.device, gated, lp.grid, lp.consts, lp, tables_at if tables is not None else None,
                        tuple(self.plan.mask_tensors) if tables is not None else (),
-                       key[0], key[1], key[2], tuple(tensors), _tensor_guards([*given, *tensors.values()]))
+                       key[0], key[1], key[2], tuple(tensors), _tensor_guards([*given, *tensors.values()]),
+                       order_at=order_at)
 
     def _direct_call(self, d: _Direct, q, k, v, tensors: dict, return_lse: bool):
         """A call whose signature has a :class:`_Direct`: the block table (block-table plans:
@@ -600,6 +609,8 @@ class CompiledAttention:
             args[i] = tensors[name].contiguous() if copy else tensors[name]
         if self._value_checks:
             self._check_values(d.launch.value_sizes, {name: args[i] for i, name, _ in d.slots}, d.device)
+        if d.order_at is not None:
+            args[d.order_at] = self._head_order(d.launch, {name: args[i] for i, name, _ in d.slots}, d.device)
         kwargs = dict(d.kwargs)
         if kwargs.get("USE_TMA") and not tma_pointers_ok(q, k, v):  # a misaligned base: the plain loads
             kwargs["USE_TMA"] = False
@@ -1015,13 +1026,64 @@ class CompiledAttention:
             tables, tstrides = lp.tables
         else:
             tables, tstrides = self._tables(lp.sizes, self._named(tensors), lp.cfg, q.device)
+        order = self._head_order(lp, self._named(tensors), q.device) if self.plan.scalars else None
         args, _, _ = _forward_args(lp, [q, k, v, out, lse, out_u if gated else out], tensors, lowrank, tables,
-                                   tstrides, scale)
+                                   tstrides, scale, order)
         consts = dict(lp.consts)
         if consts["USE_TMA"] and not tma_pointers_ok(q, k, v):  # a misaligned base: the plain loads
             consts["USE_TMA"] = False
         self._run(q.device, Launch("attn_fwd", lp.grid, args, consts))
         return out, lse, out_u
+
+    def _head_order(self, lp: _LaunchPlan, named: dict, device) -> torch.Tensor:
+        """``HEAD_ORDER`` of a plan with run-time scalars (:attr:`KernelPlan.scalars`, e.g.
+        per-head windows): int32 ``(B*Hq,)``, the (batch*head) indices sorted by the number of
+        key tiles their programs visit, summed over the query tiles (the tiles ``count_tiles``
+        counts, from :func:`~attncc.runtime.tiles.closed_tile_classes`), descending; ties in
+        index order (a stable sort: deterministic). ``attn_fwd`` runs (batch*head)
+        ``HEAD_ORDER[program_id(1)]``.
+
+        Why the grid stays ``(n_m, B*Hq)``: the hardware hands out blocks in linear block
+        order, x fastest, so the n_m query tiles of grid row 0 go out first, then those of
+        row 1: with the rows permuted the programs of the longest heads start first and the
+        short ones fill the tail (LPT scheduling, as FlashAttention's). A grid
+        ``(B*Hq, n_m)`` would instead start query tile 0 of every head, long and short,
+        before any second tile, which the order cannot help; and ``B*Hq`` stays on the y
+        axis whose 65535 limit it already had.
+
+        The order depends on the scalars' values, which may change between calls of one
+        signature: it is kept per (launch plan, device) with a snapshot of the scalar
+        tensors and reused while each of them equals its snapshot (``torch.equal``: on CUDA
+        one synchronisation, as the block-table memo of :meth:`_direct_call`); any change,
+        in place or not, recomputes it (on the tensors' device)."""
+        names = sorted({str(r.base.label) for r in self.plan.scalars})
+        vals = [named[n] for n in names]
+        key = (id(lp), device)
+        hit = self._orders.get(key)
+        if hit is not None and hit[0] is lp and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                for a, b in zip(hit[1], vals)):
+            return hit[2]
+        counts = self._visit_counts(lp.sizes, lp.cfg, named, device)
+        order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+        _remember(self._orders, key, (lp, tuple(x.detach().clone() for x in vals), order))
+        return order
+
+    def _visit_counts(self, sizes: dict, cfg: Config, named: dict, device) -> torch.Tensor:
+        """Per (batch*head): the key tiles the forward's programs visit, summed over the query
+        tiles (int64 ``(B*Hq,)``, on ``device``; closed plans), evaluated in chunks of query
+        tiles (never more than about 2**24 tile pairs at once)."""
+        B, H, Lq, Lk = sizes["B"], sizes["H"], sizes["Lq"], sizes["Lk"]
+        bm, bn = cfg.block_m, cfg.block_n
+        n_m, n_n = -(-Lq // bm), -(-Lk // bn)
+        total = torch.zeros(B, H, dtype=torch.int64, device=device)
+        step = max(1, (1 << 24) // max(1, B * H * n_n))
+        for m0 in range(0, n_m, step):
+            starts = torch.arange(m0, min(n_m, m0 + step), device=device) * bm
+            visit, _ = closed_tile_classes(self.plan.intervals, sizes, starts, torch.clamp(starts + bm, max=Lq) - 1,
+                                           bn, device, named)
+            total += visit.sum((-2, -1))
+        return total.flatten()
 
     def _launch_plan(self, q, k, v, tensors, scale, cfg, layout, lowrank) -> _LaunchPlan:
         """The shape-only part of a forward launch (see :class:`_LaunchPlan`): sizes, the

@@ -164,3 +164,76 @@ pattern doc_window:
 """
     kern = attncc.compile(spec)
     assert kern.plan.path == "table" and not kern.plan.scalars
+
+
+# ------------------------------------------------------------------ head order (issue 15)
+def _launched_orders(kern, monkeypatch):
+    """The HEAD_ORDER argument of every forward launch of ``kern`` (the launches still run)."""
+    orders, run = [], kern._run
+
+    def record(device, *launches):
+        for ln in launches:
+            if ln.kernel == "attn_fwd":
+                names = kern.module(device).attn_fwd.arg_names
+                orders.append(ln.args[names.index("HEAD_ORDER")].clone())
+        return run(device, *launches)
+
+    monkeypatch.setattr(kern, "_run", record)
+    return orders
+
+
+def _expected_order(kern, L, B, tensors):
+    """The (batch*head) indices by visited key tiles (as count_tiles counts them), descending,
+    ties in index order."""
+    per = kern.tile_stats(L, L, B=B, H=H, Hkv=HKV, D=16, per_query_tile=True, **tensors)["per_query_tile"]
+    counts = per[..., 0].view(B * H, -1).sum(-1)
+    return sorted(range(B * H), key=lambda i: (-int(counts[i]), i)), counts
+
+
+@pytest.mark.parametrize("name", ["window", "duo", "sinks"])
+def test_heads_run_longest_range_first(name, monkeypatch):
+    """Plans with run-time scalars launch with HEAD_ORDER: the descending (stable) sort of
+    the heads' visited tile counts; the outputs (both launch paths) equal the reference."""
+    kern = _compile(name)
+    assert "HEAD_ORDER" in kern.source
+    orders = _launched_orders(kern, monkeypatch)
+    B, L = 2, 160
+    tensors = _tensors(name, B)
+    params = dict(sinks=5, window=20) if name == "duo" else None
+    _check_against_reference(kern, SPECS[name], tensors, B=B, Lq=L, Lk=L, params=params)  # launch()
+    expected, counts = _expected_order(kern, L, B, tensors)
+    assert expected != list(range(B * H))  # the heads' ranges differ: a real permutation
+    q, k, v, _ = _inputs(B, L, L, 16)
+    ref = attncc.reference(SPECS[name], q, k, v, **tensors, **(params or {}))
+    with torch.no_grad():
+        for _ in range(2):  # the direct path (the second call: its remembered argument list)
+            torch.testing.assert_close(kern(q, k, v, **tensors), ref, atol=2e-5, rtol=2e-5)
+    assert len(orders) == 3
+    for o in orders:
+        assert o.dtype == torch.int32 and o.tolist() == expected
+        assert (counts[o.long()].diff() <= 0).all()
+
+
+def test_head_order_follows_new_values(monkeypatch):
+    """New window values (a new tensor, or the same tensor changed in place) reorder the heads."""
+    kern = _compile("window")
+    orders = _launched_orders(kern, monkeypatch)
+    B, L = 1, 160
+    q, k, v, _ = _inputs(B, L, L, 16)
+    win = torch.tensor([1, 9, 40, 1000], dtype=torch.int32)
+    expected = []
+    with torch.no_grad():
+        for change in (None, "new", "in place", None):
+            if change == "new":
+                win = torch.tensor([1000, 1, 40, 9], dtype=torch.int32)
+            elif change == "in place":
+                win.numpy()[:] = [9, 40, 1000, 1]  # no version-counter bump
+            out = kern(q, k, v, win=win)
+            torch.testing.assert_close(out, attncc.reference(WINDOW, q, k, v, win=win), atol=2e-5, rtol=2e-5)
+            expected.append(_expected_order(kern, L, B, dict(win=win))[0])
+    assert [o.tolist() for o in orders] == expected
+    assert expected[:3] == [[3, 2, 1, 0], [0, 2, 3, 1], [2, 1, 0, 3]]
+
+
+def test_plans_without_scalars_have_no_head_order():
+    assert "HEAD_ORDER" not in attncc.compile(attncc.pattern_path("sliding_window")).source

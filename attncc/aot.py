@@ -222,8 +222,10 @@ def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
     """The launches of one kernel family, recorded from the runtime's call path.
 
     Returns:
-        a list of :class:`attncc.runtime.Launch` (empty for ``bwd`` when the pattern has
-        no backward).
+        a list of ``(kernel, launch)``: the :class:`attncc.runtime.CompiledAttention` whose
+        module holds the launched function (``kern``, or the block-mask kernel a routed
+        pattern's call runs, see :meth:`~attncc.runtime.CompiledAttention.with_blocks`) and the
+        :class:`attncc.runtime.Launch` (empty for ``bwd`` when the pattern has no backward).
     """
     import torch
 
@@ -244,7 +246,7 @@ def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
             out = kern(q, k, v, **tensors)
             out.backward(torch.ones_like(out))
     names = FAMILIES[family]
-    return [ln for _, ln in rec if ln.kernel in names]
+    return [(k, ln) for k, ln in rec if ln.kernel in names]
 
 
 def _config_text(launch) -> str:
@@ -279,11 +281,12 @@ def run_job(job: Job, out_dir: str | None = None) -> list[dict]:
     base = {"pattern": kern.ir.name, "target": job.target, "dtype": job.dtype, "head_dim": job.head_dim,
             "family": job.family, "config": job.config}
     launches = capture_family(kern, job.family, job.dtype, job.head_dim)
-    mod = jit_module(kern)
+    mods: dict = {}
     out = []
-    for ln in launches:
+    for k, ln in launches:
         rec = {**base, "kernel": ln.kernel, "launch": _config_text(ln), "error": None}
         try:
+            mod = mods.get(k.key) or mods.setdefault(k.key, jit_module(k))
             ck, secs = compile_launch(getattr(mod, ln.kernel), ln, job.target)
         except Exception as e:  # noqa: BLE001 - reported in the record (and failed by the gate)
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

@@ -1265,7 +1265,8 @@ class CompiledAttention:
         :func:`~attncc.runtime.configs.backward_candidates`; also what ``attncc aot`` compiles).
         Plans with several key intervals bounded by run-time scalars (per-head mixes such as
         DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled).
-        Block-read plans keep the configs whose tiles lie inside one block (``block_m``
+        Block-read plans (and routed patterns, whose calls run one) keep the configs whose
+        tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
         else those with key tiles of at most 32 (measured: the per-pair block read spills
         at 64-key tiles, D = 128, sm_90a and sm_80)."""
@@ -1274,10 +1275,14 @@ class CompiledAttention:
             # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
             # 128 x 64 tiles needs more than 255 registers (measured, sm_90a bf16 D = 128: 8 B spilled)
             return tuple(c for c in cands if c.block_m * c.block_n < 128 * 64) or cands
-        br = self.plan.blocks
-        if br is None:
+        br, route = self.plan.blocks, self.ir.route
+        if br is not None:
+            bq, bk = br.bq, br.bk
+        elif route is not None:  # a routed call runs the block-mask kernel of the route's blocks
+            bq, bk = (route.block if route.granularity == "block" else 1), route.block
+        else:
             return cands
-        aligned = tuple(c for c in cands if br.bq % c.block_m == 0 and br.bk % c.block_n == 0)
+        aligned = tuple(c for c in cands if bq % c.block_m == 0 and bk % c.block_n == 0)
         return aligned or tuple(c for c in cands if c.block_n <= 32) or cands
 
     def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:

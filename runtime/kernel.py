@@ -313,10 +313,10 @@ def _lowrank_args(lowrank, grads=()) -> list:
     return [u, w, du, dw, *u.stride(), *w.stride(), u.shape[-1]]
 
 
-def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=()) -> dict:
+def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=(), cap: bool = False) -> dict:
     """The compile-time launch parameters of the attention kernels (``BLOCK_R``: the dot()
-    terms' rank padded to a power of two >= 16, only for patterns with such terms; fp32:
-    ``maxnreg``, see :func:`~attncc.runtime.configs.register_cap`)."""
+    terms' rank padded to a power of two >= 16, only for patterns with such terms; fp32, or
+    ``cap``: ``maxnreg``, see :func:`~attncc.runtime.configs.register_cap`)."""
     block_d, block_dv = max(16, _next_pow2(sizes["D"])), max(16, _next_pow2(sizes["Dv"]))
     extra = {"BLOCK_R": max(16, _next_pow2(lowrank[0].shape[-1]))} if lowrank else {}
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **extra,
@@ -324,7 +324,7 @@ def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=()) -> 
                 EVEN_D=(sizes["D"] == block_d), EVEN_DV=(sizes["Dv"] == block_dv), IEEE=(dtype == torch.float32),
                 UPCAST=(dtype == torch.bfloat16 and cache.interpreting()),  # the interpreter has no bf16 dot
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **({"maxnreg": register_cap(cfg.num_warps)} if dtype == torch.float32 else {}))
+                **({"maxnreg": register_cap(cfg.num_warps)} if dtype == torch.float32 or cap else {}))
 
 
 class CompiledAttention:
@@ -1104,7 +1104,10 @@ class CompiledAttention:
         return _LaunchPlan(sizes, cfg, (-(-Lq // cfg.block_m), B * Hq), out_shape, (B, Hq, Lq),
                            [*q.stride(), *k.stride(), *v.stride(), *out_stride], tables,
                            _kernel_sizes(sizes, layout),
-                           dict(_constexprs(q.dtype, sizes, cfg, layout, lowrank), USE_TMA=cfg.tma, WS=cfg.ws),
+                           # block-read forwards take the register cap (measured: moba's block
+                           # kernel, sm_80 bf16 D = 64 at 64x64:4:3, 168 registers + 8 B spilled)
+                           dict(_constexprs(q.dtype, sizes, cfg, layout, lowrank, cap=self.plan.blocks is not None),
+                                USE_TMA=cfg.tma, WS=cfg.ws),
                            dict(sizes, **({"Lq": n, "Lk": n} if n else {})))
 
     def config_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

@@ -5,17 +5,21 @@ tiles at a time (never the whole ``Lq x Lk`` matrix at once), and reduced per
 (query tile, key tile) to non-empty / full. The result lists, per query tile,
 its partial key tiles and its full key tiles (like FlexAttention's BlockMask),
 and is cached per (pattern, shape, block sizes, device, mask tensor contents).
+
+Block-read masks (``rest and blk[..., q // BQ, kv // BK]``, the masks of run-time block
+sparsity) take another way: :func:`block_classes` builds the classes per call from the
+block tensor and the closed form of the rest in O(blocks + tiles), never per (q, kv) pair.
+The closed-form tile classes (:func:`closed_tile_classes`) are shared with the CPU executor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import dataclasses
-import functools
 
 import sympy as sp
 import torch

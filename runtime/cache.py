@@ -65,6 +65,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+#: ``backend=`` values of the stand-alone kernels (:mod:`.routing`, :mod:`.gather`, :mod:`.merge`):
+#: ``None`` (the Triton kernel on CUDA, the torch path on CPU), ``"torch"``, ``"triton"``,
+#: ``"interpret"`` (the Triton kernel on CPU tensors under the interpreter)
+KERNEL_BACKENDS = (None, "torch", "triton", "interpret")
+
+
+def runs_kernel(fn: str, backend, device) -> bool:
+    """Whether stand-alone kernel function ``fn`` (its name, for errors) runs its Triton kernel
+    for ``backend`` (one of :data:`KERNEL_BACKENDS`, checked by the caller) on tensors of
+    ``device`` (a ``torch.device``); ``False``: its torch path.
+
+    Raises:
+        RuntimeError: a Triton backend on CPU tensors without the interpreter, or
+            ``"interpret"`` on non-CPU tensors.
+    """
+    if backend is None:
+        return device.type == "cuda"
+    if backend == "torch":
+        return False
+    if (backend == "interpret" or device.type == "cpu") and not interpreting():
+        raise RuntimeError(f"{fn}: backend={backend!r} on {device} tensors needs the Triton interpreter "
+                           "(TRITON_INTERPRET=1 before triton is imported); use backend='torch' on CPU")
+    if backend == "interpret" and device.type != "cpu":
+        raise RuntimeError(f"{fn}: backend='interpret' runs on CPU tensors; move the inputs to the CPU")
+    return True
+
+
 def load_module(path: Path, name: str):
     """Import the generated module at ``path`` (its kernels are interpreted or compiled
     according to ``TRITON_INTERPRET``, fixed when triton was first imported)."""

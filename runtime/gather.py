@@ -37,7 +37,6 @@ __all__ = ["gather_attention", "gather_attention_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_BACKENDS = (None, "torch", "triton", "interpret")
 _BLOCK_N = 64   # keys gathered per step (forward and dQ)
 _BLOCK_R = 64   # (query token, head) rows per step of the dK / dV kernel, at most (see _dkdv_launch)
 _LOG2E = 1.4426950408889634
@@ -83,8 +82,9 @@ def _check(q, k, v, kv_index, scale, backend=None):
                          f"k on {k.device}, v on {v.device}, kv_index on {kv_index.device}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"gather_attention: scale must be a finite number or None, got {scale!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"gather_attention: backend must be one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+    if backend not in cache.KERNEL_BACKENDS:
+        raise ValueError(f"gather_attention: backend must be one of "
+                         f"{', '.join(map(repr, cache.KERNEL_BACKENDS))}; got {backend!r}")
     return B, Hq, Hkv, Lq, Lk, D, Dv, topk
 
 
@@ -477,15 +477,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
             ``backend="interpret"`` on CUDA tensors.
     """
     B, Hq, Hkv, Lq, Lk, D, Dv, topk = _check(q, k, v, kv_index, scale, backend)
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if not cache.runs_kernel("gather_attention", backend, q.device):
         return gather_attention_reference(q, k, v, kv_index, scale=scale, causal=causal, return_lse=return_lse)
-    if (backend == "interpret" or q.device.type == "cpu") and not cache.interpreting():
-        raise RuntimeError(f"gather_attention: backend={backend!r} on {q.device} tensors needs the Triton interpreter "
-                           "(TRITON_INTERPRET=1 before triton is imported); use backend='torch' on CPU")
-    if backend == "interpret" and q.device.type != "cpu":
-        raise RuntimeError("gather_attention: backend='interpret' runs on CPU tensors; move the inputs to the CPU")
     scale = D ** -0.5 if scale is None else float(scale)
     with torch.no_grad():
         idx, cnt = _canonical(kv_index, Lk, causal)

@@ -26,7 +26,6 @@ from . import cache
 
 __all__ = ["merge_state", "merge_states", "merge_states_reference", "cascade"]
 
-_BACKENDS = (None, "torch", "triton", "interpret")
 _BLOCK_R = 16   # rows per program
 _NEG_INF = float("-inf")
 
@@ -65,8 +64,8 @@ def _check(fn, outs, lses, names, backend=None):
             if x.device != outs[0].device:
                 raise ValueError(f"{fn}: {name} is on {x.device} but {onames[0]} on {outs[0].device}; "
                                  f"the states must be on one device")
-    if backend not in _BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+    if backend not in cache.KERNEL_BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, cache.KERNEL_BACKENDS))}; got {backend!r}")
     dtype = outs[0].dtype
     for o in outs[1:]:
         dtype = torch.promote_types(dtype, o.dtype)
@@ -228,16 +227,7 @@ def _names(n):
 
 def _merge(fn, outs, lses, names, backend):
     dtype = _check(fn, outs, lses, names, backend)
-    dev = outs[0].device
-    if backend is None:
-        backend = "triton" if dev.type == "cuda" else "torch"
-    if backend != "torch":
-        if (backend == "interpret" or dev.type == "cpu") and not cache.interpreting():
-            raise RuntimeError(f"{fn}: backend={backend!r} on {dev} tensors needs the Triton interpreter "
-                               "(TRITON_INTERPRET=1 before triton is imported); use backend='torch' on CPU")
-        if backend == "interpret" and dev.type != "cpu":
-            raise RuntimeError(f"{fn}: backend='interpret' runs on CPU tensors; move the states to the CPU")
-    return _MergeStates.apply(backend != "torch", dtype, len(outs), *outs, *lses)
+    return _MergeStates.apply(cache.runs_kernel(fn, backend, outs[0].device), dtype, len(outs), *outs, *lses)
 
 
 def merge_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, backend: Optional[str] = None):
@@ -346,8 +336,8 @@ def cascade(prefix_kern, suffix_kern, q: torch.Tensor, prefix_k: torch.Tensor, p
     for name, x in (("suffix_k", suffix_k), ("suffix_v", suffix_v)):
         if x.shape[0] != B:
             raise ValueError(f"cascade: {name} must have batch {B} (that of q), got shape {tuple(x.shape)}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"cascade: backend must be one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+    if backend not in cache.KERNEL_BACKENDS:
+        raise ValueError(f"cascade: backend must be one of {', '.join(map(repr, cache.KERNEL_BACKENDS))}; got {backend!r}")
     pk = prefix_k.expand(B, -1, -1, -1)
     pv = prefix_v.expand(B, -1, -1, -1)
     out_p, lse_p = prefix_kern(q, pk, pv, scale=scale, return_lse=True, **(prefix_tensors or {}))

@@ -22,18 +22,13 @@ import triton
 import triton.language as tl
 
 from . import cache
-from .sparse import BlockSparse
+from .sparse import BlockSparse, _cdiv
 
 __all__ = ["topk_blocks", "topk_blocks_reference"]
 
 _POOLS = ("mean", "max")
 _SHARES = ("kv_head", "head")
 _GRANULARITIES = ("block", "token")
-_BACKENDS = (None, "torch", "triton", "interpret")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _is_int(x) -> bool:
@@ -73,7 +68,8 @@ def _check(q, k, block_size, topk, pool, local_blocks, sink_blocks, share, query
         raise ValueError(f"topk_blocks: local_blocks + sink_blocks = {local_blocks + sink_blocks} exceeds topk = {topk} "
                          f"(topk counts the forced blocks too)")
     for name, x, allowed in (("pool", pool, _POOLS), ("share", share, _SHARES),
-                             ("query_granularity", query_granularity, _GRANULARITIES), ("backend", backend, _BACKENDS)):
+                             ("query_granularity", query_granularity, _GRANULARITIES),
+                             ("backend", backend, cache.KERNEL_BACKENDS)):
         if x not in allowed:
             raise ValueError(f"topk_blocks: {name} must be one of {', '.join(map(repr, allowed))}; got {x!r}")
     return B, Hq, Hkv, Lq, Lk, D
@@ -277,17 +273,10 @@ def topk_blocks(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, topk:
     """
     args = (block_size, topk, pool, local_blocks, sink_blocks, share, query_granularity)
     _check(q, k, *args, backend=backend)
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if not cache.runs_kernel("topk_blocks", backend, q.device):
         return topk_blocks_reference(q, k, block_size=block_size, topk=topk, pool=pool, causal=causal,
                                      local_blocks=local_blocks, sink_blocks=sink_blocks, share=share,
                                      query_granularity=query_granularity)
-    if (backend == "interpret" or q.device.type == "cpu") and not cache.interpreting():
-        raise RuntimeError(f"topk_blocks: backend={backend!r} on {q.device} tensors needs the Triton interpreter "
-                           "(TRITON_INTERPRET=1 before triton is imported); use backend='torch' on CPU")
-    if backend == "interpret" and q.device.type != "cpu":
-        raise RuntimeError("topk_blocks: backend='interpret' runs on CPU tensors; move q and k to the CPU")
     with torch.no_grad():
         kp = _pool_keys(k, block_size, pool)
         launch, schedule = _kernel_launch(q, kp, block_size, topk, causal, local_blocks, sink_blocks, share,

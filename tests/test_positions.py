@@ -356,3 +356,20 @@ def test_torch_compile_through_the_op():
     gout = torch.randn_like(got)
     for a, b_ in zip(*(torch.autograd.grad((y * gout).sum(), [q, k, v]) for y in (got, want))):
         assert max_err(a, b_) < 1e-4
+
+
+def test_block_mask_with_positions_stays_local():
+    """block_mask with q_offset: the block lists index the call's local rows / keys, the
+    pattern's mask the global positions (kernel, reference and a plain torch softmax agree)."""
+    Lq, Lk, off = 16, 40, 20
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, D, generator=g) for n in (Lq, Lk, Lk))
+    blocks = torch.rand(1, 2, 2, 5, generator=g) > 0.4
+    bs = attncc.BlockSparse.from_dense(blocks, 8)
+    kern = attncc.compile(attncc.pattern_path("causal"))
+    out = kern(q, k, v, block_mask=bs, q_offset=off)
+    ref = attncc.reference(attncc.pattern_path("causal"), q, k, v, block_mask=bs, q_offset=off)
+    m = (torch.arange(Lk)[None] <= torch.arange(Lq)[:, None] + off)
+    m = m & blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :Lq, :Lk]
+    p = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~m, -math.inf), -1).nan_to_num(0)
+    assert max_err(out, ref) < 2e-5 and max_err(out, p @ v) < 2e-5

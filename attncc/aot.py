@@ -198,23 +198,26 @@ def _grid_for(ir) -> list:
     return {1: [1024], 2: [32, 32], 3: [8, 16, 16]}[n]
 
 
-def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False):
+def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, total: int | None = None):
     """Inputs of the example call whose launches are compiled: ``B, Hq, Hkv = 2, 4, 2``,
     ``L = 1024`` (grids: 32 x 32 or 8 x 16 x 16 tokens), head dim ``head_dim``, the
     pattern's tensors drawn by :func:`attncc.inputs.example_tensors` (float tensors that
-    get gradients require grad when ``requires_grad``).
+    get gradients require grad when ``requires_grad``; ``total``: their ``Lq`` / ``Lk`` dims
+    are this whole-sequence length, for calls with position keywords).
 
     Returns:
         ``(q, k, v, tensors, sizes)`` on the CPU.
     """
     import torch
 
-    from attncc.inputs import example_inputs
+    from attncc.inputs import example_inputs, example_tensors
 
     s = EXAMPLE_SHAPE
     grid = _grid_for(kern.ir) if kern.ir.grid else None
     q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=s["L"], D=head_dim,
                                              dtype=getattr(torch, DTYPES[dtype]), grid=grid)
+    if total is not None:
+        tensors = example_tensors(kern.ir, {**sizes, "Lq": total, "Lk": total}, generator=torch.Generator().manual_seed(0))
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         for n in kern.grad_tensor_names():
@@ -255,8 +258,10 @@ def capture_family(kern, family: str, dtype: str, head_dim: int, positions: str 
 
     if family == "bwd" and kern.backward_error:
         return []
-    q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd")
-    pos = example_positions(positions, sizes["B"], sizes["Lk"]) if positions else {}
+    s = EXAMPLE_SHAPE
+    pos = example_positions(positions, s["B"], s["L"]) if positions else {}
+    q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd",
+                                           total=pos.get("kv_total", s["L"]) if pos else None)
     with capture() as rec:
         if family == "count":
             kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=head_dim,

@@ -373,3 +373,22 @@ def test_block_mask_with_positions_stays_local():
     m = m & blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :Lq, :Lk]
     p = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~m, -math.inf), -1).nan_to_num(0)
     assert max_err(out, ref) < 2e-5 and max_err(out, p @ v) < 2e-5
+
+
+def test_ragged_twin_compiles_for_gpus_without_spills():
+    """The twin a kv_lens call runs (causal), forward, backward and counting kernels at the first
+    candidate of each family, compiled with real Triton for sm_90a and sm_80: 0 spill bytes, no
+    local memory, wgmma / mma (attncc.aot.problems). Every candidate of causal, sliding_window,
+    alibi (ragged and offset) and document_causal (offset) was compiled the same way (README)."""
+    from attncc import aot
+
+    jobs = aot.plan_jobs(str(attncc.pattern_path("causal")), targets=("sm_90a", "sm_80"), dtypes=("bf16",),
+                         head_dims=(128,), positions="ragged")
+    first = {}
+    for j in jobs:
+        first.setdefault((j.target, j.family), j)
+    recs = aot.run_jobs(list(first.values()), workers=2)
+    assert {r["kernel"] for r in recs} == {"attn_fwd", "attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv", "count_tiles"}
+    assert all(r["pattern"] == "causal[ragged]" for r in recs)
+    bad = [f"{r['target']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)]
+    assert not bad, "\n".join(bad)

@@ -446,19 +446,34 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
     Hkv = Hkv or H
     Dv = Dv or D
     if supports_offsets(kern) and not kern.ir.grid:
+        key = (L, world, layout, B, H, Hkv, D, Dv)
+        memo = kern.__dict__.setdefault("_cp_classes", {})
+        static = not kern.plan.mask_tensors
+        if static and key in memo:
+            return memo[key]
+        from .configs import Config
+
+        # tiles that divide the chunk (a pair is full when all its tiles are; a tile crossing
+        # the chunk's end is never full), else the kernel's CPU tiles (then nothing is "full")
+        bs = next((b for b in (64, 32, 16) if c % b == 0), None)
+        cfg = Config(bs, bs, 1, 1) if bs else None
         cls, work = [], []
         for i in range(n):
             crow, wrow = [], []
             for j in range(n):
-                st = kern.tile_stats(c, c, B, H, Hkv, D, Dv, q_offset=i * c, kv_offset=j * c, q_total=L,
-                                     kv_total=L, **tensors)
-                crow.append("empty" if st["visited"] == 0 else "full" if st["full"] == st["total"] else "partial")
+                st = kern.tile_stats(c, c, B, H, Hkv, D, Dv, config=cfg, q_offset=i * c, kv_offset=j * c,
+                                     q_total=L, kv_total=L, **{t: x for t, x in tensors.items()
+                                                                if t in kern.plan.mask_tensors})
+                crow.append("empty" if st["visited"] == 0 else
+                            "full" if bs and st["full"] == st["total"] else "partial")
                 wrow.append(st["visited"])
             cls.append(crow)
             work.append(wrow)
-        return PairClasses(c, cls, work, "tiles", "tile_stats")
+        out = PairClasses(c, cls, work, "tiles", "tile_stats")
+        if static:
+            memo[key] = out
+        return out
     from attncc import dense
-    from attncc.checks import check_inputs
 
     sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": L, "Lk": L, "D": D, "Dv": Dv}
     if grid is not None:
@@ -862,9 +877,12 @@ def context_parallel(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if kern.ir.route is not None and mode != "ulysses":
         raise ValueError(f"context_parallel: pattern {kern.ir.name!r} routes per call (route: clause) from the "
                          f"whole q and k; use mode='ulysses'")
+    if mode != "ulysses" and (kern.ir.grid or kern.ir.lowrank):
+        what = "a grid pattern" if kern.ir.grid else "a pattern with dot() terms"
+        raise NotImplementedError(f"context_parallel: mode={mode!r} runs the kernel at global position offsets, "
+                                  f"which {what} ({kern.ir.name!r}) does not take yet; use mode='ulysses'")
     if world == 1 and mode == "ulysses":
-        out = kern(q, k, v, scale=scale, return_lse=return_lse, **tensors)
-        return out
+        return kern(q, k, v, scale=scale, return_lse=return_lse, **tensors)
     fn = {"ulysses": _ulysses, "allgather": _allgather, "ring": _ring}[mode]
     return fn(kern, q, k, v, group, rank, world, layout, scale, return_lse, tensors)
 

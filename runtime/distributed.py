@@ -55,6 +55,9 @@ __all__ = ["context_parallel", "shard", "unshard", "chunk_ids", "ring_schedule",
            "balance_report", "simulate_ring", "RingStats", "MODES", "LAYOUTS"]
 
 MODES = ("allgather", "ulysses", "ring")
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (same signatures)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 LAYOUTS = ("contiguous", "zigzag")
 _NEG_INF = float("-inf")
 
@@ -165,7 +168,7 @@ class _AllGather(torch.autograd.Function):
         ctx.group, ctx.world, ctx.layout, ctx.dim = group, world, layout, dim
         xm = x.movedim(dim, 0).contiguous()
         out = xm.new_empty((world * xm.shape[0], *xm.shape[1:]))
-        dist.all_gather_into_tensor(out, xm, group=group)
+        _all_gather(out, xm, group=group)
         out = _reorder(out, 0, _inverse(_layout_order(world, layout)))
         return out.movedim(0, dim)
 
@@ -173,7 +176,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, g):
         gm = _reorder(g.movedim(ctx.dim, 0), 0, _layout_order(ctx.world, ctx.layout)).contiguous()
         out = gm.new_empty((gm.shape[0] // ctx.world, *gm.shape[1:]))
-        dist.reduce_scatter_tensor(out, gm, group=ctx.group)
+        _reduce_scatter(out, gm, group=ctx.group)
         return out.movedim(0, ctx.dim), None, None, None, None
 
 
@@ -407,12 +410,14 @@ class PairClasses:
     source: str
 
     def count(self, kind: str) -> int:
-        return sum(row.count(kind) for row in self.cls)
+        """Number of pairs of class ``kind`` (over the rows classified)."""
+        return sum(row.count(kind) for row in self.cls if row is not None)
 
 
 def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int = 1, H: int = 1,
                  Hkv: Optional[int] = None, D: int = 16, Dv: Optional[int] = None, grid=None,
-                 mask: Optional[torch.Tensor] = None, **tensors) -> PairClasses:
+                 mask: Optional[torch.Tensor] = None, rows: Optional[Sequence[int]] = None,
+                 **tensors) -> PairClasses:
     """Classify every (query chunk, key chunk) pair of a layout as empty / full / partial.
 
     With a kernel that takes position offsets, from ``kern.tile_stats(..., q_offset=,
@@ -427,6 +432,8 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
         world, layout: the group size and the layout (chunks of ``L / n_chunks``).
         B, H, Hkv, D, Dv, grid: the sizes the mask may depend on.
         mask: optional bool ``(L, L)`` or ``(B, H, L, L)``: classify this mask instead.
+        rows: classify only these query chunks with ``tile_stats`` (a ring rank needs its own
+            rows only); the other rows are left ``None``.
         **tensors: the spec tensors the mask reads (their global values).
 
     Raises:
@@ -446,7 +453,8 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
     Hkv = Hkv or H
     Dv = Dv or D
     if supports_offsets(kern) and not kern.ir.grid:
-        key = (L, world, layout, B, H, Hkv, D, Dv)
+        rows = tuple(range(n)) if rows is None else tuple(rows)
+        key = (L, world, layout, B, H, Hkv, D, Dv, rows)
         memo = kern.__dict__.setdefault("_cp_classes", {})
         static = not kern.plan.mask_tensors
         if static and key in memo:
@@ -459,6 +467,10 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
         cfg = Config(bs, bs, 1, 1) if bs else None
         cls, work = [], []
         for i in range(n):
+            if i not in rows:
+                cls.append(None)
+                work.append(None)
+                continue
             crow, wrow = [], []
             for j in range(n):
                 st = kern.tile_stats(c, c, B, H, Hkv, D, Dv, config=cfg, q_offset=i * c, kv_offset=j * c,
@@ -720,7 +732,7 @@ def _ring(kern, q, k, v, group, rank, world, layout, scale, return_lse, tensors)
     n = n_chunks(world, layout)
     L = q.shape[2] // len(chunk_ids(rank, world, layout)) * n
     classes = pair_classes(kern, L, world, layout, B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], D=q.shape[-1],
-                           Dv=v.shape[-1], **tensors)
+                           Dv=v.shape[-1], rows=chunk_ids(rank, world, layout), **tensors)
     tnames = tuple(n_ for n_, t in tensors.items() if isinstance(t, torch.Tensor))
     rest = {n_: t for n_, t in tensors.items() if n_ not in tnames}
     run = _RingRun(_kernel_pair(kern, scale, L, rest), rank, world, layout, classes,

@@ -205,31 +205,20 @@ def unshard(x: torch.Tensor, group=None, layout: str = "contiguous", dim: int = 
 
 
 # ----------------------------------------------------------------------------- ulysses
-class _SeqToHead(torch.autograd.Function):
-    """``(B, H, Ls, R)`` sequence shards -> ``(B, H / W, L, R)`` head shards (natural sequence
-    order) by one ``all_to_all_single``; backward: :class:`_HeadToSeq` of the gradient."""
+class _AllToAll(torch.autograd.Function):
+    """``to_heads=True``: ``(B, H, Ls, R)`` sequence shards -> ``(B, H / W, L, R)`` head shards
+    (natural sequence order) by one ``all_to_all_single``; ``False``: the inverse. The
+    backward is the other direction applied to the gradient (its transpose)."""
 
     @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.group, ctx.world, ctx.layout = group, world, layout
-        return _seq_to_head(x, group, world, layout)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _head_to_seq(g, ctx.group, ctx.world, ctx.layout), None, None, None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    """The inverse of :class:`_SeqToHead` (and its backward)."""
-
-    @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.group, ctx.world, ctx.layout = group, world, layout
-        return _head_to_seq(x, group, world, layout)
+    def forward(ctx, x, group, world, layout, to_heads):
+        ctx.args = (group, world, layout)
+        ctx.to_heads = to_heads
+        return (_seq_to_head if to_heads else _head_to_seq)(x, group, world, layout)
 
     @staticmethod
     def backward(ctx, g):
-        return _seq_to_head(g, ctx.group, ctx.world, ctx.layout), None, None, None
+        return (_head_to_seq if ctx.to_heads else _seq_to_head)(g, *ctx.args), None, None, None, None
 
 
 def _seq_to_head(x, group, world, layout):
@@ -326,15 +315,15 @@ def _ulysses(kern, q, k, v, group, rank, world, layout, scale, return_lse, tenso
                          f"nor divides it; use mode='allgather' or 'ring'")
     grid = q.shape[3:-1]
     flat = [x.reshape(*x.shape[:3], -1) for x in (q, k, v)]
-    qh, kh, vh = (_SeqToHead.apply(x, group, world, layout) for x in flat)
+    qh, kh, vh = (_AllToAll.apply(x, group, world, layout, True) for x in flat)
     qh, kh, vh = (y.reshape(*y.shape[:3], *grid, x.shape[-1]) for y, x in zip((qh, kh, vh), (q, k, v)))
     local = _slice_heads(kern.ir, tensors, rank * hq, hq, lo_kv, n_kv)
     out, lse = kern(qh, kh, vh, scale=scale, return_lse=True, **local)
-    o = _HeadToSeq.apply(out.reshape(*out.shape[:3], -1), group, world, layout)
+    o = _AllToAll.apply(out.reshape(*out.shape[:3], -1), group, world, layout, False)
     o = o.reshape(*o.shape[:3], *grid, out.shape[-1])
     if not return_lse:
         return o
-    l = _HeadToSeq.apply(lse.reshape(*lse.shape[:3], -1), group, world, layout).reshape(*o.shape[:-1])
+    l = _AllToAll.apply(lse.reshape(*lse.shape[:3], -1), group, world, layout, False).reshape(*o.shape[:-1])
     return o, l
 
 

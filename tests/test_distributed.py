@@ -50,11 +50,10 @@ def _tensors(name, L, H, grid=None):
 #: layout over the two groups; the group of 4 (on 2 CPU cores) runs fewer, and 4 query heads
 #: only where ulysses needs them (the interpreter's time grows with the heads)
 CASES = {
-    "causal": ("causal", {}, 2, 1, {2: [("ring", "contiguous"), ("ring", "zigzag"), ("allgather", "zigzag"),
-                                        ("ulysses", "contiguous")],
+    "causal": ("causal", {}, 1, 1, {2: [("ring", "contiguous"), ("ring", "zigzag"), ("allgather", "zigzag")],
                                     4: [("ring", "contiguous"), ("allgather", "contiguous")]}),
-    "causal_gqa": ("causal", {}, 4, 1, {4: [("ulysses", "zigzag")]}),
-    "sliding_window": ("sliding_window", {"window": 5}, 2, 2, {2: [("allgather", "zigzag"), ("ulysses", "zigzag")],
+    "causal_gqa": ("causal", {}, 4, 1, {2: [("ulysses", "contiguous")], 4: [("ulysses", "zigzag")]}),
+    "sliding_window": ("sliding_window", {"window": 5}, 2, 1, {2: [("allgather", "zigzag"), ("ulysses", "zigzag")],
                                                                4: [("ring", "contiguous")]}),
     "document_causal": ("document_causal", {}, 2, 2, {2: [("ring", "zigzag"), ("allgather", "contiguous"),
                                                           ("ulysses", "contiguous")]}),
@@ -414,7 +413,7 @@ def test_simulated_ring_random_masks(W, layout, c, density, tril, seed):
     assert sum(s.launched for s in stats) == int(nonempty.sum())
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(name=st.sampled_from(["causal", "sliding_window", "sliding_window_bidirectional", "prefix_lm"]),
        w=st.integers(1, 12), W=st.integers(2, 4), layout=st.sampled_from(["contiguous", "zigzag"]),
        seed=st.integers(0, 2 ** 16))

@@ -17,6 +17,7 @@ Conventions (FlashAttention-2 / FlashInfer KV cache, context-parallel shards):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,17 +75,9 @@ def _per_batch(name: str, x, B: int, device, allow_str: bool = False) -> torch.T
         if x.device != device and device.type != "meta":
             raise ValueError(f"{name} is on {x.device} but q is on {device}")
         return x.to(torch.int64).expand(B)
-    if isinstance(x, bool) or not isinstance(x, int):
-        try:
-            import numpy as np
-
-            ok = isinstance(x, np.integer)
-        except ImportError:  # pragma: no cover
-            ok = False
-        if not ok:
-            raise TypeError(f"{name} must be an int or an int32/int64 tensor (B,), got {type(x).__name__}")
-        x = int(x)
-    return torch.full((B,), x, dtype=torch.int64, device=device)
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an int32/int64 tensor (B,), got {type(x).__name__}")
+    return torch.full((B,), int(x), dtype=torch.int64, device=device)
 
 
 def _check_range(name: str, x: torch.Tensor, lo, hi, what: str) -> None:
@@ -138,7 +131,7 @@ def resolve_positions(B: int, Lq: int, Lk: int, device, q_offset=None, kv_offset
             _check_range("kv_lens", lens, 0, Lk, f"in [0, Lk] = [0, {Lk}] (the keys of each batch row)")
         for name, x in (("q_offset", qo), ("kv_offset", ko)):
             if isinstance(x, torch.Tensor):
-                _check_range(name, x, 0, POS_LIMIT, f"a position in [0, 2**30]")
+                _check_range(name, x, 0, POS_LIMIT, "a position in [0, 2**30]")
     ko = torch.zeros(B, dtype=torch.int64, device=device) if ko is None else ko
     if kt is None:
         kt = ko + lens

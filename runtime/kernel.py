@@ -1433,11 +1433,11 @@ class CompiledAttention:
         if _positions_given(q_offset, kv_offset, kv_lens, q_total, kv_total):
             dev = torch.device(device) if device is not None else next(
                 (x.device for x in (q_offset, kv_offset, kv_lens, q_total, kv_total) if isinstance(x, torch.Tensor)),
-                torch.device("cpu"))
+                torch.device("cpu" if cache.interpreting() or not torch.cuda.is_available() else "cuda"))
             kern, pos = self.with_positions(torch.empty((B, H, Lq, 1), device=dev),
                                             torch.empty((B, Hkv, Lk, 1), device=dev), q_offset, kv_offset, kv_lens,
                                             q_total, kv_total)
-            return kern.tile_stats(Lq, Lk, B, H, Hkv, D, Dv, config, device, per_query_tile, grid, block_mask,
+            return kern.tile_stats(Lq, Lk, B, H, Hkv, D, Dv, config, dev, per_query_tile, grid, block_mask,
                                    **tensors, **{POS_TENSOR: pos})
         if block_mask is not None:
             dev = block_mask.kv_num_blocks.device

@@ -188,11 +188,12 @@ def test_second_of_two_inplace_sites_gives_the_reason():
 
 
 # ------------------------------------------------------------------ KV-cache decode under a sliding window
-def test_mistral_sliding_window_decode_reports_the_cache_length():
+def test_mistral_sliding_window_decode_is_bottom_right():
     """Greedy generate() (dynamic cache, window 4) through the backend equals eager. The
     prompt's sites are sliding_window(window=4); in the decode steps the positions are
-    offset by the cache's ``cumulative_length``, a run-time size the graph does not tie to
-    Lq / Lk, so the (1, 1, 1, Lk) mask stays a tensor and the report names that size."""
+    offset by the cache's ``cumulative_length`` (a run-time size the graph does not tie to
+    Lq / Lk): the sites are sliding_window_bottom_right(window=4) with that size named and
+    the alignment checked per call (``attncc.fx.positions``), no mask tensor."""
     from tiny_models import generate_both, input_ids, tiny_model
 
     model, _ = tiny_model("mistral", "sdpa")
@@ -203,5 +204,6 @@ def test_mistral_sliding_window_decode_reports_the_cache_length():
     assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)
     assert [s.pattern.split(";")[0] for s in reps[0].sites] == ["sliding_window(window=4)"] * 2
     for s in (s for r in reps[1:] for s in r.sites):
-        assert "mask tensor [1, 1, 1, Lk]" in s.pattern and "cumulative_length" in s.pattern \
-            and "does not tie to Lq, Lk" in s.pattern, s.pattern
+        assert s.pattern.startswith("sliding_window_bottom_right(window=4);") and "cumulative_length" in s.pattern \
+            and "aligned bottom-right" in s.pattern and "mask tensor" not in s.pattern, s.pattern
+        assert "allowed" not in s.spec, s.spec

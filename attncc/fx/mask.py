@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -715,10 +716,13 @@ class Evaluator:
                     raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
                 res = rule(self, n, *n.args, **n.kwargs)
             except Opaque as e:
-                if not (self.floats and isinstance(val, torch.Tensor) and val.is_floating_point()):
+                # score terms: a float value, or an integer one from a cumulative sum (BLOOM's
+                # positions cumsum(attention_mask) - 1 with padding), is read as a tensor
+                if not (self.floats and isinstance(val, torch.Tensor) and not val.is_complex()
+                        and (val.is_floating_point() or (op_of(n) == "cumsum" and val.dtype != torch.bool))):
                     raise
                 self.opaque[n] = str(e)
-                res = _input_read(n, val, True)  # an opaque float value: read as a tensor
+                res = _input_read(n, val, True)
                 self.reads[f"read_{n.name}"] = n
         self.memo[n] = res
         return res
@@ -1091,7 +1095,8 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
                 subs[app] = got
                 continue
         if node is None:
-            if not floats and app.func.__name__.startswith("read_"):
+            if (not floats and app.func.__name__.startswith("read_")) or \
+                    (floats and re.fullmatch(r"pad\d+", app.func.__name__)):
                 continue  # another kind's read (named by the other call)
             raise Opaque(f"an unknown function {app.func.__name__}")
         if not all(a in _DIM_OF for a in app.args) or len(set(app.args)) != len(app.args):

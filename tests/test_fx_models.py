@@ -68,20 +68,31 @@ def test_bloom_falcon_alibi_replaced(name, cfg):
     _grads_equal(out, ref, list(model.parameters()))
 
 
-def test_bloom_padding_alibi_is_a_bias_with_the_reason():
-    """With an ``attention_mask`` BLOOM's ALiBi positions are ``cumsum(mask) - 1``: not a
-    closed form, so the (B, H, 1, Lk) alibi is passed as a bias and the report names the
-    cumulative sum; the padding is a key-validity read; logits equal eager."""
-    model = _model("Bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=4).eval()
+def test_bloom_padding_alibi_reads_the_key_positions():
+    """With an ``attention_mask`` BLOOM's ALiBi positions are ``cumsum(mask) - 1`` (times
+    the mask): the cumulative sum is passed as an int32 (B, Lk) tensor and the score term
+    ``slope0[h] * (pos[b, kv] - 1) * mask[b, kv]`` is computed in the kernel (no (B, H, 1, Lk)
+    bias), the padding a key-validity read; logits and every parameter's gradient equal
+    eager (train mode, dropout 0)."""
+    model = _model("Bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
     am = torch.ones(2, 8, dtype=torch.long)
     am[1, 6:] = 0  # right padding: every query row keeps a key
-    with torch.no_grad():
-        ref = model(IDS, attention_mask=am).logits
-        out, sites = _sites(lambda ids, am: model(ids, attention_mask=am).logits, IDS, am, fullgraph=False)
+    ref = model(IDS, attention_mask=am).logits
+    out, sites = _sites(lambda ids, am: model(ids, attention_mask=am).logits, IDS, am, fullgraph=False)
     assert len(sites) == 1 and sites[0].replaced, "\n".join(s.line() for s in sites)
-    p = sites[0].pattern
-    assert p.startswith("causal_key_padding_bias;") and "bias [B, H, 1, Lk]" in p and "cumulative sum" in p, p
+    p, spec = sites[0].pattern, sites[0].spec
+    assert p.startswith("causal_key_padding_alibi_positions;") and "mask: (kv <= q)" in p, p
+    assert "bias" not in spec and "bool[" not in spec and spec.count("int32[B, Lk]") == 2 \
+        and "tensor slope0: float32[H]" in spec, spec
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    _grads_equal(out, ref, list(model.parameters()))
+    # other padding through the same compiled graph: the positions are read, not baked in
+    am2 = torch.ones(2, 8, dtype=torch.long)
+    am2[0, 5:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(lambda ids, am: model(ids, attention_mask=am).logits,
+                                                 backend=EAGER)(IDS, am2), model(IDS, attention_mask=am2).logits,
+                                   atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ the head-folded layout by hand
@@ -188,11 +199,12 @@ def test_second_of_two_inplace_sites_gives_the_reason():
 
 
 # ------------------------------------------------------------------ KV-cache decode under a sliding window
-def test_mistral_sliding_window_decode_reports_the_cache_length():
+def test_mistral_sliding_window_decode_is_bottom_right():
     """Greedy generate() (dynamic cache, window 4) through the backend equals eager. The
     prompt's sites are sliding_window(window=4); in the decode steps the positions are
-    offset by the cache's ``cumulative_length``, a run-time size the graph does not tie to
-    Lq / Lk, so the (1, 1, 1, Lk) mask stays a tensor and the report names that size."""
+    offset by the cache's ``cumulative_length`` (a run-time size the graph does not tie to
+    Lq / Lk): the sites are sliding_window_bottom_right(window=4) with that size named and
+    the alignment checked per call (``attncc.fx.positions``), no mask tensor."""
     from tiny_models import generate_both, input_ids, tiny_model
 
     model, _ = tiny_model("mistral", "sdpa")
@@ -203,5 +215,6 @@ def test_mistral_sliding_window_decode_reports_the_cache_length():
     assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites)
     assert [s.pattern.split(";")[0] for s in reps[0].sites] == ["sliding_window(window=4)"] * 2
     for s in (s for r in reps[1:] for s in r.sites):
-        assert "mask tensor [1, 1, 1, Lk]" in s.pattern and "cumulative_length" in s.pattern \
-            and "does not tie to Lq, Lk" in s.pattern, s.pattern
+        assert s.pattern.startswith("sliding_window_bottom_right(window=4);") and "cumulative_length" in s.pattern \
+            and "aligned bottom-right" in s.pattern and "mask tensor" not in s.pattern, s.pattern
+        assert "allowed" not in s.spec, s.spec

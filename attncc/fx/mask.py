@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -677,6 +678,9 @@ class Evaluator:
         self.opaque: dict = {}
         #: size symbol -> the graph input it came from (a KV cache's ``cumulative_length``)
         self.size_names: dict = {}
+        #: size symbol -> the graph node holding it (passed to the call of a site whose
+        #: mask is aligned at run time, :mod:`attncc.fx.positions`)
+        self.size_nodes: dict = {}
 
     def arg(self, a) -> Index:
         """An FX argument (node or constant) as an :class:`Index`."""
@@ -700,6 +704,8 @@ class Evaluator:
             if n.op == "placeholder" and isinstance(val, torch.SymInt):  # for the report
                 for sym in _sym(val).free_symbols:
                     self.size_names.setdefault(str(sym), str(n.target))
+            if isinstance(val, torch.SymInt) and isinstance(_sym(val), sympy.Symbol):
+                self.size_nodes.setdefault(str(_sym(val)), n)
         elif n.op == "placeholder" or n.op == "get_attr":
             res = _input_read(n, val, self.floats)
             self.reads[f"read_{n.name}"] = n
@@ -710,16 +716,20 @@ class Evaluator:
                     raise Opaque(f"it is built with {op_of(n) or n.target!r}, which the mask recovery does not model")
                 res = rule(self, n, *n.args, **n.kwargs)
             except Opaque as e:
-                if not (self.floats and isinstance(val, torch.Tensor) and val.is_floating_point()):
+                # score terms: a float value, or an integer one from a cumulative sum (BLOOM's
+                # positions cumsum(attention_mask) - 1 with padding), is read as a tensor
+                if not (self.floats and isinstance(val, torch.Tensor) and not val.is_complex()
+                        and (val.is_floating_point() or (op_of(n) == "cumsum" and val.dtype != torch.bool))):
                     raise
                 self.opaque[n] = str(e)
-                res = _input_read(n, val, True)  # an opaque float value: read as a tensor
+                res = _input_read(n, val, True)
                 self.reads[f"read_{n.name}"] = n
         self.memo[n] = res
         return res
 
 
-def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: Optional[list] = None):
+def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: Optional[list] = None,
+            align: Optional[list] = None):
     """The mask a node computes, as a sympy boolean over ``q, kv, b, h, Lq, Lk``.
 
     Args:
@@ -732,6 +742,10 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
             a tensor read ``padN[b, kv]`` in the expression (an undefined sympy function
             ``padN``) and ``(name, dims, node)`` is appended here, ``dims`` the spec's
             dim names of the read (``("B", "Lk")``); without it such masks are opaque.
+        align: when given, a mask whose positions are offset by a run-time size the graph
+            does not tie to ``Lq`` / ``Lk`` (a KV cache's length in decode steps) is written
+            bottom-right (:func:`attncc.fx.positions.align`) and ``(Alignment, {symbol name:
+            node})`` appended here; the call must check the alignment at run time.
 
     Returns:
         The boolean mask expression.
@@ -754,7 +768,7 @@ def recover(node: fx.Node, sizes: dict, additive: Optional[bool] = None, reads: 
         e = pieces[0].cond
     elif not _is_bool(e):
         raise Opaque("a float mask that is not where(condition, 0, -inf)")
-    e = _to_site(Index(e, v.axes), sizes, ev.size_names)
+    e = _to_site(Index(e, v.axes), sizes, ev.size_names, align, ev.size_nodes)
     if ev.reads:
         e = _name_reads(e, ev.reads, reads)
     e = sympy.simplify_logic(e) if isinstance(e, sympy.logic.boolalg.BooleanFunction) else e
@@ -774,10 +788,13 @@ def _drops(v) -> bool:
     return c == -sympy.oo or (c.is_number and c.is_real is not False and float(c) <= -1e30)
 
 
-def _to_site(v: Index, sizes: dict, names: Optional[dict] = None):
+def _to_site(v: Index, sizes: dict, names: Optional[dict] = None, align: Optional[list] = None,
+             nodes: Optional[dict] = None):
     """``v`` mapped onto ``(b, h, q, kv)`` (right-aligned dims), with the graph's size
     symbols rewritten in ``Lq`` / ``Lk`` (``names``: size symbol -> the graph input it came
-    from, for the message when one cannot be)."""
+    from, for the message when one cannot be). A size left over (a KV cache's length) is
+    aligned bottom-right when ``align`` is a list (see :func:`recover`; ``nodes``: size
+    symbol -> its graph node)."""
     if len(v.axes) > 4:
         raise Opaque("a mask with more than 4 dims")
     axes = (None,) * (4 - len(v.axes)) + v.axes
@@ -799,6 +816,18 @@ def _to_site(v: Index, sizes: dict, names: Optional[dict] = None):
         if sol:
             e = e.subs(sol[0])
         left = e.free_symbols - {q_idx, kv_idx, b_idx, h_idx, Lq, Lk}
+        if left and align is not None and all(str(s) in (nodes or {}) for s in left):
+            from .positions import NotAligned, align as align_positions
+
+            lq_, lk_ = (x.subs(sol[0]) if sol else x for x in (lq, lk))
+            try:
+                e, how = align_positions(e, left, names or {}, (lq_ if lq_.is_number else Lq,
+                                                                 lk_ if lk_.is_number else Lk))
+            except NotAligned as why:
+                raise Opaque(f"it depends on the run-time size {', '.join(map(str, sorted(left, key=str)))}, "
+                             f"which the graph does not tie to Lq, Lk, and is not a bottom-right offset ({why})")
+            align.append((how, {str(s): nodes[str(s)] for s in left}))
+            left = set()
         if left:
             said = [f"{s} = {(names or {}).get(str(s), 'a size')}" for s in sorted(left, key=str)]
             raise Opaque(f"it depends on the run-time size {', '.join(said)}, which the graph does not tie to Lq, "
@@ -845,7 +874,8 @@ def _refine(value, cond):
     return sympy.expand(value)
 
 
-def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, index_reads: Optional[list] = None):
+def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, index_reads: Optional[list] = None,
+                  align: Optional[list] = None):
     """An additive mask / bias split into a mask and a score term: ``where(keep, term, -inf)``
     (or ``term.masked_fill(~keep, finfo.min)``) -> ``(keep, term)``.
 
@@ -862,6 +892,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
         index_reads: the int32 bucket vectors of relative-position tables are appended
             here as ``(name, ("Lq + Lk - 1",), Diagonals(bucket_node))`` (T5:
             ``table0[bucket1[kv - q + Lq - 1], h]``); without it such tables stay tensors.
+        align: as :func:`recover` (a ``0 / finfo.min`` decode mask offset by the cache length).
 
     Returns:
         ``(mask or None, term or None)``: ``None`` for all pairs kept / a zero term.
@@ -874,7 +905,7 @@ def recover_score(node: fx.Node, sizes: dict, reads: list, float_reads: list, in
     v = ev.node(node)
     if _is_bool(v.expr):
         raise Opaque("a boolean added to the scores")
-    e = sympy.piecewise_fold(_to_site(v, sizes, ev.size_names))  # bias + where(c, 0, min): one Piecewise
+    e = sympy.piecewise_fold(_to_site(v, sizes, ev.size_names, align, ev.size_nodes))  # bias + where(c, 0, min): one Piecewise
     floats = {k: n for k, n in ev.reads.items() if value_of(n).is_floating_point()}
     ints = {k: n for k, n in ev.reads.items() if k not in floats}
     keep, terms, conds = sympy.false, [], []
@@ -1064,7 +1095,8 @@ def _name_reads(e, inputs: dict, reads: list, floats: bool = False, buckets: Opt
                 subs[app] = got
                 continue
         if node is None:
-            if not floats and app.func.__name__.startswith("read_"):
+            if (not floats and app.func.__name__.startswith("read_")) or \
+                    (floats and re.fullmatch(r"pad\d+", app.func.__name__)):
                 continue  # another kind's read (named by the other call)
             raise Opaque(f"an unknown function {app.func.__name__}")
         if not all(a in _DIM_OF for a in app.args) or len(set(app.args)) != len(app.args):

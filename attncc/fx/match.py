@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from . import site as S
 from .layout import call_with_value, rebind_inplace, unfold_heads
+from . import positions as P
 from .mask import Diagonals, Opaque, bucket_diagonals, recover, recover_score
 from .ops import arg, op_of, same_size, shape_of, value_of
 
@@ -430,7 +431,8 @@ def _site_of(f: Found, sizes: dict, g: Graph):
     if f.causal:
         mask = S.kv_idx <= S.q_idx
     tensors, mask_tensor, ops, drops = [], None, [], False
-    notes, reads, float_reads, index_reads = [], [], [], []
+    notes, reads, float_reads, index_reads, aligned = [], [], [], [], []
+    symbolic = 0  # masks recovered as expressions (all aligned: the site has a fallback mask)
     for node, kind, movable in f.masks:
         if f.scores is not None and g.depends(node, f.scores):
             raise LeaveAlone(f"the added term {node.name} depends on the scores")
@@ -439,15 +441,21 @@ def _site_of(f: Found, sizes: dict, g: Graph):
         try:
             if not movable:
                 raise Opaque("it is added before a non-linear score step")
+            got_align: list = []  # a decode mask offset by the cache length: aligned bottom-right
             if kind == "additive":  # a mask, a closed-form score term (ALiBi), or both
-                e, term = recover_score(node, sizes, reads, float_reads, index_reads)
+                e, term = recover_score(node, sizes, reads, float_reads, index_reads, align=got_align)
+                aligned += got_align
+                symbolic += e is not None
                 if term is not None:
                     ops.append(("term", term * f.factors.get(node, 1)))
                 mask = sympy.And(mask, e) if e is not None else mask
                 continue
             got = list(reads)  # names continue after the reads of earlier masks
-            e = recover(node, sizes, reads=got)
+            e = recover(node, sizes, reads=got, align=got_align)
             reads[:] = got
+            aligned += [(a if kind != "drop" or a.keep is None else replace(a, keep=sympy.Not(a.keep)), n)
+                        for a, n in got_align]
+            symbolic += 1
             mask = sympy.And(mask, sympy.Not(e) if kind == "drop" else e)
         except Opaque as e:
             notes.append(f"mask {node.name} passed as a tensor ({e})")
@@ -484,7 +492,24 @@ def _site_of(f: Found, sizes: dict, g: Graph):
                   mask_tensor_drops=drops, mask_reads=tuple((n, d) for n, d, _ in reads),
                   score_reads=tuple((n, d) for n, d, _ in float_reads),
                   index_reads=tuple((n, d) for n, d, _ in index_reads))
-    return site, tensors + [x for _, _, x in reads + float_reads + index_reads] + biases, notes
+    tensors = tensors + [x for _, _, x in reads + float_reads + index_reads] + biases
+    if aligned:
+        how = P.merge([a for a, _ in aligned])
+        if mask_tensor is not None or symbolic != len(aligned) or how.keep is None:
+            how = replace(how, keep=None)  # the fallback's mask tensor would not be the whole mask
+        elif f.causal:
+            how = replace(how, keep=sympy.And(S.kv_idx <= S.q_idx, how.keep))
+        nodes = {k: n for _, ns in aligned for k, n in ns.items()}
+        notes.append(how.describe())
+        narrow = []
+        for fname, pos, off in how.shifts:  # a tensor read at an offset: narrowed by the call
+            name, dims, node = next(r for r in reads if f"read_{r[2].name}" == fname)
+            shape = value_of(node).shape
+            dim = [d for d in range(len(shape)) if isinstance(shape[d], torch.SymInt) or shape[d] != 1][pos]
+            narrow += [(i, dim, dims[pos], off) for i, t in enumerate(tensors) if t is node]
+            notes.append(f"{name} read at [{', '.join(dims)}] from {node.target} offset by {off} along dim {dim}")
+        return site, tensors, notes, (how, [nodes[str(s)] for s in how.symbols], tuple(narrow))
+    return site, tensors, notes, None
 
 
 def _sizes(q: fx.Node, k: fx.Node) -> dict:
@@ -691,8 +716,16 @@ def _ensure_values(gm: fx.GraphModule, example_inputs) -> None:
                                          for x in example_inputs])
 
 
-def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Optional[Gate] = None) -> str:
+def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Optional[Gate] = None,
+             aligned: Optional[tuple] = None) -> str:
     kern = S.kernel_for(site)
+    if aligned is not None:  # the call checks the alignment; the fallback reads the graph's mask
+        how, size_nodes, narrow = aligned
+        fallback = None
+        if how.keep is not None:
+            fallback = S.kernel_for(replace(site, mask=None, mask_tensor=("1", "1", "Lq", "Lk"),
+                                            mask_tensor_drops=False)).key
+        align_id = P.register(how, fallback, narrow)
     g = gm.graph
     out_dtype = value_of(f.out).dtype
     with g.inserting_before(f.out):
@@ -703,8 +736,11 @@ def _replace(gm: fx.GraphModule, f: Found, site: S.Site, tensors: list, gate: Op
         sink = None
         if f.sink is not None:
             sink = g.call_function(_select_last, (f.sink,))
-        new = g.call_function(S.attention, (f.q, f.k, f.v),
-                              {"key": kern.key, "scale": f.scale, "tensors": list(tensors), "sink": sink,
+        fn, args, extra = S.attention, (f.q, f.k, f.v), {}
+        if aligned is not None:
+            fn, args, extra = P.aligned_attention, (f.q, f.k, f.v, *size_nodes), {"align_id": align_id}
+        new = g.call_function(fn, args,
+                              {**extra, "key": kern.key, "scale": f.scale, "tensors": list(tensors), "sink": sink,
                                "out_dtype": out_dtype, "gate": gate.x if gate else None,
                                "gate_layout": list(gate.recipe) if gate else None})
     new.meta.update({k: v for k, v in f.out.meta.items() if k in ("example_value", "val", "stack_trace")})
@@ -736,7 +772,7 @@ def _erase_dead(g: fx.Graph, n: fx.Node) -> None:
         x = todo.pop()
         if x in erased or x.users or x.op not in ("call_function", "call_method"):
             continue
-        if op_of(x) is None and x.target is not S.attention:
+        if op_of(x) is None and x.target not in (S.attention, P.aligned_attention):
             continue
         ins = list(x.all_input_nodes)
         g.erase_node(x)
@@ -776,13 +812,13 @@ def rewrite(gm: fx.GraphModule, example_inputs=()) -> tuple:
             continue
         try:
             f = match_sdpa(g, n) if kind == "sdpa" else match_chain(g, n)
-            site, tensors, notes = _site_of(f, _sizes(f.q, f.k), g)
+            site, tensors, notes, aligned = _site_of(f, _sizes(f.q, f.k), g)
             gate, gate_note = _gate_after(f.out, order)
             site = replace(site, gate=gate is not None)
             desc = site.describe() + "".join(f"; {x}" for x in notes + [gate_note] if x) + \
                 (f"; GQA from {f.k.name}" if _shape(f.k)[1] != _shape(f.q)[1] else "")
             try:
-                text = _replace(gm, f, site, tensors, gate)
+                text = _replace(gm, f, site, tensors, gate, aligned)
             except Exception as e:  # noqa: BLE001 - a spec attncc rejects: leave the site alone
                 raise LeaveAlone(f"attncc cannot compile the inferred pattern ({type(e).__name__}: {e})")
             rep = SiteReport(f.out.name, kind, True, desc, spec=text)

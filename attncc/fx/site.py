@@ -92,8 +92,11 @@ class Site:
         bits = [pattern_name(self) + (full[full.index("("):] if "(" in full else "")]
         if self.mask is not None:
             bits.append(f"mask: {print_mask(self.mask)}")
+        in_mask = {a.func.__name__ for a in (self.mask.atoms(sympy.core.function.AppliedUndef)
+                                             if self.mask is not None else ())}
         for n, dims in self.mask_reads:
-            bits.append(f"key padding {n}[{', '.join(dims)}] read in the mask (padded key tiles skipped)")
+            bits.append(f"key padding {n}[{', '.join(dims)}] read in the mask (padded key tiles skipped)" if n in in_mask
+                        else f"{n}: int32[{', '.join(dims)}] (an integer tensor of the graph, read in the score)")
         if self.mask_tensor:
             bits.append(f"{'drop ' if self.mask_tensor_drops else ''}mask tensor [{', '.join(self.mask_tensor)}]")
         for op, arg in self.score_ops:
@@ -317,7 +320,9 @@ def term_name(term) -> str:
     """``"alibi"`` for a score term ``a * slope[h] * (kv - q + c)`` (``a > 0`` a number, ``c``
     constant along the keys: the same softmax as ALiBi's ``slope[h] * (kv - q)``, e.g. MPT's
     ``kv - Lk + 1``, BLOOM's ``kv``, Falcon's ``2 / sqrt(d) * kv``),
-    ``"alibi_symmetric"`` for ``-a * slope[h] * abs(q - kv)``, ``"relative_position_bias"`` for
+    ``"alibi_symmetric"`` for ``-a * slope[h] * abs(q - kv)``, ``"alibi_positions"`` for
+    ``slope[h] * f(pos[b, kv], ...)`` (per-batch key positions read from integer tensors of
+    the graph: BLOOM's ``cumsum(attention_mask) - 1`` with padding), ``"relative_position_bias"`` for
     T5's ``table[bucket[kv - q + Lq - 1], h]``, else ``"score_term"``.
     Only used for reports: the kernel computes the term itself."""
     from sympy.core.function import AppliedUndef
@@ -338,6 +343,9 @@ def term_name(term) -> str:
             c = sympy.simplify(-rest / sympy.Abs(q_idx - kv_idx))
             if c.is_number and c > 0:
                 return "alibi_symmetric"
+            if rest.free_symbols <= {b_idx, kv_idx} and any(set(a.args) == {b_idx, kv_idx}
+                                                           for a in rest.atoms(AppliedUndef)):
+                return "alibi_positions"  # slope[h] * pos[b, kv]: BLOOM's cumsum(mask) - 1 key positions
     return "score_term"
 
 

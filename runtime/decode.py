@@ -145,7 +145,7 @@ def auto_decode(kern, q, k, v, tensors: dict) -> bool:
 
 
 def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                     return_lse: bool = False, num_splits: Optional[int] = None, **tensors):
+                     return_lse: bool = False, num_splits: Optional[int] = None, block_mask=None, **tensors):
     """Split-KV decode of ``kern``'s pattern (see the module docstring): the same result as
     ``kern(q, k, v, scale=scale, return_lse=return_lse, **tensors)``, forward only.
 
@@ -154,7 +154,8 @@ def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; fp32 / fp16 /
             bf16, any strides (checked exactly as the forward checks them). Any ``Lq``
             (chosen automatically for ``Lq <= 16``).
-        scale / return_lse / **tensors: as the forward.
+        scale / return_lse / block_mask / **tensors: as the forward (a routed pattern computes
+            its block mask with :func:`attncc.topk_blocks` unless one is given).
         num_splits: programs per (query tile, head group) along the key range (default:
             from the visited key tiles and the device's SM count; under the interpreter a
             few). Any value >= 1 gives the same result within fp32 rounding.
@@ -179,6 +180,15 @@ def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
                          "(the forward kernel has a backward)")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if block_mask is None and kern.ir.route is not None:  # route: the producer, then the consumer
+        from .routing import topk_blocks
+
+        block_mask = topk_blocks(q, k, **kern.ir.route.kwargs())
+    if block_mask is not None:
+        from attncc.ir import BLOCK_TENSOR
+
+        twin, blocks = kern.with_blocks(block_mask, q, k)
+        return decode_attention(twin, q, k, v, scale, return_lse, num_splits, **tensors, **{BLOCK_TENSOR: blocks})
     if kern._torch_cpu(q.device):  # CPU tensors with the torch executor: it computes the same result
         return kern(q, k, v, scale=scale, return_lse=return_lse, decode=False, **tensors)
     key = kern._call_key(q, k, v, scale, return_lse, tensors) if kern.cache_calls else None

@@ -27,7 +27,6 @@ records are cached too (``<attncc cache>/aot/``, keyed by the compiled kernel's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -416,10 +415,9 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
                         cands = bwd_configs or configs or [
                             str(c) for c in kern.launch_candidates(backward_candidates, hd, arch, dt)]
                     elif fam == "decode":  # every packed row tile the runtime may launch
-                        from attncc.runtime.decode import decode_candidates, row_tiles
+                        from attncc.runtime.decode import decode_candidates
 
-                        cands = configs or [str(dataclasses.replace(c, block_m=m)) for c in
-                                            decode_candidates(hd, arch, dt) for m in row_tiles(c)]
+                        cands = configs or [str(c) for c in decode_candidates(hd, arch, dt)]
                     else:  # the counting kernel runs at the CPU / first forward config (no math: small)
                         cands = [str(forward_candidates(hd, arch, dt)[0])] if not configs else configs[:1]
                     jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c) for c in cands]

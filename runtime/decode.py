@@ -49,30 +49,34 @@ MIN_TILES_PER_SPLIT = 2
 MERGE_ROWS = 16
 
 
-def decode_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple:
-    """The decode kernel's launch configs for head dim ``head_dim`` (padded to a power of two
-    by the kernel) on compute capability ``arch`` for inputs of ``dtype``: ``block_m`` is the
-    largest packed query tile (the runtime takes the smallest power of two >= 16 that holds
-    ``GP * Lq`` rows, at most this), ``block_n`` the key tile. One config each (decode is
-    bound by the KV read: the split count, not the tile shape, sets the parallelism); the AOT
-    gate compiles it at every row tile (16 .. block_m). fp32 (exact fp32 products, no tensor
-    cores) takes the forward's fp32 tiles and the register cap."""
+def decode_config(head_dim: int, arch: int = 90, dtype=None, rows: int = 64) -> Config:
+    """The decode kernel's launch config for a packed query tile of ``rows`` rows (a power of
+    two, 16 .. 64; fp32 at most 32) at head dim ``head_dim`` (padded to a power of two by the
+    kernel) on compute capability ``arch`` for inputs of ``dtype``. Decode is bound by the KV
+    read: the split count, not the tile shape, sets the parallelism, so one config per row
+    tile. Every decode launch takes :func:`register_cap` (ptxas otherwise trades registers
+    for occupancy and spills).
+
+    Measured with the AOT sweep (``attncc.aot`` family ``decode``, 15 library patterns):
+    64-row tiles at 4 warps spilled 8-40 B at D = 128 on sm_80 (``gated_causal``,
+    ``relative_position_bias``, ``query_temperature``, ``global_sliding_window``), as did
+    ``global_sliding_window``'s 32-row tile on sm_90a (16 B); 8 warps for 64 rows at D > 64.
+    fp32 (exact fp32 products, no tensor cores) takes the forward's fp32 tiles."""
     if dtype_name(dtype) == "fp32":
-        return (Config(32, 16, 8, 2),)
+        rows = min(rows, 32)
+        return Config(rows, 16, 8 if rows > 16 else 4, 2)
     if head_dim <= 64:
-        return (Config(64, 64, 4, 3),)
+        return Config(rows, 64, 4, 3)
     if head_dim <= 128:
-        return (Config(64, 64, 4, 3 if arch >= 90 else 2),)
-    return (Config(64, 32, 8, 2),)
+        return Config(rows, 64, 8 if rows >= 64 else 4, 3 if arch >= 90 else 2)
+    return Config(rows, 32, 8 if rows >= 32 else 4, 2)
 
 
-def row_tiles(cfg: Config) -> tuple:
-    """The packed row tiles a decode launch at ``cfg`` may use: 16, 32, ..., ``cfg.block_m``."""
-    out, m = [], 16
-    while m <= max(16, cfg.block_m):
-        out.append(m)
-        m *= 2
-    return tuple(out)
+def decode_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple:
+    """Every decode launch config the runtime may use at this head dim, target and dtype: one
+    per packed row tile (16, 32, 64; fp32 16, 32), see :func:`decode_config`."""
+    rows = (16, 32) if dtype_name(dtype) == "fp32" else (16, 32, 64)
+    return tuple(decode_config(head_dim, arch, dtype, m) for m in rows)
 
 
 def choose_splits(n_tiles: int, programs: int, units: int) -> int:
@@ -226,18 +230,20 @@ def _decode_plan(kern, q, k, v, sizes: dict, targs: list, lowrank: list, num_spl
     # block tables that depend on the head (per-head masks, run-time block masks): one head a
     # program, the forward's table per query tile; else the G heads of a KV head packed
     gp = 1 if plan.path == "table" and (plan.mask_uses_h or plan.blocks is not None) else G
-    if kern.config is not None:  # a fixed config (attncc.compile(block_m=...), the AOT jobs)
-        base = kern.config
+    rows = gp * Lq
+    if kern.config is not None:  # a fixed config (attncc.compile(block_m=...), the AOT jobs): its
+        base = kern.config       # block_m caps the row tile
+        cfg = dataclasses.replace(base, block_m=max(16, min(_next_pow2(base.block_m), _next_pow2(rows))), tma=False,
+                                  ws=False)
     elif cache.interpreting():
-        base = Config(64, 16, 1, 1)
+        cfg = Config(max(16, min(64, _next_pow2(rows))), 16, 1, 1)
     else:
         from .kernel import _arch
 
         arch = _arch(q.device) if q.device.type == "cuda" else 90  # (CPU: recorded by capture())
-        base = decode_candidates(max(sizes["D"], sizes["Dv"]), arch, q.dtype)[0]
-    rows = gp * Lq
-    bm = max(16, min(_next_pow2(base.block_m), _next_pow2(rows)))
-    cfg = dataclasses.replace(base, block_m=bm, tma=False, ws=False)
+        cap = 32 if q.dtype == torch.float32 else 64
+        cfg = decode_config(max(sizes["D"], sizes["Dv"]), arch, q.dtype, max(16, min(cap, _next_pow2(rows))))
+    bm = cfg.block_m
     n_m = -(-rows // bm)
     n_n = -(-Lk // cfg.block_n)
     programs = n_m * B * (Hq // gp)
@@ -247,7 +253,7 @@ def _decode_plan(kern, q, k, v, sizes: dict, targs: list, lowrank: list, num_spl
     consts = _constexprs(q.dtype, sizes, cfg, identity_layout(None), lowrank)
     for name in ("TM0", "TM1", "TM2", "TN0", "TN1", "TN2"):
         consts.pop(name)
-    if q.dtype == torch.float32:
+    if not cache.interpreting():
         consts["maxnreg"] = register_cap(cfg.num_warps)
     table_m = (bm if gp == 1 else max(16, _next_pow2(Lq))) if plan.path == "table" else 0
     return DecodePlan(sizes, cfg, gp, num_splits, (num_splits, n_m, B * (Hq // gp)), table_m, consts)
@@ -314,4 +320,4 @@ def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowr
     return out, lse
 
 
-__all__ = ["decode_attention", "decode_candidates", "choose_splits", "DecodePlan", "MAX_AUTO_LQ"]
+__all__ = ["decode_attention", "decode_config", "decode_candidates", "choose_splits", "DecodePlan", "MAX_AUTO_LQ"]

@@ -286,3 +286,18 @@ def test_split_count_rule():
     assert choose_splits(6, 8, 132) == 3                # at least 2 tiles a split
     assert choose_splits(10 ** 6, 1, 132) == 64         # at most 64
     assert choose_splits(1000, 10 ** 4, 132) == 1       # enough programs already
+
+
+def test_bench_decode_dry_run():
+    """benchmarks/bench_decode.py --dry-run: the plumbing on tiny CPU shapes (the decode kernel
+    is what runs for attncc, and its output equals SDPA's and FlexAttention's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    r = subprocess.run([sys.executable, str(script), "--dry-run", "--patterns", "window"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| window |")]
+    assert len(rows) == 4  # B = 1, 2: printed as measured and in the final table

@@ -20,7 +20,8 @@ physical limit of decode. Outputs are checked against each other first (attncc v
     python benchmarks/bench_decode.py --batch 8 --cache 32768 --patterns window
     python benchmarks/bench_decode.py --dry-run           # CPU: tiny shapes through every contestant
 
-``--dry-run`` runs on the CPU under the Triton interpreter with tiny shapes (B 1 / 2, cache 64,
+``--dry-run`` runs on the CPU under the Triton interpreter with tiny shapes (the batches <= 2 of
+``--batch``, else 1; cache 64,
 4 / 2 heads, D 16), one repetition, and checks the plumbing (shapes, the decode kernel chosen,
 results equal); no timings are meaningful there.
 """
@@ -139,7 +140,7 @@ def run(args) -> str:
     rows = ["| pattern | B | cache | page | keys read | attncc ms | GB/s | of peak | flex ms | GB/s | sdpa ms | GB/s | "
             "splits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for pat in args.patterns:
-        for B in ([1, 2] if dry else args.batch):
+        for B in ([b for b in args.batch if b <= 2] or [1] if dry else args.batch):
             for Lk in ([64] if dry else args.cache):
                 for page in ([0] if dry else args.page):
                     need = 2 * B * Hkv * Lk * D * (2 if dtype != torch.float32 else 4) / 2 ** 30

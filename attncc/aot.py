@@ -87,7 +87,10 @@ def parse_dtypes(text: str) -> list[str]:
 class Job:
     """One unit of AOT work: the kernels of one family of one pattern at one launch config.
 
-    ``spec`` is a path or ``.attn`` text; ``config`` a ``BMxBN:warps:stages[:tma][:ws]`` string."""
+    ``spec`` is a path or ``.attn`` text; ``config`` a ``BMxBN:warps:stages[:tma][:ws]`` string;
+    ``positions``: ``""``, ``"offset"`` or ``"ragged"`` (the example call passes those position
+    keywords, :func:`example_positions`, so the launches are the twin's,
+    :meth:`~attncc.runtime.CompiledAttention.with_positions`)."""
 
     spec: str
     pattern: str | None
@@ -97,6 +100,7 @@ class Job:
     head_dim: int
     family: str
     config: str
+    positions: str = ""
 
     def to_json(self) -> dict:
         return {**self.__dict__, "params": list(map(list, self.params))}
@@ -196,24 +200,28 @@ def _grid_for(ir) -> list:
     return {1: [1024], 2: [32, 32], 3: [8, 16, 16]}[n]
 
 
-def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, lq: int | None = None):
+def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, total: int | None = None,
+                 lq: int | None = None):
     """Inputs of the example call whose launches are compiled: ``B, Hq, Hkv = 2, 4, 2``,
     ``L = 1024`` (grids: 32 x 32 or 8 x 16 x 16 tokens), head dim ``head_dim``, the
     pattern's tensors drawn by :func:`attncc.inputs.example_tensors` (float tensors that
-    get gradients require grad when ``requires_grad``); ``lq``: 1-D patterns, that many
-    queries (the decode family) against ``L`` keys.
+    get gradients require grad when ``requires_grad``; ``total``: their ``Lq`` / ``Lk`` dims
+    are this whole-sequence length, for calls with position keywords); ``lq``: 1-D patterns,
+    that many queries (the decode family) against ``L`` keys.
 
     Returns:
         ``(q, k, v, tensors, sizes)`` on the CPU.
     """
     import torch
 
-    from attncc.inputs import example_inputs
+    from attncc.inputs import example_inputs, example_tensors
 
     s = EXAMPLE_SHAPE
     grid = _grid_for(kern.ir) if kern.ir.grid else None
     q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=lq or s["L"], Lk=s["L"],
                                              D=head_dim, dtype=getattr(torch, DTYPES[dtype]), grid=grid)
+    if total is not None:
+        tensors = example_tensors(kern.ir, {**sizes, "Lq": total, "Lk": total}, generator=torch.Generator().manual_seed(0))
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         for n in kern.grad_tensor_names():
@@ -221,13 +229,31 @@ def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, l
     return q, k, v, tensors, sizes
 
 
-def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
+def example_positions(kind: str, B: int, L: int) -> dict:
+    """The position keywords of the AOT example call (see :class:`Job`): ``"offset"`` a query
+    / key shard far from position 0 (context parallelism), ``"ragged"`` a ragged KV cache
+    (``kv_lens`` differing per batch row, bottom-right queries), for ``B`` rows of ``L`` tokens.
+
+    Raises:
+        KeyError: another ``kind``.
+    """
+    import torch
+
+    if kind == "offset":
+        return dict(q_offset=3 * L, kv_offset=2 * L, q_total=4 * L, kv_total=4 * L)
+    if kind == "ragged":
+        return dict(kv_lens=torch.arange(L - 7 * B + 7, L + 1, 7, dtype=torch.int32)[-B:])
+    raise KeyError(f"unknown positions {kind!r} (known: offset, ragged)")
+
+
+def capture_family(kern, family: str, dtype: str, head_dim: int, positions: str = "") -> list:
     """The launches of one kernel family, recorded from the runtime's call path.
 
     Returns:
         a list of ``(kernel, launch)``: the :class:`attncc.runtime.CompiledAttention` whose
         module holds the launched function (``kern``, or the block-mask kernel a routed
-        pattern's call runs, see :meth:`~attncc.runtime.CompiledAttention.with_blocks`) and the
+        pattern's call runs, see :meth:`~attncc.runtime.CompiledAttention.with_blocks`; with
+        ``positions``, the twin of :meth:`~attncc.runtime.CompiledAttention.with_positions`) and the
         :class:`attncc.runtime.Launch` (empty for ``bwd`` when the pattern has no backward).
     """
     import torch
@@ -244,22 +270,25 @@ def capture_family(kern, family: str, dtype: str, head_dim: int) -> list:
             return []
         rows = kern.config.block_m if kern.config is not None else 16
         lq = max(1, rows * EXAMPLE_SHAPE["Hkv"] // EXAMPLE_SHAPE["H"])
-    q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd", lq=lq)
+    s = EXAMPLE_SHAPE
+    pos = example_positions(positions, s["B"], s["L"]) if positions else {}
+    q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd",
+                                           total=pos.get("kv_total", s["L"]) if pos else None, lq=lq)
     with capture() as rec:
         if family == "decode":  # two splits: the merge kernel is launched too
             from attncc.runtime.decode import decode_attention
 
             with torch.no_grad():
-                decode_attention(kern, q, k, v, num_splits=2, **tensors)
+                decode_attention(kern, q, k, v, num_splits=2, **tensors, **pos)
         elif family == "count":
             kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=head_dim,
                             grid=[sizes[f"G{i}"] for i in range(len(kern.ir.grid))] or None, device="cpu",
-                            **{n: tensors[n] for n in kern.plan.mask_tensors})
+                            **{n: tensors[n] for n in kern.plan.mask_tensors}, **pos)
         elif family == "fwd":
             with torch.no_grad():
-                kern(q, k, v, **tensors)
+                kern(q, k, v, **tensors, **pos)
         else:
-            out = kern(q, k, v, **tensors)
+            out = kern(q, k, v, **tensors, **pos)
             out.backward(torch.ones_like(out))
     names = FAMILIES[family]
     return [(k, ln) for k, ln in rec if ln.kernel in names]
@@ -294,9 +323,9 @@ def run_job(job: Job, out_dir: str | None = None) -> list[dict]:
     cfg = Config.parse(job.config)
     kern = attncc.compile(job.spec, job.pattern, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages, tma=cfg.tma, ws=cfg.ws, **dict(job.params))
-    base = {"pattern": kern.ir.name, "target": job.target, "dtype": job.dtype, "head_dim": job.head_dim,
+    base = {"pattern": kern.ir.name + (f"[{job.positions}]" if job.positions else ""), "target": job.target, "dtype": job.dtype, "head_dim": job.head_dim,
             "family": job.family, "config": job.config}
-    launches = capture_family(kern, job.family, job.dtype, job.head_dim)
+    launches = capture_family(kern, job.family, job.dtype, job.head_dim, job.positions)
     mods: dict = {}
     out = []
     for k, ln in launches:
@@ -395,13 +424,21 @@ def run_jobs(jobs: list[Job], out_dir: str | None = None, workers: int | None = 
 
 
 def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16",), head_dims=(128,),
-              configs=None, bwd_configs=None, families=("fwd", "bwd", "count"), params=None) -> list[Job]:
+              configs=None, bwd_configs=None, families=("fwd", "bwd", "count"), params=None,
+              positions: str = "") -> list[Job]:
     """The jobs for one pattern: every family at every candidate config of each
-    (target, head dim) (or the ``configs`` / ``bwd_configs`` given), every dtype."""
+    (target, head dim) (or the ``configs`` / ``bwd_configs`` given), every dtype
+    (``positions``: see :class:`Job`; the candidates are then the twin's)."""
+    import torch
+
     import attncc
     from attncc.runtime import backward_candidates, forward_candidates
 
     kern = attncc.compile(spec, pattern, **(params or {}))
+    if positions:
+        s = EXAMPLE_SHAPE
+        x = torch.empty(s["B"], 1, s["L"], 1)
+        kern, _ = kern.with_positions(x, x, **example_positions(positions, s["B"], s["L"]))
     params = tuple(sorted((params or {}).items()))
     jobs = []
     for target in targets:
@@ -420,13 +457,13 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
                         cands = configs or [str(c) for c in decode_candidates(hd, arch, dt)]
                     else:  # the counting kernel runs at the CPU / first forward config (no math: small)
                         cands = [str(forward_candidates(hd, arch, dt)[0])] if not configs else configs[:1]
-                    jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c) for c in cands]
+                    jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c, positions) for c in cands]
     return jobs
 
 
 def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16",), head_dims=(128,), configs=None,
         bwd_configs=None, families=("fwd", "bwd", "count"), out_dir=None, workers=None, triton_cache=None,
-        progress=None, **params) -> list[dict]:
+        progress=None, positions: str = "", **params) -> list[dict]:
     """Compile the kernels of a pattern for GPU targets (no GPU needed).
 
     Args:
@@ -437,6 +474,9 @@ def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16"
             the autotuner may try for the target and head dim.
         families: which of ``"fwd"``, ``"bwd"``, ``"count"``.
         out_dir: write cubins and JSON records there.
+        positions: ``""``, ``"offset"`` or ``"ragged"``: compile the kernels a call with those
+            position keywords runs (:func:`example_positions`; the twin
+            :meth:`~attncc.runtime.CompiledAttention.with_positions`).
         **params: the spec's params.
 
     Returns:
@@ -453,7 +493,7 @@ def aot(spec, pattern: str | None = None, *, targets=("sm_90a",), dtypes=("bf16"
         parse_dtypes(d)
     attncc.compile(spec, pattern, **params)  # spec errors here, before any worker starts
     jobs = plan_jobs(str(spec), pattern, targets=targets, dtypes=dtypes, head_dims=head_dims, configs=configs,
-                     bwd_configs=bwd_configs, families=families, params=params)
+                     bwd_configs=bwd_configs, families=families, params=params, positions=positions)
     return run_jobs(jobs, out_dir=out_dir, workers=workers, triton_cache=triton_cache, progress=progress)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from . import ir as I
 from .checks import check_inputs, split_kwargs
+from .positions import given, resolve_positions
 
 
 def eval_expr(expr, env: dict, tensors: dict, reads: list | None = None, float_dtype=torch.float64,
@@ -429,7 +430,8 @@ def _listed(kv_index, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, device) -> to
 
 
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
-              return_lse: bool = False, block_mask=None, kv_index=None, **params_and_tensors):
+              return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
+              kv_lens=None, q_total=None, kv_total=None, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
 
     Args:
@@ -447,6 +449,15 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
         kv_index: optional int ``(B, Lq, Hkv, topk)`` token-level lists (DeepSeek sparse
             attention): the pattern's mask AND "the key is listed for this query and KV
             head" (entries outside ``[0, Lk)`` ignored, duplicates count once).
+        q_offset / kv_offset / q_total / kv_total / kv_lens: global positions, as the kernel
+            call takes them (:meth:`attncc.runtime.CompiledAttention.__call__`, resolved by
+            :func:`attncc.positions.resolve_positions`): the mask, score, sink and gate are
+            evaluated at ``q = q_offset + i``, ``kv = kv_offset + j`` with ``Lq = q_total``,
+            ``Lk = kv_total``; ``kv_lens[b]`` (int32 ``(B,)``) keeps only the first
+            ``kv_lens[b]`` keys of batch row ``b`` (default ``q_offset``: ``"bottom_right"``,
+            ``kv_offset + kv_lens[b] - Lq``). Spec tensors indexed by ``q`` / ``kv`` hold the
+            whole sequence. Not with grid patterns, ``dot()`` terms or ``route:`` clauses
+            (``NotImplementedError``).
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -466,6 +477,16 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
 
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
+    if given(q_offset, kv_offset, kv_lens, q_total, kv_total):  # the twin at global positions
+        if kv_index is not None:
+            raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "
+                                      "supported: pass global key indices to kv_index instead")
+        ir = I.with_positions(ir, kv_lens is not None)
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+            raise ValueError("q and k must be tensors (B, H, L, D) with q_offset / kv_offset / kv_lens")
+        pos = resolve_positions(q.shape[0], q.shape[2], k.shape[2], q.device, q_offset, kv_offset, kv_lens,
+                                q_total, kv_total)
+        tensors = dict(tensors, **{I.POS_TENSOR: pos.table})
     if block_mask is None and ir.route is not None:  # route: the producer's specification
         from attncc.runtime.routing import topk_blocks_reference
 

@@ -403,6 +403,67 @@ def with_block_mask(ir: AttentionIR, bq: int, bk: int, per_batch: bool, heads: s
                                mask=sp.And(ir.mask, clause(q, kv)), coord_mask=coord_mask, route=None)
 
 
+POS_TENSOR = "positions"
+#: the columns of the run-time positions tensor of :func:`with_positions`, int32 ``(B, 5)``
+POS_COLUMNS = ("q_offset", "kv_offset", "q_total", "kv_total", "kv_len")
+
+
+def with_positions(ir: AttentionIR, ragged: bool) -> AttentionIR:
+    """``ir`` evaluated at global positions: the twin a call with ``q_offset`` / ``kv_offset``
+    / ``q_total`` / ``kv_total`` / ``kv_lens`` runs (query shards, KV caches, context
+    parallelism; FlashAttention / FlashInfer KV-cache conventions).
+
+    In ``mask``, ``score``, ``sink`` and ``gate``, ``q -> q + P[b, 0]``, ``kv -> kv + P[b, 1]``,
+    ``Lq -> P[b, 2]``, ``Lk -> P[b, 3]`` with ``P`` the int32 tensor :data:`POS_TENSOR` of shape
+    ``(B, 5)`` (columns :data:`POS_COLUMNS`): reads indexed by ``b`` only, so they are run-time
+    scalars of the closed-form analysis (:func:`attncc.passes.scalar_reads`) and a causal or
+    windowed mask keeps its closed-form key ranges. ``ragged``: also ``kv < P[b, 4]`` on the
+    local key index (a ragged KV cache: keys past ``kv_lens[b]`` are masked, their tiles
+    skipped). Spec tensor dimensions written with ``Lq`` / ``Lk`` become free dimensions
+    (the tensors hold the whole sequence; reads outside them are refused at call time).
+
+    Returns:
+        The IR named ``<pattern>_pos`` (``<pattern>_ragged``) with the extra tensor.
+
+    Raises:
+        NotImplementedError: grid patterns, ``dot()`` terms or a ``route:`` clause (their
+            index arithmetic is not shifted).
+        ValueError: the pattern declares a tensor named :data:`POS_TENSOR`.
+    """
+    why = ("a grid (N-D token offsets are not supported)" if ir.grid else
+           "dot() low-rank terms" if ir.lowrank else "a route: clause" if ir.route is not None else "")
+    if why:
+        raise NotImplementedError(f"q_offset / kv_offset / q_total / kv_total / kv_lens: pattern {ir.name!r} has "
+                                  f"{why}; positions are supported for 1-D patterns without dot() terms or routing")
+    if any(t.name == POS_TENSOR for t in ir.tensors):
+        raise ValueError(f"pattern {ir.name!r} declares a tensor named {POS_TENSOR!r}, the name of the run-time "
+                         "positions tensor: rename it to pass q_offset= / kv_offset= / kv_lens=")
+    base = sp.IndexedBase(POS_TENSOR, integer=True)
+    col = [base[b, i] for i in range(len(POS_COLUMNS))]
+    subs = {q: q + col[0], kv: kv + col[1], Lq: col[2], Lk: col[3]}
+
+    def glob(e):
+        return None if e is None else sp.sympify(e).xreplace(subs)
+
+    free = list(ir.free_dims)
+    tensors = []
+    for t in ir.tensors:  # dims in Lq / Lk: the whole sequence's, any length (reads are checked)
+        shape = list(t.shape)
+        for axis, d in enumerate(shape):
+            if sp.sympify(d).free_symbols & {Lq, Lk}:
+                name = f"{t.name}_{axis}_total"
+                free.append(name)
+                shape[axis] = free_dim(name)
+        tensors.append(dataclasses.replace(t, shape=tuple(shape)))
+    tensors.append(TensorSpec(POS_TENSOR, "int32", (B, sp.Integer(len(POS_COLUMNS))), base))
+    mask = glob(ir.mask)
+    if ragged:
+        mask = sp.And(mask, sp.Lt(kv, col[4]))
+    return dataclasses.replace(ir, name=f"{ir.name}_{'ragged' if ragged else 'pos'}", tensors=tuple(tensors),
+                               mask=mask, score=glob(ir.score), sink=glob(ir.sink), gate=glob(ir.gate),
+                               free_dims=tuple(free))
+
+
 #: integers in expressions must satisfy |value| < 2**31 (the kernels' index arithmetic is int32)
 INT32_LIMIT = 2 ** 31
 #: a float literal whose shortest decimal form is a fraction with a denominator up to this

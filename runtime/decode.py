@@ -149,7 +149,8 @@ def auto_decode(kern, q, k, v, tensors: dict) -> bool:
 
 
 def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                     return_lse: bool = False, num_splits: Optional[int] = None, block_mask=None, **tensors):
+                     return_lse: bool = False, num_splits: Optional[int] = None, block_mask=None, q_offset=None,
+                     kv_offset=None, kv_lens=None, q_total=None, kv_total=None, **tensors):
     """Split-KV decode of ``kern``'s pattern (see the module docstring): the same result as
     ``kern(q, k, v, scale=scale, return_lse=return_lse, **tensors)``, forward only.
 
@@ -160,6 +161,10 @@ def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             (chosen automatically for ``Lq <= 16``).
         scale / return_lse / block_mask / **tensors: as the forward (a routed pattern computes
             its block mask with :func:`attncc.topk_blocks` unless one is given).
+        q_offset / kv_offset / kv_lens / q_total / kv_total: the position keywords of the
+            forward (a ragged KV cache ``kv_lens``, bottom-right query positions by default):
+            the pattern's positions twin (:meth:`~attncc.runtime.CompiledAttention.with_positions`)
+            runs, its run-time scalars read per batch row by the decode kernel as by the forward.
         num_splits: programs per (query tile, head group) along the key range (default:
             from the visited key tiles and the device's SM count; under the interpreter a
             few). Any value >= 1 gives the same result within fp32 rounding.
@@ -184,6 +189,15 @@ def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
                          "(the forward kernel has a backward)")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    from attncc.positions import given
+
+    if given(q_offset, kv_offset, kv_lens, q_total, kv_total):  # the positions twin, as the forward
+        from attncc.ir import POS_TENSOR
+
+        twin, pos = kern.with_positions(q, k, q_offset=q_offset, kv_offset=kv_offset, kv_lens=kv_lens,
+                                        q_total=q_total, kv_total=kv_total)
+        return decode_attention(twin, q, k, v, scale, return_lse, num_splits, block_mask, **tensors,
+                                **{POS_TENSOR: pos})
     if block_mask is None and kern.ir.route is not None:  # route: the producer, then the consumer
         from .routing import topk_blocks
 

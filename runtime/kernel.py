@@ -26,10 +26,11 @@ from attncc.codegen import backward_support
 from attncc.dense import check_clause_reads, eval_expr, index_env as dense_index_env, lowrank_factors
 from attncc.gradients import partial_shape, reduce_partials
 from attncc.ir import INDEX as I_INDEX, SIZES as I_SIZES, s as _S
-from attncc.ir import BLOCK_TENSOR, grid_sizes, size_values, with_block_mask
+from attncc.ir import BLOCK_TENSOR, POS_TENSOR, grid_sizes, size_values, with_block_mask, with_positions
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
 from attncc.passes import KernelPlan, index_tensors
+from attncc.positions import given as _positions_given, resolve_positions
 
 from . import cache, cpu
 from . import decode as _decode
@@ -400,8 +401,8 @@ class CompiledAttention:
 
     # ------------------------------------------------------------------ calling
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                 return_lse: bool = False, block_mask=None, kv_index=None, decode: Optional[bool] = None,
-                 **tensors):
+                 return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
+                 kv_lens=None, q_total=None, kv_total=None, decode: Optional[bool] = None, **tensors):
         """Run the kernel.
 
         Args:
@@ -421,6 +422,25 @@ class CompiledAttention:
                 ``(B, Lq, Hkv, topk)``: each query attends exactly to its listed keys (and
                 where the pattern allows), run by :func:`attncc.gather_attention`; patterns
                 with no mask or ``kv <= q`` and the plain score ``s`` only.
+            q_offset / kv_offset: the global position of query row 0 / key row 0 (a query
+                shard, a KV cache, a context-parallel shard): an int, an int32/int64 tensor
+                ``(B,)``, or for ``q_offset`` the string ``"bottom_right"`` (the last query
+                at the last key's position: ``kv_offset + Lk_b - Lq``, the FlashAttention-2
+                KV-cache convention). The mask, score, sink and gate see ``q = q_offset + i``
+                and ``kv = kv_offset + j``; spec tensors indexed by ``q`` / ``kv`` are read at
+                these global positions (their ``Lq`` / ``Lk`` dims hold the whole sequence,
+                any length; a read outside them is a ``ValueError`` naming the tensor).
+            q_total / kv_total: the ``Lq`` / ``Lk`` the pattern sees (int or ``(B,)``):
+                default ``kv_total = kv_offset + Lk_b`` and ``q_total = kv_total`` when a
+                query offset is in force (``q_offset`` or ``kv_lens`` given), else ``Lq``.
+            kv_lens: int32 ``(B,)`` in ``[0, Lk]``: ragged KV cache, batch row ``b`` attends
+                only to its first ``kv_lens[b]`` keys (the tiles past it are skipped);
+                the default ``q_offset`` is then ``"bottom_right"`` (``kv_lens[b] - Lq``,
+                FlashAttention / FlashInfer). ``kv_lens[b] == 0``: output 0, LSE ``-inf``.
+                With any of these five keywords the pattern runs as its twin
+                :func:`attncc.ir.with_positions` (see :meth:`with_positions`); without them
+                the kernel and its code are unchanged. Grid patterns, ``dot()`` terms and
+                ``route:`` clauses refuse them (``NotImplementedError``), as does ``kv_index``.
             decode: ``True``: run the split-KV decode kernel (:mod:`attncc.runtime.decode`:
                 the GQA group's heads packed into one query tile, the key range split across
                 programs, partial states merged by LSE; forward only, any ``Lq``); ``False``:
@@ -444,6 +464,13 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        if _positions_given(q_offset, kv_offset, kv_lens, q_total, kv_total):
+            if kv_index is not None:
+                raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "
+                                          "supported: pass global key indices to kv_index instead")
+            kern, pos = self.with_positions(q, k, q_offset=q_offset, kv_offset=kv_offset, kv_lens=kv_lens,
+                                            q_total=q_total, kv_total=kv_total)
+            return kern(q, k, v, scale, return_lse, block_mask, decode=decode, **tensors, **{POS_TENSOR: pos})
         if kv_index is not None:
             return self._gathered(q, k, v, kv_index, scale, return_lse, block_mask, tensors)
         if block_mask is None and self.ir.route is not None:  # route: the producer, then the consumer
@@ -793,6 +820,49 @@ class CompiledAttention:
             ir = with_block_mask(self.ir, *bs.block_size, per_batch, heads)
             kern = twins[key] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
         return kern, blocks
+
+    def with_positions(self, q: torch.Tensor, k: torch.Tensor, q_offset=None, kv_offset=None, kv_lens=None,
+                       q_total=None, kv_total=None) -> tuple:
+        """The kernel a call with position keywords runs, and its positions tensor.
+
+        The twin :func:`attncc.ir.with_positions` (``q -> q + q_offset``, ``kv -> kv +
+        kv_offset``, ``Lq -> q_total``, ``Lk -> kv_total``, and ``kv < kv_lens[b]`` when
+        ragged, all run-time scalars per batch row) is compiled once per ragged flag and kept
+        on this object, so forward, backward (q, k, v and spec tensor gradients), GQA, block
+        masks and the CPU executor work as for the pattern itself, and causal / windowed
+        masks keep their closed-form key ranges (a window visits only its window's tiles).
+
+        Args:
+            q / k: the call's query ``(B, Hq, Lq, D)`` and key ``(B, Hkv, Lk, D)`` (their
+                batch, lengths and device; ``meta`` tensors skip the value checks).
+            q_offset, kv_offset, kv_lens, q_total, kv_total: see :meth:`__call__`.
+
+        Returns:
+            ``(kernel, positions)``: a :class:`CompiledAttention` and the int32 ``(B, 5)``
+            tensor :data:`attncc.ir.POS_TENSOR` (columns :data:`attncc.ir.POS_COLUMNS`).
+
+        Raises:
+            TypeError / ValueError: see :func:`attncc.positions.resolve_positions`; q / k not
+                4-D tensors.
+            NotImplementedError: grid patterns, ``dot()`` terms, ``route:`` clauses.
+        """
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                if self.ir.grid:
+                    break  # the twin refuses grid patterns below, naming the keyword
+                raise ValueError(f"{name} must be a tensor (B, H, L, D) with q_offset / kv_offset / kv_lens, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        twins = self.__dict__.setdefault("_pos_twins", {})
+        ragged = kv_lens is not None
+        kern = twins.get(ragged)
+        if kern is None:
+            from attncc.compiler import build, plan_ir
+
+            ir = with_positions(self.ir, ragged)
+            kern = twins[ragged] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
+        pos = resolve_positions(q.shape[0], q.shape[2], k.shape[2], q.device, q_offset, kv_offset, kv_lens,
+                                q_total, kv_total)
+        return kern, pos.table
 
     def _gathered(self, q, k, v, kv_index, scale, return_lse: bool, block_mask, tensors: dict):
         """A call with ``kv_index`` (see :meth:`__call__`): :func:`attncc.gather_attention` with
@@ -1341,7 +1411,8 @@ class CompiledAttention:
     # ------------------------------------------------------------------ analysis
     def tile_stats(self, Lq: int, Lk: int, B: int = 1, H: int = 1, Hkv: Optional[int] = None,
                    D: int = 64, Dv: Optional[int] = None, config: Optional[Config] = None,
-                   device=None, per_query_tile: bool = False, grid=None, block_mask=None, **tensors) -> dict:
+                   device=None, per_query_tile: bool = False, grid=None, block_mask=None, q_offset=None,
+                   kv_offset=None, kv_lens=None, q_total=None, kv_total=None, **tensors) -> dict:
         """Count the (query tile, key tile) pairs the kernel visits for a shape.
 
         Runs the generated ``count_tiles`` kernel, which is the forward kernel's own
@@ -1358,6 +1429,10 @@ class CompiledAttention:
             grid: grid patterns: the grid shape (e.g. ``(Y, X)``; ``Lq = Lk`` = its product).
             block_mask: a run-time block mask (as :meth:`__call__` takes it): the counts of
                 the kernel a call with it runs (:meth:`with_blocks`).
+            q_offset, kv_offset, kv_lens, q_total, kv_total: position keywords (as
+                :meth:`__call__` takes them; tensors on ``device``): the counts of the
+                kernel a call with them runs (:meth:`with_positions`), e.g. which tiles of a
+                (query shard, key shard) pair of a context-parallel split are non-empty.
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -1366,6 +1441,15 @@ class CompiledAttention:
             :class:`~attncc.layout.BoxLayout` whose tiles were counted (box plans), else None.
         """
         Hkv = Hkv or H
+        if _positions_given(q_offset, kv_offset, kv_lens, q_total, kv_total):
+            dev = torch.device(device) if device is not None else next(
+                (x.device for x in (q_offset, kv_offset, kv_lens, q_total, kv_total) if isinstance(x, torch.Tensor)),
+                torch.device("cpu" if cache.interpreting() or not torch.cuda.is_available() else "cuda"))
+            kern, pos = self.with_positions(torch.empty((B, H, Lq, 1), device=dev),
+                                            torch.empty((B, Hkv, Lk, 1), device=dev), q_offset, kv_offset, kv_lens,
+                                            q_total, kv_total)
+            return kern.tile_stats(Lq, Lk, B, H, Hkv, D, Dv, config, dev, per_query_tile, grid, block_mask,
+                                   **tensors, **{POS_TENSOR: pos})
         if block_mask is not None:
             dev = block_mask.kv_num_blocks.device
             shape = (B, H, *(grid or (Lq,)), 1)

@@ -332,3 +332,32 @@ def test_run_time_scalars_per_batch_and_per_batch_head():
     assert max_err(got, want) < TOL[torch.float32]
     fin = torch.isfinite(ref_lse)
     assert torch.equal(fin, torch.isfinite(lse)) and max_err(lse[fin], fwd_lse[fin]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["causal", "alibi", "document_causal", "per_head_window"])
+def test_positions_twin_runs_through_the_decode_kernel(name):
+    """kern(q, k_cache, v_cache, kv_lens=lens): the positions twin (bottom-right query positions
+    in each row's own length, run-time scalars P[b, :]) is chosen for decode automatically and
+    equals the forward, the reference and (causal) SDPA on the ragged mask."""
+    path = attncc.pattern_path(name)
+    kern = attncc.compile(path)
+    B, H, Hkv, Lq, Lk = 3, 6, 2, 2, 70
+    q, k, v, tens, _ = example_inputs(kern.ir, B, H, Hkv, Lq, Lk, 32, seed=1)
+    if "doc" in tens:
+        tens["doc"] = (torch.arange(Lk) // 25).to(torch.int32)
+    lens = torch.tensor([Lk, 5 if name == "document_causal" else 0, 33], dtype=torch.int32)
+    with capture() as rec:
+        kern(q, k, v, kv_lens=lens, **tens)
+    assert rec[0][1].kernel == "attn_decode"
+    got, lse = decode_attention(kern, q, k, v, return_lse=True, num_splits=3, kv_lens=lens, **tens)
+    fwd, fwd_lse = kern(q, k, v, return_lse=True, decode=False, kv_lens=lens, **tens)
+    ref, ref_lse = attncc.reference(path, q, k, v, return_lse=True, kv_lens=lens, **tens)
+    assert max_err(got, fwd) < 2e-6 and max_err(got, ref) < TOL[torch.float32]
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse)) and max_err(lse[fin], ref_lse[fin]) < 1e-4
+    if name == "causal":
+        pos = lens.view(B, 1, 1, 1) - Lq + torch.arange(Lq).view(1, 1, Lq, 1)
+        kv = torch.arange(Lk).view(1, 1, 1, Lk)
+        allowed = (kv < lens.view(B, 1, 1, 1)) & (kv <= pos)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True).nan_to_num()
+        assert max_err(got, want) < TOL[torch.float32]

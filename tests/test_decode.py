@@ -334,7 +334,7 @@ def test_run_time_scalars_per_batch_and_per_batch_head():
     assert torch.equal(fin, torch.isfinite(lse)) and max_err(lse[fin], fwd_lse[fin]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["causal", "alibi", "document_causal", "per_head_window"])
+@pytest.mark.parametrize("name", ["causal", "document_causal", "per_head_window"])
 def test_positions_twin_runs_through_the_decode_kernel(name):
     """kern(q, k_cache, v_cache, kv_lens=lens): the positions twin (bottom-right query positions
     in each row's own length, run-time scalars P[b, :]) is chosen for decode automatically and

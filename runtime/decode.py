@@ -51,7 +51,7 @@ MERGE_ROWS = 16
 
 def decode_config(head_dim: int, arch: int = 90, dtype=None, rows: int = 64) -> Config:
     """The decode kernel's launch config for a packed query tile of ``rows`` rows (a power of
-    two, 16 .. 64; fp32 at most 32) at head dim ``head_dim`` (padded to a power of two by the
+    two, 16 .. :func:`max_rows`) at head dim ``head_dim`` (padded to a power of two by the
     kernel) on compute capability ``arch`` for inputs of ``dtype``. Decode is bound by the KV
     read: the split count, not the tile shape, sets the parallelism, so one config per row
     tile. Every decode launch takes :func:`register_cap` (ptxas otherwise trades registers
@@ -61,6 +61,8 @@ def decode_config(head_dim: int, arch: int = 90, dtype=None, rows: int = 64) -> 
     64-row tiles at 4 warps spilled 8-40 B at D = 128 on sm_80 (``gated_causal``,
     ``relative_position_bias``, ``query_temperature``, ``global_sliding_window``), as did
     ``global_sliding_window``'s 32-row tile on sm_90a (16 B); 8 warps for 64 rows at D > 64.
+    The sweep with this rule (bf16, D = 64 / 128 / 256, sm_90a and sm_80, every row tile,
+    ``attn_decode`` and ``decode_merge``): ``benchmarks/results/aot_decode.md``.
     fp32 (exact fp32 products, no tensor cores) takes the forward's fp32 tiles."""
     if dtype_name(dtype) == "fp32":
         rows = min(rows, 32)
@@ -72,10 +74,17 @@ def decode_config(head_dim: int, arch: int = 90, dtype=None, rows: int = 64) -> 
     return Config(rows, 32, 8 if rows >= 32 else 4, 2)
 
 
+def max_rows(head_dim: int, dtype=None) -> int:
+    """The largest packed row tile of the decode kernel: 64, or 32 for fp32 and for head dims
+    above 128 (measured: ``gated_causal``'s 64-row tile at D = 256 spilled 16 B on sm_80 with 8
+    warps and the register cap; its 32-row tile does not)."""
+    return 32 if dtype_name(dtype) == "fp32" or head_dim > 128 else 64
+
+
 def decode_candidates(head_dim: int, arch: int = 90, dtype=None) -> tuple:
     """Every decode launch config the runtime may use at this head dim, target and dtype: one
-    per packed row tile (16, 32, 64; fp32 16, 32), see :func:`decode_config`."""
-    rows = (16, 32) if dtype_name(dtype) == "fp32" else (16, 32, 64)
+    per packed row tile (16 .. :func:`max_rows`), see :func:`decode_config`."""
+    rows = (16, 32, 64)[: 2 if max_rows(head_dim, dtype) == 32 else 3]
     return tuple(decode_config(head_dim, arch, dtype, m) for m in rows)
 
 
@@ -255,8 +264,8 @@ def _decode_plan(kern, q, k, v, sizes: dict, targs: list, lowrank: list, num_spl
         from .kernel import _arch
 
         arch = _arch(q.device) if q.device.type == "cuda" else 90  # (CPU: recorded by capture())
-        cap = 32 if q.dtype == torch.float32 else 64
-        cfg = decode_config(max(sizes["D"], sizes["Dv"]), arch, q.dtype, max(16, min(cap, _next_pow2(rows))))
+        hd = max(sizes["D"], sizes["Dv"])
+        cfg = decode_config(hd, arch, q.dtype, max(16, min(max_rows(hd, q.dtype), _next_pow2(rows))))
     bm = cfg.block_m
     n_m = -(-rows // bm)
     n_n = -(-Lk // cfg.block_n)
@@ -334,4 +343,4 @@ def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowr
     return out, lse
 
 
-__all__ = ["decode_attention", "decode_config", "decode_candidates", "choose_splits", "DecodePlan", "MAX_AUTO_LQ"]
+__all__ = ["decode_attention", "decode_config", "decode_candidates", "max_rows", "choose_splits", "DecodePlan", "MAX_AUTO_LQ"]

@@ -46,8 +46,10 @@ TARGETS = {
     "sm_100a": (100, 232448),
 }
 
-#: the kernels of each family, as the runtime launches them
-FAMILIES = {"fwd": ("attn_fwd",), "bwd": ("attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv"), "count": ("count_tiles",)}
+#: the kernels of each family, as the runtime launches them ("decode": the split-KV decode
+#: kernel and its merge, :mod:`attncc.runtime.decode`; not among the default families)
+FAMILIES = {"fwd": ("attn_fwd",), "bwd": ("attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv"), "count": ("count_tiles",),
+            "decode": ("attn_decode", "decode_merge")}
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -198,12 +200,14 @@ def _grid_for(ir) -> list:
     return {1: [1024], 2: [32, 32], 3: [8, 16, 16]}[n]
 
 
-def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, total: int | None = None):
+def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, total: int | None = None,
+                 lq: int | None = None):
     """Inputs of the example call whose launches are compiled: ``B, Hq, Hkv = 2, 4, 2``,
     ``L = 1024`` (grids: 32 x 32 or 8 x 16 x 16 tokens), head dim ``head_dim``, the
     pattern's tensors drawn by :func:`attncc.inputs.example_tensors` (float tensors that
     get gradients require grad when ``requires_grad``; ``total``: their ``Lq`` / ``Lk`` dims
-    are this whole-sequence length, for calls with position keywords).
+    are this whole-sequence length, for calls with position keywords); ``lq``: 1-D patterns,
+    that many queries (the decode family) against ``L`` keys.
 
     Returns:
         ``(q, k, v, tensors, sizes)`` on the CPU.
@@ -214,8 +218,8 @@ def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, t
 
     s = EXAMPLE_SHAPE
     grid = _grid_for(kern.ir) if kern.ir.grid else None
-    q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=s["L"], D=head_dim,
-                                             dtype=getattr(torch, DTYPES[dtype]), grid=grid)
+    q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=lq or s["L"], Lk=s["L"],
+                                             D=head_dim, dtype=getattr(torch, DTYPES[dtype]), grid=grid)
     if total is not None:
         tensors = example_tensors(kern.ir, {**sizes, "Lq": total, "Lk": total}, generator=torch.Generator().manual_seed(0))
     if requires_grad:
@@ -258,12 +262,25 @@ def capture_family(kern, family: str, dtype: str, head_dim: int, positions: str 
 
     if family == "bwd" and kern.backward_error:
         return []
+    lq = None
+    if family == "decode":  # as many queries as fill the packed row tile (G = H / Hkv heads each)
+        from attncc.runtime.decode import decode_error
+
+        if decode_error(kern):
+            return []
+        rows = kern.config.block_m if kern.config is not None else 16
+        lq = max(1, rows * EXAMPLE_SHAPE["Hkv"] // EXAMPLE_SHAPE["H"])
     s = EXAMPLE_SHAPE
     pos = example_positions(positions, s["B"], s["L"]) if positions else {}
     q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd",
-                                           total=pos.get("kv_total", s["L"]) if pos else None)
+                                           total=pos.get("kv_total", s["L"]) if pos else None, lq=lq)
     with capture() as rec:
-        if family == "count":
+        if family == "decode":  # two splits: the merge kernel is launched too
+            from attncc.runtime.decode import decode_attention
+
+            with torch.no_grad():
+                decode_attention(kern, q, k, v, num_splits=2, **tensors, **pos)
+        elif family == "count":
             kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=head_dim,
                             grid=[sizes[f"G{i}"] for i in range(len(kern.ir.grid))] or None, device="cpu",
                             **{n: tensors[n] for n in kern.plan.mask_tensors}, **pos)
@@ -434,6 +451,10 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
                     elif fam == "bwd":
                         cands = bwd_configs or configs or [
                             str(c) for c in kern.launch_candidates(backward_candidates, hd, arch, dt)]
+                    elif fam == "decode":  # every packed row tile the runtime may launch
+                        from attncc.runtime.decode import decode_candidates
+
+                        cands = configs or [str(c) for c in decode_candidates(hd, arch, dt)]
                     else:  # the counting kernel runs at the CPU / first forward config (no math: small)
                         cands = [str(forward_candidates(hd, arch, dt)[0])] if not configs else configs[:1]
                     jobs += [Job(str(spec), pattern, params, target, dt, hd, fam, c, positions) for c in cands]

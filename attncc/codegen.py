@@ -8,9 +8,10 @@ the result is a readable, deterministic Python module holding the ``@triton.jit`
 kernels.
 
 Templates (``templates/``): ``attention.py.j2`` renders the module (header, imports,
-helpers) and includes the two kernel families, ``forward.py.j2`` (``attn_fwd``,
-``count_tiles``) and ``backward.py.j2`` (``attn_bwd_pre``, ``attn_bwd_dq``,
-``attn_bwd_dkdv``), which import the shared macros of ``macros.j2``.
+helpers) and includes the kernel families, ``forward.py.j2`` (``attn_fwd``,
+``count_tiles``), ``backward.py.j2`` (``attn_bwd_pre``, ``attn_bwd_dq``,
+``attn_bwd_dkdv``) and ``decode.py.j2`` (``attn_decode``, ``decode_merge``: split-KV
+decoding), which import the shared macros of ``macros.j2``.
 """
 
 from __future__ import annotations
@@ -470,7 +471,8 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
 
     Returns:
         Python source defining ``attn_fwd`` (the FlashAttention-style forward
-        kernel) and ``count_tiles`` (the same tile iteration, counting only), both
+        kernel) and ``count_tiles`` (the same tile iteration, counting only), the backward
+        kernels and the split-KV decode kernels ``attn_decode`` / ``decode_merge``, all
         ``@triton.jit``.
     """
     from attncc.runtime.configs import ws_supported  # (attncc.runtime imports this module)
@@ -523,6 +525,10 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         range_lines = list(pr.lines)
     ctx = _box_context(plan if box else None, names)
     ctx.update(_lowrank_context(bool(ir.lowrank)))
+    # the decode kernel (decode.py.j2) packs the query heads of a KV head into one tile: key
+    # ranges that depend on the head are computed per head and united
+    ctx.update(decode_heads=any(I.h in sp.sympify(x).free_symbols for iv in plan.intervals
+                                for x in (iv.lo, iv.hi, iv.flo, iv.fhi)))
     ctx.update(sigmoid=(ir.normalize == "sigmoid"), has_sink=ir.sink is not None, has_gate=ir.gate is not None,
                ereads=ereads, epi_lines=epi_lines, epi_meta=[[e["tensor"], e["kind"]] for e in ereads],
                eargs="".join(f"PE{e['j']}, " for e in ereads))

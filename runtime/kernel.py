@@ -33,6 +33,7 @@ from attncc.passes import KernelPlan, index_tensors
 from attncc.positions import given as _positions_given, resolve_positions
 
 from . import cache, cpu
+from . import decode as _decode
 from .configs import CPU_CONFIG, Config, backward_candidates, dkdv_rows, forward_candidates, register_cap
 from .tiles import block_table, closed_tile_classes, tensor_digest, tensor_snapshot
 
@@ -401,7 +402,7 @@ class CompiledAttention:
     # ------------------------------------------------------------------ calling
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                  return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
-                 kv_lens=None, q_total=None, kv_total=None, **tensors):
+                 kv_lens=None, q_total=None, kv_total=None, decode: Optional[bool] = None, **tensors):
         """Run the kernel.
 
         Args:
@@ -440,6 +441,12 @@ class CompiledAttention:
                 :func:`attncc.ir.with_positions` (see :meth:`with_positions`); without them
                 the kernel and its code are unchanged. Grid patterns, ``dot()`` terms and
                 ``route:`` clauses refuse them (``NotImplementedError``), as does ``kv_index``.
+            decode: ``True``: run the split-KV decode kernel (:mod:`attncc.runtime.decode`:
+                the GQA group's heads packed into one query tile, the key range split across
+                programs, partial states merged by LSE; forward only, any ``Lq``); ``False``:
+                never; ``None`` (default): when ``Lq <= 16``, nothing requires grad and the
+                Triton kernels run (CUDA, or ``backend="interpret"``). The result is the
+                forward's either way.
             **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
 
         Returns:
@@ -451,7 +458,8 @@ class CompiledAttention:
                 misshapen tensors (raised before any launch, naming the argument).
             NotImplementedError: an input requires grad but the pattern's backward (or
                 that tensor's gradient) cannot be generated; raised here, before the
-                forward runs, never in the backward.
+                forward runs, never in the backward. ``decode=True`` for a grid pattern.
+            ValueError: ``decode=True`` while an input requires grad (decode is forward only).
 
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
@@ -462,7 +470,7 @@ class CompiledAttention:
                                           "supported: pass global key indices to kv_index instead")
             kern, pos = self.with_positions(q, k, q_offset=q_offset, kv_offset=kv_offset, kv_lens=kv_lens,
                                             q_total=q_total, kv_total=kv_total)
-            return kern(q, k, v, scale, return_lse, block_mask, **tensors, **{POS_TENSOR: pos})
+            return kern(q, k, v, scale, return_lse, block_mask, decode=decode, **tensors, **{POS_TENSOR: pos})
         if kv_index is not None:
             return self._gathered(q, k, v, kv_index, scale, return_lse, block_mask, tensors)
         if block_mask is None and self.ir.route is not None:  # route: the producer, then the consumer
@@ -471,7 +479,10 @@ class CompiledAttention:
             block_mask = topk_blocks(q, k, **self.ir.route.kwargs())
         if block_mask is not None:
             kern, blocks = self.with_blocks(block_mask, q, k)
-            return kern(q, k, v, scale, return_lse, **tensors, **{BLOCK_TENSOR: blocks})
+            return kern(q, k, v, scale, return_lse, decode=decode, **tensors, **{BLOCK_TENSOR: blocks})
+        if decode or (decode is None and getattr(q, "ndim", 0) == 4 and q.shape[2] <= _decode.MAX_AUTO_LQ
+                      and _decode.auto_decode(self, q, k, v, tensors)):
+            return _decode.decode_attention(self, q, k, v, scale, return_lse, **tensors)
         if self.cache_calls:
             # the signature of the last direct call again: one C++ check of every tensor's
             # metadata (see _Direct.guards) instead of building and hashing the key

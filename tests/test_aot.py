@@ -186,3 +186,27 @@ def test_fa2_yardstick_matches_sdpa(causal):
     if causal:
         s = s.masked_fill(torch.ones(80, 80, dtype=torch.bool).triu(1), float("-inf"))
     assert max_err(lse, torch.logsumexp(s, -1)) < 2e-5
+
+
+#: the split-KV decode kernels (attncc.runtime.decode: attn_decode at every packed row tile and
+#: decode_merge) of the heaviest closed form (a gate tensor read in the epilogue) and of a block
+#: table, bf16 D = 128; benchmarks/results/aot_decode.md has 15 patterns at D = 64 / 128 / 256
+DECODE_SET = ["gated_causal", "document_causal"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_decode_kernels_compile_without_spills(target):
+    from attncc.runtime.decode import decode_candidates
+
+    jobs = []
+    for name in DECODE_SET:
+        jobs += aot.plan_jobs(_spec(name), targets=(target,), dtypes=("bf16",), head_dims=(128,), families=("decode",))
+    recs = aot.run_jobs(jobs, workers=2)
+    arch = aot.TARGETS[target][0]
+    for name in DECODE_SET:
+        mine = [r for r in recs if r["pattern"] == name]
+        assert {r["launch"] for r in mine if r["kernel"] == "attn_decode"} == {
+            str(c) for c in decode_candidates(128, arch, "bf16")}, name
+        assert {r["kernel"] for r in mine} == {"attn_decode", "decode_merge"}, name
+    bad = [f"{r['pattern']} {r['kernel']} {r['launch']}: {'; '.join(aot.problems(r))}" for r in recs if aot.problems(r)]
+    assert not bad, "\n".join(bad)

@@ -26,6 +26,7 @@ automatically. Grid patterns (box plans) have no decode kernel.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from .configs import Config, dtype_name, register_cap
 #: calls with at most this many queries take the decode kernel automatically (when nothing
 #: needs a gradient and the Triton kernels run: CUDA, or ``backend="interpret"`` on CPU)
 MAX_AUTO_LQ = 16
+#: set while a call with ``decode=False`` runs: the forward custom op launches the forward
+#: kernel even for ``Lq <= MAX_AUTO_LQ`` (see :func:`op_decodes`)
+FORWARD_KERNEL: contextvars.ContextVar = contextvars.ContextVar("attncc_forward_kernel", default=False)
 #: largest number of splits of one program's key tiles
 MAX_SPLITS = 64
 #: key tiles a split should get at least (fewer: fewer splits)
@@ -155,6 +159,31 @@ def auto_decode(kern, q, k, v, tensors: dict) -> bool:
     if kern.plan.path == "box" or torch.compiler.is_compiling() or kern._torch_cpu(q.device):
         return False
     return not _needs_grad(q, k, v, tensors)
+
+
+def op_decodes(kern, q, lowrank) -> bool:
+    """Whether the forward custom op (:meth:`CompiledAttention.launch`, what ``torch.compile``,
+    the graph pass's rewritten sites and calls that build an autograd graph run) takes the
+    decode kernel: ``Lq <= MAX_AUTO_LQ`` queries of a 1-D pattern without a gate (whose
+    backward needs the ungated output the forward kernel keeps) or ``dot()`` terms. Its output
+    and LSE are the forward kernel's, so the backward is unchanged."""
+    return (q.dim() == 4 and q.shape[2] <= MAX_AUTO_LQ and not lowrank and not decode_error(kern)
+            and kern.ir.gate is None and not kern.ir.lowrank and not FORWARD_KERNEL.get())
+
+
+def op_plan(kern, q, k, v, targs: list) -> DecodePlan:
+    """The :class:`DecodePlan` of an op call (checked by :meth:`CompiledAttention.__call__`),
+    remembered per shapes, strides, dtype and device."""
+    from .kernel import _sizes
+
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+           tuple((t.shape, t.stride()) for t in targs))
+    plans = kern.__dict__.setdefault("_op_decode_plans", {})
+    dp = plans.get(key)
+    if dp is None:
+        dp = _decode_plan(kern, q, k, v, _sizes(q, k, v), targs, [], None)
+        _remember(plans, key, dp)
+    return dp
 
 
 def decode_attention(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

@@ -483,6 +483,12 @@ class CompiledAttention:
         if decode or (decode is None and getattr(q, "ndim", 0) == 4 and q.shape[2] <= _decode.MAX_AUTO_LQ
                       and _decode.auto_decode(self, q, k, v, tensors)):
             return _decode.decode_attention(self, q, k, v, scale, return_lse, **tensors)
+        if decode is False and not _decode.FORWARD_KERNEL.get():  # the op's launch too (see launch)
+            token = _decode.FORWARD_KERNEL.set(True)
+            try:
+                return self(q, k, v, scale, return_lse, decode=False, **tensors)
+            finally:
+                _decode.FORWARD_KERNEL.reset(token)
         if self.cache_calls:
             # the signature of the last direct call again: one C++ check of every tensor's
             # metadata (see _Direct.guards) instead of building and hashing the key
@@ -1086,6 +1092,12 @@ class CompiledAttention:
         """
         if self._torch_cpu(q.device) and (self.plan.path != "box" or _is_identity(layout)):
             return cpu.forward(self, q, k, v, tensors, scale, layout, lowrank)
+        if cfg is None and _decode.op_decodes(self, q, lowrank):
+            # few queries through the custom op (torch.compile, the graph pass's sites, calls
+            # that build an autograd graph): the split-KV decode kernel writes the same output
+            # and LSE, which the backward reads as the forward's
+            out, lse = _decode.launch_decode(self, _decode.op_plan(self, q, k, v, tensors), q, k, v, tensors, scale, [])
+            return out, lse, out.new_empty(0)
         if call_key is not None:  # from __call__'s cache: the call's signature fixes this launch's
             key = ("call", call_key)
         else:

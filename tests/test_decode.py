@@ -252,13 +252,24 @@ def test_automatic_choice_and_explicit_flag():
     assert kernels(qkv=(torch.cat([q, q[:, :, :1]], 2), k, v)) == ["attn_fwd"]    # Lq = 17
     assert kernels(qkv=(torch.cat([q, q], 2), k, v), decode=True)[0] == "attn_decode"  # any Lq when asked
     qg = q.clone().requires_grad_()
-    assert kernels(qkv=(qg, k, v)) == ["attn_fwd"]             # a gradient is needed: the forward
+    # a gradient is needed: the custom op's forward (its backward reads the output and LSE)
+    assert kernels(qkv=(qg, k, v))[0] == "attn_decode"
+    assert kernels(qkv=(qg, k, v), decode=False) == ["attn_fwd"]
     with torch.no_grad():
         assert kernels(qkv=(qg, k, v))[0] == "attn_decode"
     with pytest.raises(ValueError, match="forward only.*q require grad"):
         kern(qg, k, v, decode=True)
     # the automatic path gives the forward's result
     assert max_err(kern(q, k, v), kern(q, k, v, decode=False)) < 2e-6
+    # ... and, through the op, the forward kernel's gradients
+    grads = []
+    for flag in (None, False):
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse = kern(qg, kg, vg, return_lse=True, decode=flag)
+        (out.square().sum() + lse.sum()).backward()
+        grads.append((out, lse, qg.grad, kg.grad, vg.grad))
+    for a, b in zip(*grads):
+        assert max_err(a, b) < 2e-6
 
 
 def test_errors_before_launch():

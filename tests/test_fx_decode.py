@@ -134,7 +134,7 @@ def test_alignment_conditions_unit():
 
 # ------------------------------------------------------------------ tiny transformers models, greedy decode
 @pytest.mark.parametrize("arch, impl, padded", [("qwen2", "sdpa", True), ("gemma3", "sdpa", False)])
-def test_sliding_window_decode_sites(arch, impl, padded):
+def test_sliding_window_decode_sites(arch, impl, padded, monkeypatch):
     """Qwen2 / Gemma 3 (a sliding layer, window 4, and a full layer; ``attention_mask``
     given, as ``generate`` does; Qwen2 with a left-padded batch of 2): greedy generate() with a dynamic cache through the
     backend equals eager; in the decode steps the sliding layer's site is
@@ -150,10 +150,16 @@ def test_sliding_window_decode_sites(arch, impl, padded):
         ids = input_ids(8, batch=2)
         kw["attention_mask"] = torch.ones_like(ids)
         kw["attention_mask"][1, :2] = 0  # left padding of the second prompt
+    import attncc.runtime.decode as dec
+
+    decoded, real = [], dec.launch_decode
+    monkeypatch.setattr(dec, "launch_decode", lambda kern, dp, q, *a: decoded.append(q.shape[2]) or real(kern, dp, q, *a))
     attncc.fx.clear_reports()
     with kernel_calls() as calls:
         ref, out = generate_both(model, ids, EAGER, max_new_tokens=3, **kw)
     assert out.tolist() == ref.tolist()
+    # the rewritten sites' decode steps (Lq = 1) run the split-KV decode kernel (issue 16 section 4)
+    assert decoded.count(1) >= 2 * model.config.num_hidden_layers, decoded
     reps = attncc.fx.reports()
     assert len(reps) >= 2 and all(s.replaced for r in reps for s in r.sites), "\n".join(map(str, reps))
     decode_sites = [s for r in reps[1:] for s in r.sites]

@@ -1361,7 +1361,8 @@ class CompiledAttention:
         (:func:`~attncc.runtime.configs.forward_candidates` or
         :func:`~attncc.runtime.configs.backward_candidates`; also what ``attncc aot`` compiles).
         Plans with several key intervals bounded by run-time scalars (per-head mixes such as
-        DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled).
+        DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled); on sm_80 at head dims
+        up to 64, block-table plans whose score tensors get gradients drop the 64 x 32 ones.
         Block-read plans (and routed patterns, whose calls run one) keep the configs whose
         tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
@@ -1372,6 +1373,13 @@ class CompiledAttention:
             # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
             # 128 x 64 tiles needs more than 255 registers (measured, sm_90a bf16 D = 128: 8 B spilled)
             return tuple(c for c in cands if c.block_m * c.block_n < 128 * 64) or cands
+        if (rule is backward_candidates and arch < 90 and head_dim <= 64 and self.plan.path == "table"
+                and self._grad_reads):
+            # block-table plans whose score tensors get gradient partials: the dQ kernel at
+            # 64 x 32 tiles needs more than 255 registers on sm_80 (measured, bf16 D = 64: BLOOM's
+            # padded ALiBi from the graph pass, slope[h] * pos[b, kv] with a key-padding mask, 16 B
+            # spilled; 32 x 32: 154 registers)
+            return tuple(c for c in cands if c.block_m * c.block_n < 64 * 32) or cands
         br, route = self.plan.blocks, self.ir.route
         if br is not None:
             bq, bk = br.bq, br.bk

@@ -48,6 +48,21 @@ from .positions import POS_LIMIT, resolve_positions
 #: ``kv_len`` unused) and the sizes of the second and third grid axes (1 where absent)
 GRID_POS_COLUMNS = I.POS_COLUMNS + ("G1", "G2")
 _GRID_AND_LENGTHS = frozenset({I.Lq, I.Lk, *I.GRID_SIZES})
+#: most tokens of a shard (q or k) of a grid pattern whose score, sink or gate reads a tensor:
+#: the kernels index those reads with the clamped token index, whose division by the row size
+#: is evaluated in float32 with a snap tolerance (attncc.codegen ``_floor_snap``), exact while
+#: the index stays below ``1 / FLOOR_TOL = 2**18``
+EXACT_READ_TOKENS = 2 ** 18
+
+
+def _reads_at_coordinates(ir: I.AttentionIR) -> bool:
+    """Whether the score, sink or gate of grid pattern ``ir`` reads a tensor (at coordinates)."""
+    return any(e is not None and sp.sympify(e).atoms(sp.Indexed) for e in (ir.coord_score, ir.sink, ir.gate))
+
+
+def is_grid_twin(ir: I.AttentionIR) -> bool:
+    """Whether ``ir`` is a twin of :func:`with_grid_positions` (its positions tensor has 7 columns)."""
+    return any(t.name == I.POS_TENSOR and t.shape[-1] == len(GRID_POS_COLUMNS) for t in ir.tensors)
 
 
 def with_grid_positions(ir: I.AttentionIR, ragged: bool = False) -> I.AttentionIR:
@@ -82,7 +97,10 @@ def with_grid_positions(ir: I.AttentionIR, ragged: bool = False) -> I.AttentionI
                          "positions tensor: rename it to pass q_offset= / kv_offset=")
     n = len(ir.grid)
     base = sp.IndexedBase(I.POS_TENSOR, integer=True)
-    col = {c: base[I.b, i] for i, c in enumerate(GRID_POS_COLUMNS)}
+    # the same tensor, read as positive integers: the grid sizes G1, G2 divide token indices,
+    # and a provably positive integer divisor prints exact integer division (no float path)
+    sizes = sp.IndexedBase(I.POS_TENSOR, integer=True, positive=True)
+    col = {c: (sizes if c in ("G1", "G2") else base)[I.b, i] for i, c in enumerate(GRID_POS_COLUMNS)}
     G = [col["kv_total"], col["G1"], col["G2"]][:n]  # G0: the global first-axis size
     W = sp.Mul(*G[1:])  # tokens per row of the first axis
 
@@ -187,6 +205,10 @@ def resolve_grid_positions(ir: I.AttentionIR, q, k, q_offset=None, kv_offset=Non
         raise ValueError(f"q_total[{i}] = {int(table[i, 2])} and kv_total[{i}] = {int(table[i, 3])} differ: pattern "
                          f"{ir.name!r} has a grid, whose queries and keys share one first axis (pass one total, in "
                          "rows of the first grid axis)")
+    if check and _reads_at_coordinates(ir) and max(math.prod(qg), math.prod(kg)) > EXACT_READ_TOKENS:
+        raise ValueError(f"pattern {ir.name!r} reads a tensor at grid coordinates of the shard's tokens: a shard of "
+                         f"q {qg} / k {kg} has more than {EXACT_READ_TOKENS} tokens, where the kernels' index "
+                         "arithmetic of those reads is no longer exact; split the grid into smaller shards")
     if check:
         from .checks import check_sizes, compile_size_checks
 

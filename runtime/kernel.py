@@ -1364,12 +1364,19 @@ class CompiledAttention:
         :func:`~attncc.runtime.configs.backward_candidates`; also what ``attncc aot`` compiles).
         Plans with several key intervals bounded by run-time scalars (per-head mixes such as
         DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled).
+        Grid twins (:mod:`attncc.grid_positions`) whose score reads a tensor keep the
+        configs with key tiles of at most 32.
         Block-read plans (and routed patterns, whose calls run one) keep the configs whose
         tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
         else those with key tiles of at most 32 (measured: the per-pair block read spills
         at 64-key tiles, D = 128, sm_90a and sm_80)."""
         cands = tuple(rule(head_dim, arch, dtype))
+        if self.plan.score_tensors and _gp.is_grid_twin(self.ir):
+            # a grid twin reading a tensor at global coordinates (neighborhood_2d_rpb): the per-pair
+            # index arithmetic spills at 64-key tiles (measured, bf16 D = 128: forward 112-240 B on
+            # sm_90a and sm_80, dQ at 128 x 64 56 B on sm_90a); 32-key tiles do not
+            return tuple(c for c in cands if c.block_n <= 32) or cands
         if rule is backward_candidates and self.plan.scalars and len(self.plan.intervals) > 1:
             # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
             # 128 x 64 tiles needs more than 255 registers (measured, sm_90a bf16 D = 128: 8 B spilled)

@@ -107,19 +107,28 @@ def test_query_shard_equals_rows_of_the_whole_sequence(name):
     pos = torch.arange(L)
     nv, nv_lse = _naive(name, q[:, :, R0:R1], k, v, tens, pos[R0:R1], pos, L, L)
     ref, ref_lse = attncc.reference(path, q[:, :, R0:R1], k, v, return_lse=True, q_offset=R0, **params, **tens)
-    for want, want_lse in ((full[:, :, R0:R1], full_lse[:, :, R0:R1]), (nv, nv_lse), (ref, ref_lse)):
+    _assert_rows_of_whole((out, lse), (full, full_lse), (nv, nv_lse), (ref, ref_lse), R0, R1,
+                          [q, k, v, *[x for x in tens.values() if x.requires_grad]])
+
+
+def _assert_rows_of_whole(got, whole, naive, ref, r0, r1, inputs):
+    """A query shard's ``(out, lse)`` equals rows ``[r0, r1)`` (dim 2) of the whole's, the naive
+    and the reference (LSE ``-inf`` in the same rows); its gradients (``inputs``) under a random
+    output gradient equal the whole's with that gradient on those rows, and the naive's."""
+    out, lse = got
+    full = whole[0]
+    for want, want_lse in ((full[:, :, r0:r1], whole[1][:, :, r0:r1]), naive, ref):
         assert max_err(out, want) < 2e-5
         assert torch.equal(lse.isinf(), want_lse.isinf())
         assert max_err(lse.nan_to_num(0, 0, 0), want_lse.nan_to_num(0, 0, 0)) < 2e-5
-    # gradients: the shard's loss == the whole sequence's loss on those rows
+    # gradients: the shard's loss == the whole's loss on those rows
     gout = torch.randn_like(out)
-    inputs = [q, k, v, *[x for x in tens.values() if x.requires_grad]]
-    got = torch.autograd.grad((out * gout).sum(), inputs)
+    grads = torch.autograd.grad((out * gout).sum(), inputs)
     gfull = torch.zeros_like(full)
-    gfull[:, :, R0:R1] = gout
+    gfull[:, :, r0:r1] = gout
     want = torch.autograd.grad((full * gfull).sum(), inputs)
-    indep = torch.autograd.grad((nv * gout).sum(), inputs)
-    for a, b, c in zip(got, want, indep):
+    indep = torch.autograd.grad((naive[0] * gout).sum(), inputs)
+    for a, b, c in zip(grads, want, indep):
         assert max_err(a, b) < 1e-4 and max_err(a, c) < 1e-4
 
 
@@ -411,19 +420,8 @@ def test_grid_query_shard_equals_rows_of_the_whole_grid(name):
     nv, nv_lse = _grid_naive(name, params, q[:, :, GR0:GR1], k, v, range(GR0, GR1), range(grid[0]), grid,
                              tens.get("rpb"))
     ref, ref_lse = attncc.reference(path, q[:, :, GR0:GR1], k, v, return_lse=True, q_offset=GR0, **params, **tens)
-    for want, want_lse in ((full[:, :, GR0:GR1], full_lse[:, :, GR0:GR1]), (nv, nv_lse), (ref, ref_lse)):
-        assert max_err(out, want) < 2e-5
-        assert torch.equal(lse.isinf(), want_lse.isinf())
-        assert max_err(lse.nan_to_num(0, 0, 0), want_lse.nan_to_num(0, 0, 0)) < 2e-5
-    gout = torch.randn_like(out)
-    inputs = [q, k, v, *tens.values()]
-    got = torch.autograd.grad((out * gout).sum(), inputs)
-    gfull = torch.zeros_like(full)
-    gfull[:, :, GR0:GR1] = gout
-    want = torch.autograd.grad((full * gfull).sum(), inputs)
-    indep = torch.autograd.grad((nv * gout).sum(), inputs)
-    for a, b_, c in zip(got, want, indep):
-        assert max_err(a, b_) < 1e-4 and max_err(a, c) < 1e-4
+    _assert_rows_of_whole((out, lse), (full, full_lse), (nv, nv_lse), (ref, ref_lse), GR0, GR1,
+                          [q, k, v, *tens.values()])
 
 
 @pytest.mark.parametrize("name", ["neighborhood_2d_rpb", "video_causal_neighborhood_3d"])
@@ -506,6 +504,18 @@ def test_grid_bad_keywords_fail_before_launch(kw, exc, msg):
         with pytest.raises(NotImplementedError, match="block_mask"):
             kern(q, k, v, q_offset=1, block_mask=attncc.BlockSparse.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool),
                                                                                16))
+    assert launches == []
+
+
+def test_grid_shard_too_large_for_exact_coordinate_reads():
+    """A grid shard of more than 2**18 tokens whose score reads rpb at coordinates: refused
+    before any launch (the reads' index arithmetic would no longer be exact), naming the limit."""
+    from attncc.grid_positions import EXACT_READ_TOKENS
+
+    kern = attncc.compile(attncc.pattern_path("neighborhood_2d_rpb"), kernel=3)
+    x = torch.zeros(1, 2, EXACT_READ_TOKENS // 256 + 1, 256, 1)
+    with capture() as launches, pytest.raises(ValueError, match=f"more than {EXACT_READ_TOKENS} tokens"):
+        kern(x, x, x, q_offset=0, rpb=torch.zeros(2, 5, 5))
     assert launches == []
 
 

@@ -200,14 +200,20 @@ def _grid_for(ir) -> list:
     return {1: [1024], 2: [32, 32], 3: [8, 16, 16]}[n]
 
 
+def _example_rows(ir) -> int:
+    """``L`` of :func:`example_positions` for ``ir``: the example tokens, or a grid's first-axis rows."""
+    return _grid_for(ir)[0] if ir.grid else EXAMPLE_SHAPE["L"]
+
+
 def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, total: int | None = None,
                  lq: int | None = None):
     """Inputs of the example call whose launches are compiled: ``B, Hq, Hkv = 2, 4, 2``,
     ``L = 1024`` (grids: 32 x 32 or 8 x 16 x 16 tokens), head dim ``head_dim``, the
     pattern's tensors drawn by :func:`attncc.inputs.example_tensors` (float tensors that
     get gradients require grad when ``requires_grad``; ``total``: their ``Lq`` / ``Lk`` dims
-    are this whole-sequence length, for calls with position keywords); ``lq``: 1-D patterns,
-    that many queries (the decode family) against ``L`` keys.
+    are this whole-sequence length, for calls with position keywords; grid patterns: the
+    whole grid's rows of the first axis, ``G0``); ``lq``: 1-D patterns, that many queries
+    (the decode family) against ``L`` keys.
 
     Returns:
         ``(q, k, v, tensors, sizes)`` on the CPU.
@@ -220,8 +226,10 @@ def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, t
     grid = _grid_for(kern.ir) if kern.ir.grid else None
     q, k, v, tensors, sizes = example_inputs(kern.ir, B=s["B"], H=s["H"], Hkv=s["Hkv"], Lq=lq or s["L"], Lk=s["L"],
                                              D=head_dim, dtype=getattr(torch, DTYPES[dtype]), grid=grid)
-    if total is not None:
-        tensors = example_tensors(kern.ir, {**sizes, "Lq": total, "Lk": total}, generator=torch.Generator().manual_seed(0))
+    if total is not None:  # grid patterns: ``total`` rows of the first grid axis (attncc.grid_positions)
+        whole = ({"G0": total, "Lq": total * sizes["Lq"] // grid[0], "Lk": total * sizes["Lq"] // grid[0]} if grid
+                 else {"Lq": total, "Lk": total})
+        tensors = example_tensors(kern.ir, {**sizes, **whole}, generator=torch.Generator().manual_seed(0))
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         for n in kern.grad_tensor_names():
@@ -232,7 +240,9 @@ def example_call(kern, dtype: str, head_dim: int, requires_grad: bool = False, t
 def example_positions(kind: str, B: int, L: int) -> dict:
     """The position keywords of the AOT example call (see :class:`Job`): ``"offset"`` a query
     / key shard far from position 0 (context parallelism), ``"ragged"`` a ragged KV cache
-    (``kv_lens`` differing per batch row, bottom-right queries), for ``B`` rows of ``L`` tokens.
+    (``kv_lens`` differing per batch row, bottom-right queries), for ``B`` rows of ``L`` tokens
+    (grid patterns: ``L`` rows of the first grid axis, the unit of their offsets; the shard
+    pair is then rows ``[3L, 4L)`` against rows ``[2L, 3L)`` of a grid of ``4L`` rows).
 
     Raises:
         KeyError: another ``kind``.
@@ -271,7 +281,7 @@ def capture_family(kern, family: str, dtype: str, head_dim: int, positions: str 
         rows = kern.config.block_m if kern.config is not None else 16
         lq = max(1, rows * EXAMPLE_SHAPE["Hkv"] // EXAMPLE_SHAPE["H"])
     s = EXAMPLE_SHAPE
-    pos = example_positions(positions, s["B"], s["L"]) if positions else {}
+    pos = example_positions(positions, s["B"], _example_rows(kern.ir)) if positions else {}
     q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd",
                                            total=pos.get("kv_total", s["L"]) if pos else None, lq=lq)
     with capture() as rec:
@@ -437,8 +447,8 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
     kern = attncc.compile(spec, pattern, **(params or {}))
     if positions:
         s = EXAMPLE_SHAPE
-        x = torch.empty(s["B"], 1, s["L"], 1)
-        kern, _ = kern.with_positions(x, x, **example_positions(positions, s["B"], s["L"]))
+        x = torch.empty(s["B"], 1, *(_grid_for(kern.ir) if kern.ir.grid else [s["L"]]), 1)
+        kern, _ = kern.with_positions(x, x, **example_positions(positions, s["B"], _example_rows(kern.ir)))
     params = tuple(sorted((params or {}).items()))
     jobs = []
     for target in targets:

@@ -456,8 +456,9 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
             ``Lk = kv_total``; ``kv_lens[b]`` (int32 ``(B,)``) keeps only the first
             ``kv_lens[b]`` keys of batch row ``b`` (default ``q_offset``: ``"bottom_right"``,
             ``kv_offset + kv_lens[b] - Lq``). Spec tensors indexed by ``q`` / ``kv`` hold the
-            whole sequence. Not with grid patterns, ``dot()`` terms or ``route:`` clauses
-            (``NotImplementedError``).
+            whole sequence. Grid patterns: shards of the first grid axis, offsets and totals
+            in its rows (:mod:`attncc.grid_positions`; not ``kv_lens`` or ``block_mask``).
+            Not with ``dot()`` terms or ``route:`` clauses (``NotImplementedError``).
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -477,16 +478,29 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
 
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
+    grid_shape = q.shape[2:-1] if isinstance(q, torch.Tensor) else None  # the output's (query) grid
     if given(q_offset, kv_offset, kv_lens, q_total, kv_total):  # the twin at global positions
         if kv_index is not None:
             raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "
                                       "supported: pass global key indices to kv_index instead")
-        ir = I.with_positions(ir, kv_lens is not None)
-        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-            raise ValueError("q and k must be tensors (B, H, L, D) with q_offset / kv_offset / kv_lens")
-        pos = resolve_positions(q.shape[0], q.shape[2], k.shape[2], q.device, q_offset, kv_offset, kv_lens,
-                                q_total, kv_total)
-        tensors = dict(tensors, **{I.POS_TENSOR: pos.table})
+        if ir.grid:  # shards of the first grid axis, flattened: the twin is 1-D (attncc.grid_positions)
+            from .grid_positions import flat, resolve_grid_positions
+
+            if block_mask is not None:
+                raise NotImplementedError("block_mask with q_offset / kv_offset on a grid pattern is not supported")
+            table = resolve_grid_positions(ir, q, k, q_offset, kv_offset, kv_lens, q_total, kv_total,
+                                           Dv=v.shape[-1] if isinstance(v, torch.Tensor) else None)
+            n = len(ir.grid)
+            ir = I.with_positions(ir, False)
+            q, k, v = flat(q, n), flat(k, n), flat(v, n)
+            tensors = dict(tensors, **{I.POS_TENSOR: table})
+        else:
+            ir = I.with_positions(ir, kv_lens is not None)
+            if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+                raise ValueError("q and k must be tensors (B, H, L, D) with q_offset / kv_offset / kv_lens")
+            pos = resolve_positions(q.shape[0], q.shape[2], k.shape[2], q.device, q_offset, kv_offset, kv_lens,
+                                    q_total, kv_total)
+            tensors = dict(tensors, **{I.POS_TENSOR: pos.table})
     if block_mask is None and ir.route is not None:  # route: the producer's specification
         from attncc.runtime.routing import topk_blocks_reference
 
@@ -499,7 +513,6 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
                                                    math.prod(k.shape[2:-1]))
         ir = I.with_block_mask(ir, *bs.block_size, per_batch, heads)
         tensors = dict(tensors, **{I.BLOCK_TENSOR: blocks})
-    grid_shape = q.shape[2:-1]
     q, k, v, grid = flatten_grid(ir, q, k, v)
     sizes, tensors = check_inputs(ir, q, k, v, tensors, grid=grid)
     B, Hq, Lq, D = q.shape

@@ -425,13 +425,19 @@ def with_positions(ir: AttentionIR, ragged: bool) -> AttentionIR:
     Returns:
         The IR named ``<pattern>_pos`` (``<pattern>_ragged``) with the extra tensor.
 
+    Grid patterns: :func:`attncc.grid_positions.with_grid_positions` (offsets and totals in
+    rows of the first grid axis, positions tensor ``(B, 7)``; not ``ragged``).
+
     Raises:
-        NotImplementedError: grid patterns, ``dot()`` terms or a ``route:`` clause (their
-            index arithmetic is not shifted).
+        NotImplementedError: ``dot()`` terms or a ``route:`` clause (their index arithmetic is
+            not shifted); a grid pattern with ``ragged``.
         ValueError: the pattern declares a tensor named :data:`POS_TENSOR`.
     """
-    why = ("a grid (N-D token offsets are not supported)" if ir.grid else
-           "dot() low-rank terms" if ir.lowrank else "a route: clause" if ir.route is not None else "")
+    if ir.grid:  # offsets in rows of the first grid axis (attncc.grid_positions)
+        from .grid_positions import with_grid_positions
+
+        return with_grid_positions(ir, ragged)
+    why = "dot() low-rank terms" if ir.lowrank else "a route: clause" if ir.route is not None else ""
     if why:
         raise NotImplementedError(f"q_offset / kv_offset / q_total / kv_total / kv_lens: pattern {ir.name!r} has "
                                   f"{why}; positions are supported for 1-D patterns without dot() terms or routing")

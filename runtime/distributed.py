@@ -417,9 +417,11 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
 
     Args:
         kern: a compiled pattern (may be None when ``mask`` is given).
-        L: the whole sequence length (grid patterns: the number of tokens).
+        L: the whole sequence length (grid patterns: the number of tokens with ``mask``, else
+            the rows of the first grid axis, which is sharded).
         world, layout: the group size and the layout (chunks of ``L / n_chunks``).
-        B, H, Hkv, D, Dv, grid: the sizes the mask may depend on.
+        B, H, Hkv, D, Dv, grid: the sizes the mask may depend on (``grid``: the whole grid;
+            with a kernel that takes offsets, ``grid[0] == L``, chunks of whole rows).
         mask: optional bool ``(L, L)`` or ``(B, H, L, L)``: classify this mask instead.
         rows: classify only these query chunks with ``tile_stats`` (a ring rank needs its own
             rows only); the other rows are left ``None``.
@@ -441,9 +443,14 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
         return _classes(c, anyb, allb, cnt.tolist(), "pairs", "mask")
     Hkv = Hkv or H
     Dv = Dv or D
-    if supports_offsets(kern) and not kern.ir.grid:
+    if supports_offsets(kern) and not kern.ir.lowrank:
         rows = tuple(range(n)) if rows is None else tuple(rows)
-        key = (L, world, layout, B, H, Hkv, D, Dv, rows)
+        # grid patterns: chunks of rows of the first grid axis, w tokens each (attncc.grid_positions)
+        w = math.prod(grid[1:]) if kern.ir.grid else 1
+        if kern.ir.grid and (grid is None or grid[0] != L):
+            raise ValueError(f"pair_classes of grid pattern {kern.ir.name!r}: grid= must be the whole grid with "
+                             f"L = {L} rows on its first (sharded) axis, got {grid!r}")
+        key = (L, world, layout, B, H, Hkv, D, Dv, rows, tuple(grid or ()))
         memo = kern.__dict__.setdefault("_cp_classes", {})
         static = not kern.plan.mask_tensors
         if static and key in memo:
@@ -452,7 +459,7 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
 
         # tiles that divide the chunk (a pair is full when all its tiles are; a tile crossing
         # the chunk's end is never full), else the kernel's CPU tiles (then nothing is "full")
-        bs = next((b for b in (64, 32, 16) if c % b == 0), None)
+        bs = next((b for b in (64, 32, 16) if c * w % b == 0), None)
         cfg = Config(bs, bs, 1, 1) if bs else None
         cls, work = [], []
         for i in range(n):
@@ -462,9 +469,9 @@ def pair_classes(kern, L: int, world: int, layout: str = "contiguous", *, B: int
                 continue
             crow, wrow = [], []
             for j in range(n):
-                st = kern.tile_stats(c, c, B, H, Hkv, D, Dv, config=cfg, q_offset=i * c, kv_offset=j * c,
-                                     q_total=L, kv_total=L, **{t: x for t, x in tensors.items()
-                                                                if t in kern.plan.mask_tensors})
+                st = kern.tile_stats(c * w, c * w, B, H, Hkv, D, Dv, config=cfg, q_offset=i * c, kv_offset=j * c,
+                                     q_total=L, kv_total=L, grid=(c, *grid[1:]) if kern.ir.grid else None,
+                                     **{t: x for t, x in tensors.items() if t in kern.plan.mask_tensors})
                 crow.append("empty" if st["visited"] == 0 else
                             "full" if bs and st["full"] == st["total"] else "partial")
                 wrow.append(st["visited"])
@@ -721,7 +728,8 @@ def _ring(kern, q, k, v, group, rank, world, layout, scale, return_lse, tensors)
     n = n_chunks(world, layout)
     L = q.shape[2] // len(chunk_ids(rank, world, layout)) * n
     classes = pair_classes(kern, L, world, layout, B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], D=q.shape[-1],
-                           Dv=v.shape[-1], rows=chunk_ids(rank, world, layout), **tensors)
+                           Dv=v.shape[-1], grid=(L, *q.shape[3:-1]) if kern.ir.grid else None,
+                           rows=chunk_ids(rank, world, layout), **tensors)
     tnames = tuple(n_ for n_, t in tensors.items() if isinstance(t, torch.Tensor))
     rest = {n_: t for n_, t in tensors.items() if n_ not in tnames}
     run = _RingRun(_kernel_pair(kern, scale, L, rest), rank, world, layout, classes,
@@ -878,10 +886,14 @@ def context_parallel(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if kern.ir.route is not None and mode != "ulysses":
         raise ValueError(f"context_parallel: pattern {kern.ir.name!r} routes per call (route: clause) from the "
                          f"whole q and k; use mode='ulysses'")
-    if mode != "ulysses" and (kern.ir.grid or kern.ir.lowrank):
-        what = "a grid pattern" if kern.ir.grid else "a pattern with dot() terms"
+    if mode != "ulysses" and kern.ir.lowrank:
         raise NotImplementedError(f"context_parallel: mode={mode!r} runs the kernel at global position offsets, "
-                                  f"which {what} ({kern.ir.name!r}) does not take yet; use mode='ulysses'")
+                                  f"which a pattern with dot() terms ({kern.ir.name!r}) does not take yet; use "
+                                  f"mode='ulysses'")
+    if mode != "ulysses" and kern.ir.grid and q.dim() != 3 + len(kern.ir.grid):
+        raise ValueError(f"context_parallel: pattern {kern.ir.name!r} has a {len(kern.ir.grid)}-D grid: q, k, v must "
+                         f"be (B, H, {', '.join(a.upper() for a in kern.ir.grid)}, D) with the first grid axis "
+                         f"sharded, got q {tuple(q.shape)}")
     if world == 1 and mode == "ulysses":
         return kern(q, k, v, scale=scale, return_lse=return_lse, **tensors)
     fn = {"ulysses": _ulysses, "allgather": _allgather, "ring": _ring}[mode]

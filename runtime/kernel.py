@@ -30,6 +30,7 @@ from attncc.ir import BLOCK_TENSOR, POS_TENSOR, grid_sizes, size_values, with_bl
 from attncc.layout import (BoxLayout, choose_layout, identity_layout, layout_constexprs,
                            layout_sizes)
 from attncc.passes import KernelPlan, index_tensors
+from attncc import grid_positions as _gp
 from attncc.positions import given as _positions_given, resolve_positions
 
 from . import cache, cpu
@@ -439,8 +440,12 @@ class CompiledAttention:
                 FlashAttention / FlashInfer). ``kv_lens[b] == 0``: output 0, LSE ``-inf``.
                 With any of these five keywords the pattern runs as its twin
                 :func:`attncc.ir.with_positions` (see :meth:`with_positions`); without them
-                the kernel and its code are unchanged. Grid patterns, ``dot()`` terms and
-                ``route:`` clauses refuse them (``NotImplementedError``), as does ``kv_index``.
+                the kernel and its code are unchanged. Grid patterns: q / k / v are shards
+                of the FIRST grid axis ``(B, H, rows, G1[, G2], D)`` (k / v may hold other
+                rows than q), offsets and totals count rows of that axis (not tokens), one
+                total for queries and keys (:mod:`attncc.grid_positions`); ``kv_lens`` and
+                ``block_mask`` are refused there. ``dot()`` terms and ``route:`` clauses
+                refuse them (``NotImplementedError``), as does ``kv_index``.
             decode: ``True``: run the split-KV decode kernel (:mod:`attncc.runtime.decode`:
                 the GQA group's heads packed into one query tile, the key range split across
                 programs, partial states merged by LSE; forward only, any ``Lq``); ``False``:
@@ -469,7 +474,16 @@ class CompiledAttention:
                 raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "
                                           "supported: pass global key indices to kv_index instead")
             kern, pos = self.with_positions(q, k, q_offset=q_offset, kv_offset=kv_offset, kv_lens=kv_lens,
-                                            q_total=q_total, kv_total=kv_total)
+                                            q_total=q_total, kv_total=kv_total, v=v)
+            if self.ir.grid:  # the twin is 1-D on the flattened local tokens (attncc.grid_positions)
+                if block_mask is not None:
+                    raise NotImplementedError("block_mask with q_offset / kv_offset on a grid pattern is not supported")
+                n = len(self.ir.grid)
+                res = kern(*(_gp.flat(x, n) for x in (q, k, v)), scale, return_lse, decode=decode, **tensors,
+                           **{POS_TENSOR: pos})
+                out, lse = res if return_lse else (res, None)
+                out = out.unflatten(2, q.shape[2:2 + n])
+                return (out, lse.unflatten(2, q.shape[2:2 + n])) if return_lse else out
             return kern(q, k, v, scale, return_lse, block_mask, decode=decode, **tensors, **{POS_TENSOR: pos})
         if kv_index is not None:
             return self._gathered(q, k, v, kv_index, scale, return_lse, block_mask, tensors)
@@ -828,7 +842,7 @@ class CompiledAttention:
         return kern, blocks
 
     def with_positions(self, q: torch.Tensor, k: torch.Tensor, q_offset=None, kv_offset=None, kv_lens=None,
-                       q_total=None, kv_total=None) -> tuple:
+                       q_total=None, kv_total=None, v: Optional[torch.Tensor] = None) -> tuple:
         """The kernel a call with position keywords runs, and its positions tensor.
 
         The twin :func:`attncc.ir.with_positions` (``q -> q + q_offset``, ``kv -> kv +
@@ -838,24 +852,33 @@ class CompiledAttention:
         masks and the CPU executor work as for the pattern itself, and causal / windowed
         masks keep their closed-form key ranges (a window visits only its window's tiles).
 
+        Grid patterns (:mod:`attncc.grid_positions`): q / k / v are ``(B, H, rows, G1[, G2],
+        D)`` shards of the first grid axis, offsets and totals count rows of that axis, and
+        the twin is a 1-D kernel on the flattened local tokens (the caller flattens q, k, v;
+        :meth:`__call__` does) with a positions tensor ``(B, 7)``; ``kv_lens`` is refused.
+
         Args:
             q / k: the call's query ``(B, Hq, Lq, D)`` and key ``(B, Hkv, Lk, D)`` (their
-                batch, lengths and device; ``meta`` tensors skip the value checks).
+                batch, lengths and device; ``meta`` tensors skip the value checks; grid
+                patterns: ``(B, H, rows, G1[, G2], D)``).
             q_offset, kv_offset, kv_lens, q_total, kv_total: see :meth:`__call__`.
+            v: optional, the call's value (grid patterns: its shape is checked).
 
         Returns:
             ``(kernel, positions)``: a :class:`CompiledAttention` and the int32 ``(B, 5)``
-            tensor :data:`attncc.ir.POS_TENSOR` (columns :data:`attncc.ir.POS_COLUMNS`).
+            tensor :data:`attncc.ir.POS_TENSOR` (columns :data:`attncc.ir.POS_COLUMNS`;
+            grid patterns ``(B, 7)``, :data:`attncc.grid_positions.GRID_POS_COLUMNS`).
 
         Raises:
-            TypeError / ValueError: see :func:`attncc.positions.resolve_positions`; q / k not
-                4-D tensors.
-            NotImplementedError: grid patterns, ``dot()`` terms, ``route:`` clauses.
+            TypeError / ValueError: see :func:`attncc.positions.resolve_positions` and
+                :func:`attncc.grid_positions.resolve_grid_positions`; q / k not 4-D tensors
+                (grid patterns: not ``3 + axes``-D, or other axes than the first differing).
+            NotImplementedError: ``dot()`` terms, ``route:`` clauses, ``kv_lens`` on a grid.
         """
         for name, x in (("q", q), ("k", k)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 if self.ir.grid:
-                    break  # the twin refuses grid patterns below, naming the keyword
+                    break  # checked by attncc.grid_positions.check_shards below
                 raise ValueError(f"{name} must be a tensor (B, H, L, D) with q_offset / kv_offset / kv_lens, got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         twins = self.__dict__.setdefault("_pos_twins", {})
@@ -866,6 +889,9 @@ class CompiledAttention:
 
             ir = with_positions(self.ir, ragged)
             kern = twins[ragged] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
+        if self.ir.grid:
+            return kern, _gp.resolve_grid_positions(self.ir, q, k, q_offset, kv_offset, kv_lens, q_total, kv_total,
+                                                    Dv=v.shape[-1] if isinstance(v, torch.Tensor) else None)
         pos = resolve_positions(q.shape[0], q.shape[2], k.shape[2], q.device, q_offset, kv_offset, kv_lens,
                                 q_total, kv_total)
         return kern, pos.table
@@ -1363,12 +1389,19 @@ class CompiledAttention:
         Plans with several key intervals bounded by run-time scalars (per-head mixes such as
         DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled); on sm_80 at head dims
         up to 64, block-table plans whose score tensors get gradients drop the 64 x 32 ones.
+        Grid twins (:mod:`attncc.grid_positions`) whose score reads a tensor keep the
+        configs with key tiles of at most 32.
         Block-read plans (and routed patterns, whose calls run one) keep the configs whose
         tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
         else those with key tiles of at most 32 (measured: the per-pair block read spills
         at 64-key tiles, D = 128, sm_90a and sm_80)."""
         cands = tuple(rule(head_dim, arch, dtype))
+        if self.plan.score_tensors and _gp.is_grid_twin(self.ir):
+            # a grid twin reading a tensor at global coordinates (neighborhood_2d_rpb): the per-pair
+            # index arithmetic spills at 64-key tiles (measured, bf16 D = 128: forward 112-240 B on
+            # sm_90a and sm_80, dQ at 128 x 64 56 B on sm_90a); 32-key tiles do not
+            return tuple(c for c in cands if c.block_n <= 32) or cands
         if rule is backward_candidates and self.plan.scalars and len(self.plan.intervals) > 1:
             # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
             # 128 x 64 tiles needs more than 255 registers (measured, sm_90a bf16 D = 128: 8 B spilled)
@@ -1453,6 +1486,9 @@ class CompiledAttention:
                 :meth:`__call__` takes them; tensors on ``device``): the counts of the
                 kernel a call with them runs (:meth:`with_positions`), e.g. which tiles of a
                 (query shard, key shard) pair of a context-parallel split are non-empty.
+                Grid patterns: ``grid`` is the query shard's grid ``(rows, G1[, G2])``,
+                ``Lq`` its token count and ``Lk`` the key shard's (whole rows: a multiple
+                of ``G1 * G2``); offsets and totals in rows of the first grid axis.
             **tensors: the tensors the mask reads (block-table patterns), on any device.
 
         Returns:
@@ -1465,9 +1501,12 @@ class CompiledAttention:
             dev = torch.device(device) if device is not None else next(
                 (x.device for x in (q_offset, kv_offset, kv_lens, q_total, kv_total) if isinstance(x, torch.Tensor)),
                 torch.device("cpu" if cache.interpreting() or not torch.cuda.is_available() else "cuda"))
-            kern, pos = self.with_positions(torch.empty((B, H, Lq, 1), device=dev),
-                                            torch.empty((B, Hkv, Lk, 1), device=dev), q_offset, kv_offset, kv_lens,
-                                            q_total, kv_total)
+            qs, ks = (B, H, Lq, 1), (B, Hkv, Lk, 1)
+            if self.ir.grid:  # grid: the query shard's grid (rows, G1[, G2]); Lk: the key shard's tokens
+                qs, ks = _gp.stat_shapes(self.ir, B, H, Hkv, Lq, Lk, grid)
+                grid = None
+            kern, pos = self.with_positions(torch.empty(qs, device=dev), torch.empty(ks, device=dev), q_offset,
+                                            kv_offset, kv_lens, q_total, kv_total)
             return kern.tile_stats(Lq, Lk, B, H, Hkv, D, Dv, config, dev, per_query_tile, grid, block_mask,
                                    **tensors, **{POS_TENSOR: pos})
         if block_mask is not None:

@@ -61,12 +61,16 @@ CASES = {
     "alibi_h4": ("alibi", {}, 4, 2, {4: [("ulysses", "contiguous")]}),
     "neighborhood_2d_rpb": ("neighborhood_2d_rpb", {"kernel": 3}, 4, 4, {2: [("ulysses", "contiguous")],
                                                                         4: [("ulysses", "zigzag")]}),
+    # a grid pattern with a trained table at global grid coordinates (rows of the first axis
+    # sharded, attncc.grid_positions): ring (empty row-chunk pairs skipped) and allgather
+    "neighborhood_2d_rpb_cp": ("neighborhood_2d_rpb", {"kernel": 3}, 1, 1,
+                               {2: [("ring", "zigzag"), ("allgather", "contiguous")], 4: [("ring", "contiguous")]}),
 }
 
 
 def _shape(case, W):
     """Sequence (or grid) of a case: chunks of 4 tokens (zigzag over W ranks: 2W chunks)."""
-    if case == "neighborhood_2d_rpb":
+    if case.startswith("neighborhood_2d_rpb"):
         return (2 * W, 3)   # Y sharded (zigzag: chunks of one grid row), kernel 3 x 3
     return (8 * W,)
 
@@ -115,13 +119,12 @@ def _errors(W):
     sink = attncc.compile("pattern sw:\n    tensor sink: float32[H]\n    mask: kv <= q\n    sink: sink[h]\n",
                           backend="interpret")
     nb = _kern("neighborhood_2d_rpb")
-    g = torch.randn(1, 2, 4, 4, D)
     return [
         ("heads", lambda: context_parallel(causal, x, x, x, mode="ulysses")),
         ("mode", lambda: context_parallel(causal, x, x, x, mode="tree")),
         ("layout", lambda: context_parallel(causal, x, x, x, mode="ring", layout="striped")),
         ("sink", lambda: context_parallel(sink, x, x, x, mode="ring", sink=torch.zeros(3))),
-        ("grid", lambda: context_parallel(nb, g, g, g, mode="allgather", rpb=torch.zeros(2, 5, 5))),
+        ("grid", lambda: context_parallel(nb, x, x, x, mode="allgather", rpb=torch.zeros(3, 5, 5))),
         ("zigzag_odd", lambda: context_parallel(causal, x[:, :, :3], x[:, :, :3], x[:, :, :3], mode="ring",
                                                 layout="zigzag")),
     ]
@@ -129,7 +132,7 @@ def _errors(W):
 
 #: the group of 2 that runs each case's W = 2 runs: ranks {0, 1} or {2, 3} (both at once)
 _PAIR_OF = {"causal": 0, "sliding_window": 0, "causal_gqa": 0, "document_causal": 1, "alibi": 1, "alibi_h4": 1,
-            "neighborhood_2d_rpb": 1}
+            "neighborhood_2d_rpb": 1, "neighborhood_2d_rpb_cp": 0}
 
 
 def _run_cases(rank, W, group, which, res):
@@ -278,11 +281,14 @@ def test_context_parallel_matches_single_process_and_reference(W, case, mode, la
     if mode == "ring":  # skipped: exactly the chunk pairs the dense mask has no allowed pair in
         from attncc.dense import dense_mask
 
+        from attncc.ir import grid_sizes
+
         pat, params, Hq, Hkv, _ = CASES[case]
         q, k, v, _, _, tens = _inputs(case, W)
-        L = q.shape[2]
+        L = math.prod(q.shape[2:-1])  # tokens (grid: chunks of whole rows are chunks of tokens)
         M = dense_mask(attncc.lower(attncc.pattern_path(pat), **params),
-                       {"B": 1, "H": Hq, "Hkv": Hkv, "Lq": L, "Lk": L, "D": D, "Dv": D},
+                       {"B": 1, "H": Hq, "Hkv": Hkv, "Lq": L, "Lk": L, "D": D, "Dv": D,
+                        **grid_sizes(q.shape[2:-1] if q.dim() > 4 else None)},
                        {n: t.detach() for n, t in tens.items()}, "cpu")
         empty = pair_classes(None, L, W, layout, mask=M).count("empty")
         assert sum(p["skipped"] for p in per_rank) == empty
@@ -336,7 +342,7 @@ def test_bad_calls_refused_on_every_rank(group):
     W, res = group
     want = {"heads": ("ValueError", "not divisible"), "mode": ("ValueError", "mode must be"),
             "layout": ("ValueError", "layout must be"), "sink": ("ValueError", "sink"),
-            "grid": ("NotImplementedError", "grid"), "zigzag_odd": ("ValueError", "even")}
+            "grid": ("ValueError", "2-D grid"), "zigzag_odd": ("ValueError", "even")}
     for r in res:
         for label, (typ, text) in want.items():
             got = r[f"error:{label}"]

@@ -22,6 +22,7 @@ from attncc.dense import nonempty_tiles
 from attncc.runtime import capture
 
 from conftest import max_err
+from test_grid import _natten_window
 
 B, H, HKV, L, D = 2, 4, 2, 40, 16
 R0, R1 = 13, 31  # the query shard
@@ -106,19 +107,28 @@ def test_query_shard_equals_rows_of_the_whole_sequence(name):
     pos = torch.arange(L)
     nv, nv_lse = _naive(name, q[:, :, R0:R1], k, v, tens, pos[R0:R1], pos, L, L)
     ref, ref_lse = attncc.reference(path, q[:, :, R0:R1], k, v, return_lse=True, q_offset=R0, **params, **tens)
-    for want, want_lse in ((full[:, :, R0:R1], full_lse[:, :, R0:R1]), (nv, nv_lse), (ref, ref_lse)):
+    _assert_rows_of_whole((out, lse), (full, full_lse), (nv, nv_lse), (ref, ref_lse), R0, R1,
+                          [q, k, v, *[x for x in tens.values() if x.requires_grad]])
+
+
+def _assert_rows_of_whole(got, whole, naive, ref, r0, r1, inputs):
+    """A query shard's ``(out, lse)`` equals rows ``[r0, r1)`` (dim 2) of the whole's, the naive
+    and the reference (LSE ``-inf`` in the same rows); its gradients (``inputs``) under a random
+    output gradient equal the whole's with that gradient on those rows, and the naive's."""
+    out, lse = got
+    full = whole[0]
+    for want, want_lse in ((full[:, :, r0:r1], whole[1][:, :, r0:r1]), naive, ref):
         assert max_err(out, want) < 2e-5
         assert torch.equal(lse.isinf(), want_lse.isinf())
         assert max_err(lse.nan_to_num(0, 0, 0), want_lse.nan_to_num(0, 0, 0)) < 2e-5
-    # gradients: the shard's loss == the whole sequence's loss on those rows
+    # gradients: the shard's loss == the whole's loss on those rows
     gout = torch.randn_like(out)
-    inputs = [q, k, v, *[x for x in tens.values() if x.requires_grad]]
-    got = torch.autograd.grad((out * gout).sum(), inputs)
+    grads = torch.autograd.grad((out * gout).sum(), inputs)
     gfull = torch.zeros_like(full)
-    gfull[:, :, R0:R1] = gout
+    gfull[:, :, r0:r1] = gout
     want = torch.autograd.grad((full * gfull).sum(), inputs)
-    indep = torch.autograd.grad((nv * gout).sum(), inputs)
-    for a, b, c in zip(got, want, indep):
+    indep = torch.autograd.grad((naive[0] * gout).sum(), inputs)
+    for a, b, c in zip(grads, want, indep):
         assert max_err(a, b) < 1e-4 and max_err(a, c) < 1e-4
 
 
@@ -332,13 +342,181 @@ def test_bad_keywords_fail_before_launch(kw, exc, msg):
         attncc.reference(attncc.pattern_path("causal"), q, k, v, **kw)
 
 
-def test_grid_patterns_refuse_positions():
-    """Grid patterns: NotImplementedError naming the keywords (token offsets on an N-D grid
-    are not supported)."""
-    kern = attncc.compile(attncc.pattern_path("neighborhood_2d"))
-    x = torch.randn(1, 2, 6, 6, 16)
-    with pytest.raises(NotImplementedError, match="q_offset"):
-        kern(x, x, x, q_offset=6)
+# ----------------------------------------------------------------------------- grid patterns
+#: grid pattern -> (params, whole grid): shards of the FIRST grid axis (offsets in its rows)
+GRID_CASES = {
+    "neighborhood_2d_rpb": (dict(kernel=3), (7, 4)),
+    "swin_window": (dict(P=2), (6, 4)),
+    "video_causal_neighborhood_3d": (dict(kernel_t=2, kernel=3), (5, 3, 3)),
+}
+GR0, GR1 = 2, 5  # the query shard: rows [GR0, GR1) of the first grid axis
+
+
+def _grid_allowed(name, params, qc, kc, grid):
+    """bool (Lq, Lk): pattern ``name`` on global grid coordinates ``qc`` (Lq, n) / ``kc`` (Lk, n),
+    written from NATTEN's window rule (tests/test_grid.py) and Swin's windows, not from the IR."""
+    n = len(grid)
+    if name == "swin_window":
+        P = params["P"]
+        return ((qc[:, None, :] // P) == (kc[None, :, :] // P)).all(-1)
+    causal = [name == "video_causal_neighborhood_3d"] + [False] * (n - 1)
+    kern = [params["kernel"]] * n
+    if causal[0]:
+        kern[0] = params["kernel_t"]
+    ok = torch.ones(len(qc), len(kc), dtype=torch.bool)
+    for a in range(n):
+        wins = [_natten_window(i, grid[a], kern[a], 1, 1, causal[a]) for i in range(grid[a])]
+        ok &= torch.tensor([[int(y) in wins[int(x)] for y in kc[:, a]] for x in qc[:, a]], dtype=torch.bool)
+    return ok
+
+
+def _grid_coords(rows, rest):
+    """Global coordinates (tokens, n) of whole rows ``rows`` of a grid whose other axes are ``rest``."""
+    return torch.cartesian_prod(torch.as_tensor(list(rows)), *[torch.arange(r) for r in rest]).view(-1, 1 + len(rest))
+
+
+def _grid_naive(name, params, q, k, v, q_rows, k_rows, grid, rpb=None):
+    """Plain torch attention of query rows ``q_rows`` and key rows ``k_rows`` (of the first grid
+    axis) at their global coordinates on ``grid``: float64 softmax, NAT's relative-position bias
+    rpb[h, dy + k - 1, dx + k - 1]; empty rows 0 / -inf. Returns out (B, H, *q grid, D), lse."""
+    n = len(grid)
+    qc, kc = _grid_coords(q_rows, grid[1:]), _grid_coords(k_rows, grid[1:])
+    allowed = _grid_allowed(name, params, qc, kc, grid)
+    g = q.shape[1] // k.shape[1]  # GQA
+    qf, kf, vf = (x.flatten(2, 1 + n).double().repeat_interleave(r, 1) for x, r in ((q, 1), (k, g), (v, g)))
+    sc = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if rpb is not None:
+        c = params["kernel"] - 1
+        d = kc[None, :, :] - qc[:, None, :] + c
+        sc = sc + rpb.double()[:, d[..., 0].clamp(0, 2 * c), d[..., 1].clamp(0, 2 * c)][None]
+    sc = sc.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(sc, -1)
+    p = torch.exp(sc - torch.where(lse.isinf(), 0, lse)[..., None])
+    return (p @ vf).to(q.dtype).unflatten(2, q.shape[2:-1]), lse.float().unflatten(2, q.shape[2:-1])
+
+
+def _grid_inputs(name, grad=False, seed=0):
+    """params, grid, q, k, v (one batch row, 2 query heads sharing 1 KV head: GQA) and rpb."""
+    params, grid = GRID_CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, *grid, D, generator=g).requires_grad_(grad) for h in (2, 1, 1))
+    tens = {"rpb": torch.randn(2, 5, 5, generator=g).requires_grad_(grad)} if name == "neighborhood_2d_rpb" else {}
+    return params, grid, q, k, v, tens
+
+
+@pytest.mark.parametrize("name", list(GRID_CASES))
+def test_grid_query_shard_equals_rows_of_the_whole_grid(name):
+    """q_offset on a grid pattern (rows of the first axis): the kernel on query rows [GR0, GR1)
+    against the whole key grid equals those rows of the whole grid's result (kernel), the
+    reference with the same keywords and a plain torch softmax written from NATTEN's window rule
+    / Swin's windows at global coordinates (windows shifted inward at the GLOBAL borders); LSE
+    too; q / k / v and rpb gradients equal the whole grid's with the loss on those rows."""
+    path = attncc.pattern_path(name)
+    params, grid, q, k, v, tens = _grid_inputs(name, grad=True)
+    kern = attncc.compile(path, **params)
+    out, lse = kern(q[:, :, GR0:GR1], k, v, return_lse=True, q_offset=GR0, **tens)
+    assert out.shape == (1, 2, GR1 - GR0, *grid[1:], D) and lse.shape == out.shape[:-1]
+    full, full_lse = kern(q, k, v, return_lse=True, **tens)
+    nv, nv_lse = _grid_naive(name, params, q[:, :, GR0:GR1], k, v, range(GR0, GR1), range(grid[0]), grid,
+                             tens.get("rpb"))
+    ref, ref_lse = attncc.reference(path, q[:, :, GR0:GR1], k, v, return_lse=True, q_offset=GR0, **params, **tens)
+    _assert_rows_of_whole((out, lse), (full, full_lse), (nv, nv_lse), (ref, ref_lse), GR0, GR1,
+                          [q, k, v, *tens.values()])
+
+
+@pytest.mark.parametrize("name", ["neighborhood_2d_rpb", "video_causal_neighborhood_3d"])
+def test_grid_key_shards_merge_to_the_whole_grid(name):
+    """kv_offset / q_total on a grid (context parallelism over image rows / video frames): a
+    query shard against two key shards of rows, merged by their LSEs, equals those rows of the
+    whole grid; each part equals the reference and the NATTEN-rule softmax (a part whose rows
+    are all outside the window: 0 and LSE -inf, no NaN)."""
+    path = attncc.pattern_path(name)
+    params, grid, q, k, v, tens = _grid_inputs(name, seed=1)
+    kern = attncc.compile(path, **params)
+    Y, cut = grid[0], 1
+    qs = q[:, :, GR0:GR1]
+    parts = []
+    for lo, hi in ((0, cut), (cut, Y)):
+        kw = dict(q_offset=GR0, kv_offset=lo, q_total=Y)  # kv_total: the same first axis
+        o, s_ = kern(qs, k[:, :, lo:hi], v[:, :, lo:hi], return_lse=True, **kw, **tens)
+        ro, rs = attncc.reference(path, qs, k[:, :, lo:hi], v[:, :, lo:hi], return_lse=True, **kw, **params, **tens)
+        no, ns = _grid_naive(name, params, qs, k[:, :, lo:hi], v[:, :, lo:hi], range(GR0, GR1), range(lo, hi), grid,
+                             tens.get("rpb"))
+        assert not o.isnan().any() and not s_.isnan().any()
+        assert max_err(o, ro) < 2e-5 and max_err(o, no) < 2e-5
+        assert torch.equal(s_.isinf(), ns.isinf()) and torch.equal(rs.isinf(), ns.isinf())
+        assert max_err(s_.nan_to_num(0, 0, 0), ns.nan_to_num(0, 0, 0)) < 2e-5
+        parts.append((o, s_))
+    assert parts[0][1].isinf().any()  # query rows whose window misses row 0: empty there
+    out, lse = attncc.merge_state(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    full, full_lse = kern(q, k, v, return_lse=True, **tens)
+    assert max_err(out, full[:, :, GR0:GR1]) < 2e-5
+    assert max_err(lse, full_lse[:, :, GR0:GR1]) < 2e-5
+
+
+@pytest.mark.parametrize("name,params,grid,qr,kr", [
+    ("neighborhood_2d", dict(kernel=3), (16, 8), (4, 8), (2, 12)),
+    ("neighborhood_2d", dict(kernel=3), (16, 8), (0, 4), (8, 16)),   # a shard pair with no allowed pair
+    ("swin_window", dict(P=4), (16, 8), (4, 12), (0, 16)),
+    ("video_causal_neighborhood_3d", dict(kernel_t=2, kernel=3), (8, 4, 4), (4, 6), (0, 8)),
+])
+def test_grid_visited_tiles_are_the_nonempty_tiles(name, params, grid, qr, kr):
+    """tile_stats of a grid shard pair (the twin's own iteration: its block table at global
+    coordinates) visits exactly the (query tile, key tile) pairs of the flattened local tokens
+    where the NATTEN / Swin rule written here allows a pair; an empty pair visits none."""
+    kern = attncc.compile(attncc.pattern_path(name), **params)
+    w = math.prod(grid[1:])
+    kw = dict(q_offset=qr[0], kv_offset=kr[0], q_total=grid[0])
+    st = kern.tile_stats((qr[1] - qr[0]) * w, (kr[1] - kr[0]) * w, grid=(qr[1] - qr[0], *grid[1:]), **kw)
+    m = _grid_allowed(name, params, _grid_coords(range(*qr), grid[1:]), _grid_coords(range(*kr), grid[1:]), grid)
+    assert st["visited"] == nonempty_tiles(m[None, None], st["block_m"], st["block_n"])
+    assert (st["visited"] == 0) == (not m.any())
+
+
+GRID_BAD = [
+    (dict(kv_lens=torch.tensor([3, 3], dtype=torch.int32)), NotImplementedError, "kv_lens: pattern"),
+    (dict(q_offset=1, q_total=7, kv_total=8), ValueError, r"q_total\[0\] = 7 and kv_total\[0\] = 8 differ"),
+    (dict(q_offset=2, q_total=3), ValueError, "q_total"),                 # below q_offset + rows
+    (dict(q_offset=-1), ValueError, r"q_offset\[0\] = -1"),
+    (dict(q_offset=0, q_total=2), ValueError, "global grid"),             # 3 x 3 window on 2 rows
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", GRID_BAD)
+def test_grid_bad_keywords_fail_before_launch(kw, exc, msg):
+    """Grid patterns: ragged kv_lens refused, q_total != kv_total, totals below the shard,
+    negative offsets and a neighborhood larger than the GLOBAL first axis: a clear error naming
+    the keyword before any launch, kernel and reference alike; k whose other axes differ from
+    q's, a 4-D q, and block_mask too."""
+    path = attncc.pattern_path("neighborhood_2d")
+    kern = attncc.compile(path, kernel=3)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, 2, 2, 5, D, generator=g) for _ in range(3))
+    with capture() as launches:
+        with pytest.raises(exc, match=msg):
+            kern(q, k, v, **kw)
+        with pytest.raises(exc, match=msg):
+            attncc.reference(path, q, k, v, kernel=3, **kw)
+        with pytest.raises(ValueError, match="every axis but the first"):
+            kern(q, k[..., :4, :], v[..., :4, :], q_offset=1)
+        with pytest.raises(ValueError, match="2-D grid"):
+            kern(q.flatten(2, 3), k, v, q_offset=1)
+        with pytest.raises(NotImplementedError, match="block_mask"):
+            kern(q, k, v, q_offset=1, block_mask=attncc.BlockSparse.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                                                                               16))
+    assert launches == []
+
+
+def test_grid_shard_too_large_for_exact_coordinate_reads():
+    """A grid shard of more than 2**18 tokens whose score reads rpb at coordinates: refused
+    before any launch (the reads' index arithmetic would no longer be exact), naming the limit."""
+    from attncc.grid_positions import EXACT_READ_TOKENS
+
+    kern = attncc.compile(attncc.pattern_path("neighborhood_2d_rpb"), kernel=3)
+    x = torch.zeros(1, 2, EXACT_READ_TOKENS // 256 + 1, 256, 1)
+    with capture() as launches, pytest.raises(ValueError, match=f"more than {EXACT_READ_TOKENS} tokens"):
+        kern(x, x, x, q_offset=0, rpb=torch.zeros(2, 5, 5))
+    assert launches == []
 
 
 def test_torch_compile_through_the_op():

@@ -431,7 +431,7 @@ def _listed(kv_index, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, device) -> to
 
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
               return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
-              kv_lens=None, q_total=None, kv_total=None, **params_and_tensors):
+              kv_lens=None, q_total=None, kv_total=None, block_table=None, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
 
     Args:
@@ -458,6 +458,11 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
             ``kv_offset + kv_lens[b] - Lq``). Spec tensors indexed by ``q`` / ``kv`` hold the
             whole sequence. Not with grid patterns, ``dot()`` terms or ``route:`` clauses
             (``NotImplementedError``).
+        block_table: int32 ``(B, max_pages)``: ``k`` / ``v`` are a paged KV cache
+            ``(num_pages, page_size, Hkv, D)`` / ``(..., Dv)`` and ``kv_lens`` is required
+            (checked as the kernel checks them, :func:`attncc.runtime.paged.check_paged`); the
+            cache is gathered (:func:`attncc.runtime.paged.gather_cache`, slots past
+            ``kv_lens`` zero: never read) and attended as a contiguous cache with ``kv_lens``.
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -475,6 +480,11 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     from .checks import flatten_grid
     from .ir import lower
 
+    if block_table is not None:  # a paged KV cache: gathered, then the contiguous cache with kv_lens
+        from attncc.runtime.paged import check_paged, gather_cache
+
+        check_paged(q, k, v, block_table, kv_lens)
+        k, v = gather_cache(k, v, block_table, kv_lens)
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
     if given(q_offset, kv_offset, kv_lens, q_total, kv_total):  # the twin at global positions

@@ -123,18 +123,26 @@ def check_paged(q: torch.Tensor, k_cache, v_cache, block_table, kv_lens) -> Page
     return PagedCache(P, S, Hkv, D, v_cache.shape[3], bt.shape[1])
 
 
-def gather_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor) -> tuple:
+def gather_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                 kv_lens: Optional[torch.Tensor] = None) -> tuple:
     """The contiguous caches a page table describes: ``(k, v)`` of shapes ``(B, Hkv,
     max_pages * page_size, D)`` / ``(..., Dv)``, key ``j`` of row ``b`` from slot ``j %
     page_size`` of page ``block_table[b, j // page_size]`` (page indices outside ``[0,
-    num_pages)`` read page 0: such slots are past ``kv_lens`` in a checked call)."""
-    P = k_cache.shape[0]
+    num_pages)`` read page 0: such slots are past ``kv_lens`` in a checked call). With
+    ``kv_lens`` (int ``(B,)``), keys ``j >= kv_lens[b]`` are 0 (the kernels never read those
+    slots, which may hold anything, NaN included)."""
+    P, S = k_cache.shape[:2]
     bt = block_table.long()
     bt = torch.where((bt >= 0) & (bt < P), bt, torch.zeros_like(bt))
+    keep = None
+    if kv_lens is not None:
+        keep = (torch.arange(bt.shape[1] * S, device=bt.device)[None, :] < kv_lens.to(bt.device)[:, None].long())
 
     def one(c):
-        g = c[bt]  # (B, max_pages, page_size, Hkv, D)
-        return g.flatten(1, 2).transpose(1, 2)
+        g = c[bt].flatten(1, 2)  # (B, max_pages * page_size, Hkv, D)
+        if keep is not None:
+            g = torch.where(keep[:, :, None, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+        return g.transpose(1, 2)
 
     return one(k_cache), one(v_cache)
 
@@ -196,7 +204,7 @@ def paged_attention(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     kf = torch.empty((), dtype=q.dtype, device=q.device).expand(B, pc.Hkv, pc.capacity, pc.D)
     vf = torch.empty((), dtype=q.dtype, device=q.device).expand(B, pc.Hkv, pc.capacity, pc.Dv)
     if kern._torch_cpu(q.device):  # the torch executor: the gathered cache, the contiguous call
-        k, v = gather_cache(k_cache, v_cache, block_table)
+        k, v = gather_cache(k_cache, v_cache, block_table, kv_lens)
         return kern(q, k, v, scale=scale, return_lse=return_lse, kv_lens=kv_lens, q_offset=q_offset,
                     kv_offset=kv_offset, q_total=q_total, kv_total=kv_total, decode=False, **tensors)
     from attncc.ir import POS_TENSOR

@@ -251,7 +251,7 @@ def example_positions(kind: str, B: int, L: int) -> dict:
 
     if kind == "offset":
         return dict(q_offset=3 * L, kv_offset=2 * L, q_total=4 * L, kv_total=4 * L)
-    if kind == "ragged":
+    if kind == "ragged" or kind.startswith("paged"):  # paged<N>: the ragged lengths in a paged cache
         return dict(kv_lens=torch.arange(L - 7 * B + 7, L + 1, 7, dtype=torch.int32)[-B:])
     raise KeyError(f"unknown positions {kind!r} (known: offset, ragged)")
 
@@ -284,19 +284,34 @@ def capture_family(kern, family: str, dtype: str, head_dim: int, positions: str 
     pos = example_positions(positions, s["B"], _example_rows(kern.ir)) if positions else {}
     q, k, v, tensors, sizes = example_call(kern, dtype, head_dim, requires_grad=family == "bwd",
                                            total=pos.get("kv_total", s["L"]) if pos else None, lq=lq)
+    if positions.startswith("paged"):  # "paged<page size>" (default 16): a paged KV cache, forward only
+        if family not in ("fwd", "decode"):
+            return []
+        page = int(positions[5:] or 16)
+        n = -(-s["L"] // page)
+        bt = torch.randperm(s["B"] * n, generator=torch.Generator().manual_seed(0)).view(s["B"], n).to(torch.int32)
+        k = k.new_zeros(s["B"] * n, page, k.shape[1], k.shape[3])
+        v = v.new_zeros(s["B"] * n, page, v.shape[1], v.shape[3])
+        pos = dict(pos, block_table=bt)
     with capture() as rec:
         if family == "decode":  # two splits: the merge kernel is launched too
             from attncc.runtime.decode import decode_attention
 
             with torch.no_grad():
-                decode_attention(kern, q, k, v, num_splits=2, **tensors, **pos)
+                if "block_table" in pos:
+                    from attncc.runtime.paged import paged_attention
+
+                    paged_attention(kern, q, k, v, pos.pop("block_table"), pos.pop("kv_lens"), decode=True,
+                                    num_splits=2, **tensors, **pos)
+                else:
+                    decode_attention(kern, q, k, v, num_splits=2, **tensors, **pos)
         elif family == "count":
             kern.tile_stats(sizes["Lq"], sizes["Lk"], B=sizes["B"], H=sizes["H"], Hkv=sizes["Hkv"], D=head_dim,
                             grid=[sizes[f"G{i}"] for i in range(len(kern.ir.grid))] or None, device="cpu",
                             **{n: tensors[n] for n in kern.plan.mask_tensors}, **pos)
         elif family == "fwd":
             with torch.no_grad():
-                kern(q, k, v, **tensors, **pos)
+                kern(q, k, v, **tensors, **pos, **({"decode": False} if "block_table" in pos else {}))
         else:
             out = kern(q, k, v, **tensors, **pos)
             out.backward(torch.ones_like(out))
@@ -457,7 +472,8 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
             for dt in dtypes:
                 for fam in families:
                     if fam == "fwd":
-                        cands = configs or [str(c) for c in kern.launch_candidates(forward_candidates, hd, arch, dt)]
+                        cands = configs or [str(c) for c in kern.launch_candidates(forward_candidates, hd, arch, dt)
+                                            if not (positions.startswith("paged") and (c.tma or c.ws))]
                     elif fam == "bwd":
                         cands = bwd_configs or configs or [
                             str(c) for c in kern.launch_candidates(backward_candidates, hd, arch, dt)]

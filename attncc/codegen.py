@@ -466,8 +466,12 @@ def _kernel_forms(plan: KernelPlan) -> tuple:
     return names, mask, score
 
 
-def render_forward(plan: KernelPlan, version: str = "") -> str:
+def render_forward(plan: KernelPlan, version: str = "", paged: bool = False) -> str:
     """Render the forward kernel module for ``plan``.
+
+    ``paged``: the forward and decode kernels read K / V through a page table (a paged KV
+    cache, see :mod:`attncc.runtime.paged` and ``templates/paged.j2``); off, the module is the
+    one rendered without the paged feature (byte-identical).
 
     Returns:
         Python source defining ``attn_fwd`` (the FlashAttention-style forward
@@ -525,6 +529,7 @@ def render_forward(plan: KernelPlan, version: str = "") -> str:
         range_lines = list(pr.lines)
     ctx = _box_context(plan if box else None, names)
     ctx.update(_lowrank_context(bool(ir.lowrank)))
+    ctx.update(_paged_context(paged))
     # the decode kernel (decode.py.j2) packs the query heads of a KV head into one tile: key
     # ranges that depend on the head are computed per head and united
     ctx.update(decode_heads=any(I.h in sp.sympify(x).free_symbols for iv in plan.intervals
@@ -588,6 +593,20 @@ def _lowrank_context(on: bool) -> dict:
         # kernel arguments: factors, their gradients (backward), strides, rank
         LRA="LU, LW, DLU, DLW, stride_ub, stride_uh, stride_um, stride_ur, "
             "stride_wb, stride_wh, stride_wn, stride_wr, R, ",
+    )
+
+
+def _paged_context(on: bool) -> dict:
+    """Template variables of paged KV caches (see ``templates/paged.j2``): argument lists that
+    are empty when not paged, so unpaged kernels are unchanged."""
+    names = ("PG", "PGX", "PGXC", "PGA")
+    if not on:
+        return dict(paged=False, **{n: "" for n in names})
+    return dict(
+        paged=True,
+        PG="bt_row, stride_kp, stride_vp, ",  # tile functions: page table row, page strides
+        PGX=" PAGE: tl.constexpr,", PGXC=", PAGE=PAGE",
+        PGA=" BT, KVL, stride_btb,",  # kernel arguments: page table, kv_lens, page table row stride
     )
 
 

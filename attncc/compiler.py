@@ -180,22 +180,27 @@ def _compile(spec, pattern, block_m, block_n, num_warps, num_stages, determinist
     return build(kp, config, deterministic, backend)
 
 
-def build(kp: KernelPlan, config=None, deterministic: bool = True, backend: str | None = None):
+def build(kp: KernelPlan, config=None, deterministic: bool = True, backend: str | None = None,
+          paged: bool = False):
     """The :class:`attncc.runtime.CompiledAttention` of a plan: its kernel module rendered (or
     loaded from the disk cache, keyed by the IR, the templates and the versions).
 
     Args:
         config / deterministic / backend: as :func:`compile` (``config``: a fixed
             :class:`attncc.runtime.Config` or ``None``).
+        paged: render the paged-KV-cache kernels (see :mod:`attncc.runtime.paged`); the
+            result's ``paged`` attribute is then True.
     """
     from attncc.runtime import CompiledAttention
     from attncc.runtime import cache
 
     tmpl = "\0".join(codegen.template_text(t) for t in codegen.template_names())  # every template file
     versions = (VERSION, compiler_fingerprint(), triton.__version__, torch.__version__, sympy.__version__)
-    key = cache.digest(kp.ir.key(), tmpl, *versions)
-    path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION))
-    return CompiledAttention(kp, source, path, key, config, deterministic=deterministic, backend=backend)
+    key = cache.digest(kp.ir.key(), tmpl, *versions, *(("paged",) if paged else ()))
+    path, source, _ = cache.load_or_build(key, lambda: codegen.render_forward(kp, VERSION, paged=paged))
+    kern = CompiledAttention(kp, source, path, key, config, deterministic=deterministic, backend=backend)
+    kern.paged = paged
+    return kern
 
 
 def plan_ir(ir) -> KernelPlan:

@@ -431,7 +431,7 @@ def _listed(kv_index, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, device) -> to
 
 def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = None,
               return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
-              kv_lens=None, q_total=None, kv_total=None, **params_and_tensors):
+              kv_lens=None, q_total=None, kv_total=None, block_table=None, **params_and_tensors):
     """Dense materialised attention: the definition of a pattern's meaning.
 
     Args:
@@ -459,6 +459,11 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
             whole sequence. Grid patterns: shards of the first grid axis, offsets and totals
             in its rows (:mod:`attncc.grid_positions`; not ``kv_lens`` or ``block_mask``).
             Not with ``dot()`` terms or ``route:`` clauses (``NotImplementedError``).
+        block_table: int32 ``(B, max_pages)``: ``k`` / ``v`` are a paged KV cache
+            ``(num_pages, page_size, Hkv, D)`` / ``(..., Dv)`` and ``kv_lens`` is required
+            (checked as the kernel checks them, :func:`attncc.runtime.paged.check_paged`); the
+            cache is gathered (:func:`attncc.runtime.paged.gather_cache`, slots past
+            ``kv_lens`` zero: never read) and attended as a contiguous cache with ``kv_lens``.
         **params_and_tensors: param values (compile-time in the kernels) and the
             spec's tensors, by name.
 
@@ -476,6 +481,11 @@ def reference(spec, q, k, v, pattern: str | None = None, scale: float | None = N
     from .checks import flatten_grid
     from .ir import lower
 
+    if block_table is not None:  # a paged KV cache: gathered, then the contiguous cache with kv_lens
+        from attncc.runtime.paged import check_paged, gather_cache
+
+        check_paged(q, k, v, block_table, kv_lens)
+        k, v = gather_cache(k, v, block_table, kv_lens)
     params, tensors = split_kwargs(spec, pattern, params_and_tensors)
     ir = lower(spec, pattern, **params)
     grid_shape = q.shape[2:-1] if isinstance(q, torch.Tensor) else None  # the output's (query) grid

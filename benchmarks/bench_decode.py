@@ -13,8 +13,8 @@ fraction of the device's bandwidth (measured: a device-to-device copy, read + wr
 physical limit of decode. Outputs are checked against each other first (attncc vs SDPA).
 
 ``--page 16,64``: paged caches ``(num_pages, page, Hkv, D)`` read through a page table
-(issue 16, section 2). attncc's paged path is not on this branch yet: those rows print
-``n/a`` for attncc (the column stays so that the table has its final shape).
+(issue 16, section 2): attncc's paged decode (:mod:`attncc.runtime.paged`, a shuffled page
+table, ``kv_lens`` = the cache length); flex / sdpa columns stay empty on paged rows.
 
     python benchmarks/bench_decode.py                     # on a GPU: the full grid, results file
     python benchmarks/bench_decode.py --batch 8 --cache 32768 --patterns window
@@ -142,7 +142,7 @@ def run(args) -> str:
     for pat in args.patterns:
         for B in ([b for b in args.batch if b <= 2] or [1] if dry else args.batch):
             for Lk in ([64] if dry else args.cache):
-                for page in ([0] if dry else args.page):
+                for page in ([0, 16] if dry else args.page):
                     need = 2 * B * Hkv * Lk * D * (2 if dtype != torch.float32 else 4) / 2 ** 30
                     if need > args.max_gib:
                         rows.append(f"| {pat} | {B} | {Lk} | {page or '-'} | skipped: {need:.0f} GiB of cache > "
@@ -168,8 +168,24 @@ def run(args) -> str:
                         err = (fns[name]().float() - ref).abs().max().item()
                         assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (pat, B, Lk, name, err)
                     cells = []
-                    if page:
-                        cells += ["n/a (paged: not on this branch)", "", ""]
+                    if page:  # the same keys in a shuffled paged cache (num_pages, page, Hkv, D)
+                        n = -(-Lk // page)
+                        perm = torch.randperm(B * n, generator=torch.Generator().manual_seed(0)).to(device)
+                        bt = perm.view(B, n).to(torch.int32)
+                        kc = k.new_zeros(B * n, page, Hkv, D)
+                        vc = v.new_zeros(B * n, page, Hkv, D)
+                        pad = n * page - Lk
+                        kp = F.pad(k, (0, 0, 0, pad)).transpose(1, 2).reshape(B * n, page, Hkv, D)
+                        vp = F.pad(v, (0, 0, 0, pad)).transpose(1, 2).reshape(B * n, page, Hkv, D)
+                        kc[perm], vc[perm] = kp, vp
+                        lens = torch.full((B,), Lk, dtype=torch.int32, device=device)
+                        tens = {"slope": slopes(Hq, device)} if pat == "alibi" else {}
+                        paged = lambda: kern(q, kc, vc, block_table=bt, kv_lens=lens, **tens)  # noqa: E731
+                        err = (paged().float() - fns["attncc"]().float()).abs().max().item()
+                        assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (pat, B, Lk, page, err)
+                        ms = time_ms(paged, dry)
+                        gbs = kv_bytes / ms / 1e6
+                        cells += [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / bw:.0%}" if bw else "-"]
                     else:
                         ms = time_ms(fns["attncc"], dry)
                         gbs = kv_bytes / ms / 1e6

@@ -325,8 +325,12 @@ def _visited_estimate(kern, sizes: dict, block_n: int, device, n_n: int) -> int:
     return int(visit.sum(-1).max())
 
 
-def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowrank: list) -> tuple:
+def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowrank: list,
+                  paged: Optional[tuple] = None) -> tuple:
     """Launch ``attn_decode`` (and ``decode_merge`` when ``dp.splits > 1``) for a checked call.
+    ``paged``: ``(block_table, kv_lens, page_size)`` of a paged KV cache (``k`` / ``v`` the
+    caches ``(num_pages, page_size, Hkv, D)``, ``kern`` rendered paged; see
+    :mod:`attncc.runtime.paged`).
 
     Returns:
         ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q.dtype`` and ``(B, Hq, Lq)`` float32.
@@ -358,10 +362,19 @@ def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowr
     else:
         tables, _ = kern._tables(sizes, {}, cfg, dev)
         tstrides = (0, 0, 0, 0)
+    consts = dict(dp.consts)
+    kstr, vstr = k.stride(), v.stride()
+    if paged is not None:
+        from .paged import page_strides
+
+        kstr, vstr = page_strides(k), page_strides(v)
+        consts["PAGE"] = paged[2]
     args = [q, k, v, op, lp, *_tensor_args(targs), *_lowrank_args(lowrank), *tables,
-            *q.stride(), *k.stride(), *v.stride(), *pstr, *lstr, *tstrides,
+            *q.stride(), *kstr, *vstr, *pstr, *lstr, *tstrides,
             *_kernel_sizes(sizes, identity_layout(None)), scale, dp.gp, S]
-    launches = [Launch("attn_decode", dp.grid, args, dict(dp.consts))]
+    if paged is not None:
+        args += [paged[0], paged[1], paged[0].stride(0)]
+    launches = [Launch("attn_decode", dp.grid, args, consts)]
     if S > 1:
         rows = B * Hq * Lq
         launches.append(Launch("decode_merge", (-(-rows // MERGE_ROWS),), [

@@ -403,7 +403,8 @@ class CompiledAttention:
     # ------------------------------------------------------------------ calling
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                  return_lse: bool = False, block_mask=None, kv_index=None, q_offset=None, kv_offset=None,
-                 kv_lens=None, q_total=None, kv_total=None, decode: Optional[bool] = None, **tensors):
+                 kv_lens=None, q_total=None, kv_total=None, decode: Optional[bool] = None, block_table=None,
+                 **tensors):
         """Run the kernel.
 
         Args:
@@ -452,6 +453,11 @@ class CompiledAttention:
                 never; ``None`` (default): when ``Lq <= 16``, nothing requires grad and the
                 Triton kernels run (CUDA, or ``backend="interpret"``). The result is the
                 forward's either way.
+            block_table: int32 ``(B, max_pages)``: ``k`` / ``v`` are a paged KV cache
+                ``(num_pages, page_size, Hkv, D)`` / ``(..., Dv)`` (vLLM / FlashAttention
+                layout) and ``kv_lens`` is required: logical key ``j`` of batch row ``b`` is
+                slot ``j % page_size`` of page ``block_table[b, j // page_size]``; forward only
+                (prefill and decode kernels; :mod:`attncc.runtime.paged`).
             **tensors: the spec's ``tensor`` inputs by name, shaped as declared.
 
         Returns:
@@ -469,6 +475,13 @@ class CompiledAttention:
         Gradients flow to ``q``, ``k``, ``v`` and every float spec tensor the score
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
+        if block_table is not None:  # a paged KV cache
+            if kv_index is not None or block_mask is not None:
+                raise NotImplementedError("block_table (paged KV cache) with kv_index / block_mask is not supported")
+            from .paged import paged_attention
+
+            return paged_attention(self, q, k, v, block_table, kv_lens, scale, return_lse, decode, None, q_offset,
+                                   kv_offset, q_total, kv_total, **tensors)
         if _positions_given(q_offset, kv_offset, kv_lens, q_total, kv_total):
             if kv_index is not None:
                 raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "

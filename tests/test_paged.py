@@ -1,0 +1,205 @@
+"""Paged KV caches (issue 16 section 2, attncc.runtime.paged): kern(q, k_cache, v_cache,
+block_table=, kv_lens=) in the decode (Lq <= 16) and forward (prefill) kernels under the
+interpreter, against the dense reference on the gathered cache, the contiguous-cache call with
+kv_lens, a pure-torch gather + SDPA, and FlexAttention's PagedAttention in eager mode on CPU."""
+
+import math
+
+import pytest
+import torch
+
+import attncc
+from attncc.runtime.paged import gather_cache
+
+B, HQ, HKV, D = 3, 4, 2, 32
+
+
+def _cache(page_size, lens, num_pages=None, seed=0, Lq=1, dtype=torch.float32):
+    """q, a shuffled paged cache holding each row's lens[b] keys (unused page-table entries -1,
+    unused slots NaN: never read), the page table and kv_lens."""
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(1, max(-(-n // page_size) for n in lens))
+    need = sum(-(-n // page_size) for n in lens)
+    P = num_pages or need + 2
+    kc = torch.full((P, page_size, HKV, D), float("nan"), dtype=dtype)
+    vc = torch.full((P, page_size, HKV, D), float("nan"), dtype=dtype)
+    perm = torch.randperm(P, generator=g)
+    bt = torch.full((len(lens), max_pages), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        for j in range(-(-n // page_size)):
+            bt[b, j] = perm[used]
+            used += 1
+        for j in range(n):
+            p, s = int(bt[b, j // page_size]), j % page_size
+            kc[p, s] = torch.randn(HKV, D, generator=g).to(dtype)
+            vc[p, s] = torch.randn(HKV, D, generator=g).to(dtype)
+    q = torch.randn(len(lens), HQ, Lq, D, generator=g).to(dtype)
+    return q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def _spec(name):
+    return attncc.library.pattern_path(name)
+
+
+def _kern(name):
+    return attncc.compile(_spec(name), **({"window": 20} if name == "sliding_window" else {}))
+
+
+def _tensors(name):
+    return {"slope": -torch.linspace(0.1, 0.8, HQ)} if name == "alibi" else {}
+
+
+def _sdpa(name, q, kc, vc, bt, lens, tens):
+    """Pure torch: gather by hand, a bottom-right causal / window / ALiBi bias, SDPA per row."""
+    P, S = kc.shape[:2]
+    outs = []
+    for b in range(q.shape[0]):
+        n, Lq = int(lens[b]), q.shape[2]
+        if n == 0:
+            outs.append(torch.zeros_like(q[b]))
+            continue
+        rows = [int(bt[b, j // S]) * S + j % S for j in range(n)]
+        k = kc.flatten(0, 1)[rows].transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        v = vc.flatten(0, 1)[rows].transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        qi = torch.arange(Lq)[:, None] + n - Lq
+        kj = torch.arange(n)[None, :]
+        allow = kj <= qi
+        if name == "sliding_window":
+            allow &= qi - kj < 20
+        bias = torch.where(allow, 0.0, float("-inf")).expand(HQ, Lq, n).clone()
+        if name == "alibi":
+            bias = bias + tens["slope"][:, None, None] * (kj - qi)
+        o = torch.nn.functional.scaled_dot_product_attention(q[b].double(), k.double(), v.double(),
+                                                             attn_mask=bias.double())
+        outs.append(torch.nan_to_num(o, nan=0.0).to(q.dtype))  # rows with no key: 0
+    return torch.stack(outs)
+
+
+CASES = [  # (pattern, Lq, page size)
+    ("causal", 1, 16), ("causal", 4, 64), ("causal", 40, 16), ("causal", 40, 64),
+    ("sliding_window", 1, 64), ("sliding_window", 40, 16),
+    ("alibi", 4, 16), ("alibi", 40, 64),
+]
+
+
+@pytest.mark.parametrize("name,Lq,page", CASES)
+def test_paged_equals_reference_contiguous_and_sdpa(name, Lq, page):
+    lens = [70, 1, 0] if Lq == 1 else [70, 45, 0]
+    q, kc, vc, bt, kl = _cache(page, lens, Lq=Lq, seed=Lq + page)
+    kern, tens = _kern(name), _tensors(name)
+    out, lse = kern(q, kc, vc, block_table=bt, kv_lens=kl, return_lse=True, **tens)
+    assert torch.isfinite(out).all()
+    params = {"window": 20} if name == "sliding_window" else {}
+    ref, ref_lse = attncc.reference(_spec(name), q, kc, vc, block_table=bt, kv_lens=kl, return_lse=True,
+                                    **params, **tens)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()  # kv_lens 0: output 0, LSE -inf
+    k, v = gather_cache(kc, vc, bt, kl)  # the contiguous cache (zero past kv_lens)
+    torch.testing.assert_close(out, kern(q, k, v, kv_lens=kl, **tens), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, _sdpa(name, q, kc, vc, bt, kl, tens), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_and_forward_kernels_both_page():
+    """Lq = 4 through the decode kernel (several splits) and through the forward; pages of 8
+    and 24 slots (one page lookup per key: not a multiple of the key tile)."""
+    kern = _kern("causal")
+    for page in (8, 24):
+        q, kc, vc, bt, kl = _cache(page, [70, 33, 1], Lq=4, seed=page)
+        ref = attncc.reference(_spec("causal"), q, kc, vc, block_table=bt, kv_lens=kl)
+        dec = attncc.runtime.paged.paged_attention(kern, q, kc, vc, bt, kl, decode=True, num_splits=3)
+        fwd = kern(q, kc, vc, block_table=bt, kv_lens=kl, decode=False)
+        torch.testing.assert_close(dec, ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(fwd, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_page_table_is_read():
+    """Swapping two pages in the table (and their contents) gives the same result; swapping only
+    the table entries changes it."""
+    kern = _kern("causal")
+    q, kc, vc, bt, kl = _cache(16, [64, 40, 17], seed=3)
+    out = kern(q, kc, vc, block_table=bt, kv_lens=kl)
+    a, b = int(bt[0, 1]), int(bt[1, 0])
+    kc2, vc2, bt2 = kc.clone(), vc.clone(), bt.clone()
+    kc2[[a, b]], vc2[[a, b]] = kc[[b, a]], vc[[b, a]]
+    bt2[0, 1], bt2[1, 0] = b, a
+    torch.testing.assert_close(kern(q, kc2, vc2, block_table=bt2, kv_lens=kl), out, atol=0, rtol=0)
+    assert not torch.allclose(kern(q, kc2, vc2, block_table=bt, kv_lens=kl)[:2], out[:2])
+
+
+def test_flex_paged_attention_eager_cpu():
+    """FlexAttention's PagedAttention (eager, CPU) on the same physical cache and page table."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    page, n_pages, lens, Lq = 16, 12, [50, 21], 4
+    pa = PagedAttention(n_pages, page, len(lens), device="cpu")
+    kflex = torch.zeros(1, HKV, n_pages * page, D)
+    vflex = torch.zeros(1, HKV, n_pages * page, D)
+    g = torch.Generator().manual_seed(5)
+    L = max(lens)
+    K, V = torch.randn(len(lens), HKV, L, D, generator=g), torch.randn(len(lens), HKV, L, D, generator=g)
+    for b, n in enumerate(lens):
+        pa.reserve(torch.tensor(b), torch.tensor(n))
+        pa.assign(torch.tensor([b]), torch.arange(n)[None], K[b:b + 1, :, :n], V[b:b + 1, :, :n], kflex, vflex)
+    q = torch.randn(len(lens), HQ, Lq, D, generator=g)
+    kl = torch.tensor(lens, dtype=torch.int32)
+    off = kl - Lq
+
+    def causal_br(b, h, qi, kv):
+        return (kv <= qi + off[b]) & (kv < kl[b])
+
+    Lpad = -(-L // page) * page
+    bm = create_block_mask(causal_br, len(lens), None, Lq, Lpad, device="cpu", BLOCK_SIZE=page)
+    ref = flex_attention(q, kflex, vflex, block_mask=pa.convert_logical_block_mask(bm), enable_gqa=True)
+    kc = kflex[0].view(HKV, n_pages, page, D).permute(1, 2, 0, 3)  # (num_pages, page, Hkv, D): a view
+    vc = vflex[0].view(HKV, n_pages, page, D).permute(1, 2, 0, 3)
+    bt = pa.page_table[: len(lens), : -(-L // page)].to(torch.int32)
+    out = _kern("causal")(q, kc, vc, block_table=bt, kv_lens=kl)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_torch_executor_gathers():
+    kern = attncc.compile(_spec("sliding_window"), window=20, backend="torch")
+    q, kc, vc, bt, kl = _cache(16, [50, 9, 0], Lq=4, seed=9)
+    ref = attncc.reference(_spec("sliding_window"), q, kc, vc, block_table=bt, kv_lens=kl, window=20)
+    torch.testing.assert_close(kern(q, kc, vc, block_table=bt, kv_lens=kl), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_errors_before_launch():
+    kern = _kern("causal")
+    q, kc, vc, bt, kl = _cache(16, [40, 20], seed=1)
+    bad = bt.clone()
+    bad[0, 1] = kc.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\]"):
+        kern(q, kc, vc, block_table=bad, kv_lens=kl)
+    bad[0, 1] = -1
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\]"):
+        kern(q, kc, vc, block_table=bad, kv_lens=kl)
+    bad = bt.clone()
+    bad[1, 2] = 10 ** 6  # a page past kv_lens[1]: not in use, not read
+    torch.testing.assert_close(kern(q, kc, vc, block_table=bad, kv_lens=kl), kern(q, kc, vc, block_table=bt, kv_lens=kl))
+    with pytest.raises(ValueError, match="kv_lens.*outside"):
+        kern(q, kc, vc, block_table=bt, kv_lens=torch.tensor([bt.shape[1] * 16 + 1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_lens is required"):
+        kern(q, kc, vc, block_table=bt)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        kern(q, kc.flatten(0, 1), vc, block_table=bt, kv_lens=kl)
+    with pytest.raises(ValueError, match="v_cache must"):
+        kern(q, kc, vc[:, :8], block_table=bt, kv_lens=kl)
+    with pytest.raises(ValueError, match="k_cache must have q's dtype"):
+        kern(q, kc.half(), vc, block_table=bt, kv_lens=kl)
+    with pytest.raises(ValueError, match="block_table must be an int32"):
+        kern(q, kc, vc, block_table=bt.float(), kv_lens=kl)
+    with pytest.raises(ValueError, match="block_table must be an int32"):
+        kern(q, kc, vc, block_table=bt[:1], kv_lens=kl)
+    with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
+        kern(q[:, :3], kc, vc, block_table=bt, kv_lens=kl)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        kern(q.requires_grad_(), kc, vc, block_table=bt, kv_lens=kl)
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\]"):  # the reference refuses as the kernel
+        bad = bt.clone()
+        bad[0, 1] = 99
+        attncc.reference(_spec("causal"), q.detach(), kc, vc, block_table=bad, kv_lens=kl)
+    assert math.isfinite(float(kern(q.detach(), kc, vc, block_table=bt, kv_lens=kl).sum()))

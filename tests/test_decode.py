@@ -311,7 +311,8 @@ def test_bench_decode_dry_run():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| window | 2 | 64 |")]
-    assert len(rows) == 2  # printed as measured and in the final table
+    # contiguous and paged (page 16) caches, each printed as measured and in the final table
+    assert [r.split("|")[4].strip() for r in rows] == ["-", "16", "-", "16"], rows
 
 
 RAGGED = ("pattern ragged_window:\n    tensor kv_len: int32[B]\n    tensor win: int32[B, H]\n"

@@ -476,12 +476,12 @@ class CompiledAttention:
         reads; tensors only the mask reads (and int/bool tensors) get none.
         """
         if block_table is not None:  # a paged KV cache
-            if kv_index is not None or block_mask is not None:
-                raise NotImplementedError("block_table (paged KV cache) with kv_index / block_mask is not supported")
+            if kv_index is not None:
+                raise NotImplementedError("block_table (paged KV cache) with kv_index is not supported")
             from .paged import paged_attention
 
             return paged_attention(self, q, k, v, block_table, kv_lens, scale, return_lse, decode, None, q_offset,
-                                   kv_offset, q_total, kv_total, **tensors)
+                                   kv_offset, q_total, kv_total, block_mask=block_mask, **tensors)
         if _positions_given(q_offset, kv_offset, kv_lens, q_total, kv_total):
             if kv_index is not None:
                 raise NotImplementedError("kv_index with q_offset / kv_offset / q_total / kv_total / kv_lens is not "

@@ -169,7 +169,7 @@ def paged_twin(kern):
 def paged_attention(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     kv_lens: torch.Tensor, scale: Optional[float] = None, return_lse: bool = False,
                     decode: Optional[bool] = None, num_splits: Optional[int] = None, q_offset=None, kv_offset=None,
-                    q_total=None, kv_total=None, **tensors):
+                    q_total=None, kv_total=None, block_mask=None, **tensors):
     """Attention of ``kern``'s pattern over a paged KV cache (see the module docstring):
     the result of ``kern(q, k, v, kv_lens=kv_lens, ...)`` on the gathered cache
     (:func:`gather_cache`), forward only.
@@ -183,6 +183,11 @@ def paged_attention(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         num_splits: the decode kernel's split count (default: from the work and the device).
         q_offset / kv_offset / q_total / kv_total: the positions keywords, as with a
             contiguous cache (default bottom-right query positions).
+        block_mask: optional run-time block sparsity (:class:`attncc.BlockSparse` or a
+            FlexAttention ``BlockMask``) over the logical cache: key block ``j`` covers the
+            cache's keys ``[j * BK, (j + 1) * BK)`` of each row (routed pages, e.g. the lists
+            of :func:`attncc.topk_blocks` on the gathered keys); as ``kern(q, k, v,
+            block_mask=..., kv_lens=...)`` on the gathered cache.
 
     Returns:
         ``out`` ``(B, Hq, Lq, Dv)`` in q's dtype (and ``lse`` ``(B, Hq, Lq)`` float32). A row with
@@ -206,12 +211,15 @@ def paged_attention(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if kern._torch_cpu(q.device):  # the torch executor: the gathered cache, the contiguous call
         k, v = gather_cache(k_cache, v_cache, block_table, kv_lens)
         return kern(q, k, v, scale=scale, return_lse=return_lse, kv_lens=kv_lens, q_offset=q_offset,
-                    kv_offset=kv_offset, q_total=q_total, kv_total=kv_total, decode=False, **tensors)
-    from attncc.ir import POS_TENSOR
+                    kv_offset=kv_offset, q_total=q_total, kv_total=kv_total, decode=False, block_mask=block_mask,
+                    **tensors)
+    from attncc.ir import BLOCK_TENSOR, POS_TENSOR
 
     twin, pos = kern.with_positions(q, kf, q_offset=q_offset, kv_offset=kv_offset, kv_lens=kv_lens, q_total=q_total,
                                     kv_total=kv_total)
     tensors = {**tensors, POS_TENSOR: pos}
+    if block_mask is not None:  # the block-mask twin of the positions twin (routed pages)
+        twin, tensors[BLOCK_TENSOR] = twin.with_blocks(block_mask, q, kf)
     pk = paged_twin(twin)
     bt = block_table.to(torch.int32).contiguous()
     kvl = kv_lens.to(torch.int32).contiguous()

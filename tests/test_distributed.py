@@ -43,6 +43,8 @@ def _tensors(name, L, H, grid=None):
         return {"doc": doc}
     if name == "neighborhood_2d_rpb":
         return {"rpb": torch.randn(H, 5, 5, generator=g).requires_grad_()}
+    if name == "sink_window":
+        return {"sink": torch.randn(H, generator=g).requires_grad_()}
     return {}
 
 
@@ -58,6 +60,8 @@ CASES = {
     "document_causal": ("document_causal", {}, 2, 2, {2: [("ring", "zigzag"), ("allgather", "contiguous"),
                                                           ("ulysses", "contiguous")]}),
     "alibi": ("alibi", {}, 2, 1, {2: [("ring", "contiguous"), ("allgather", "zigzag"), ("ulysses", "contiguous")]}),
+    # a sink: clause on the ring (sink-free pairs merged by LSE, the sink merged once per row)
+    "sink_window": ("sink_window", {"window": 5}, 2, 1, {2: [("ring", "zigzag")]}),
     "alibi_h4": ("alibi", {}, 4, 2, {4: [("ulysses", "contiguous")]}),
     "neighborhood_2d_rpb": ("neighborhood_2d_rpb", {"kernel": 3}, 4, 4, {2: [("ulysses", "contiguous")],
                                                                         4: [("ulysses", "zigzag")]}),
@@ -116,14 +120,13 @@ def _errors(W):
 
     causal = _kern("causal")
     x = torch.randn(1, 3, 8, D)
-    sink = attncc.compile("pattern sw:\n    tensor sink: float32[H]\n    mask: kv <= q\n    sink: sink[h]\n",
-                          backend="interpret")
+    sigmoid = attncc.compile(attncc.pattern_path("sigmoid_attention"), backend="interpret")
     nb = _kern("neighborhood_2d_rpb")
     return [
         ("heads", lambda: context_parallel(causal, x, x, x, mode="ulysses")),
         ("mode", lambda: context_parallel(causal, x, x, x, mode="tree")),
         ("layout", lambda: context_parallel(causal, x, x, x, mode="ring", layout="striped")),
-        ("sink", lambda: context_parallel(sink, x, x, x, mode="ring", sink=torch.zeros(3))),
+        ("sigmoid_lse", lambda: context_parallel(sigmoid, x, x, x, mode="ring", return_lse=True)),
         ("grid", lambda: context_parallel(nb, x, x, x, mode="allgather", rpb=torch.zeros(3, 5, 5))),
         ("zigzag_odd", lambda: context_parallel(causal, x[:, :, :3], x[:, :, :3], x[:, :, :3], mode="ring",
                                                 layout="zigzag")),
@@ -132,7 +135,8 @@ def _errors(W):
 
 #: the group of 2 that runs each case's W = 2 runs: ranks {0, 1} or {2, 3} (both at once)
 _PAIR_OF = {"causal": 0, "sliding_window": 0, "causal_gqa": 0, "document_causal": 1, "alibi": 1, "alibi_h4": 1,
-            "neighborhood_2d_rpb": 1, "neighborhood_2d_rpb_cp": 0}
+            "neighborhood_2d_rpb": 1, "neighborhood_2d_rpb_cp": 0,
+            "sink_window": 1}
 
 
 def _run_cases(rank, W, group, which, res):
@@ -341,7 +345,7 @@ def test_shard_unshard(group):
 def test_bad_calls_refused_on_every_rank(group):
     W, res = group
     want = {"heads": ("ValueError", "not divisible"), "mode": ("ValueError", "mode must be"),
-            "layout": ("ValueError", "layout must be"), "sink": ("ValueError", "sink"),
+            "layout": ("ValueError", "layout must be"), "sigmoid_lse": ("ValueError", "return_lse=False"),
             "grid": ("ValueError", "2-D grid"), "zigzag_odd": ("ValueError", "even")}
     for r in res:
         for label, (typ, text) in want.items():

@@ -350,7 +350,14 @@ def _require_offsets(kern, mode):
 
 def _kernel_pair(kern, scale, L, tensors):
     """The pair function of the real modes: ``fn(q_chunk, k_chunk, v_chunk, q_off, kv_off,
-    **more_tensors)`` -> ``(out, lse)``, the kernel on a chunk pair at its global positions."""
+    **more_tensors)`` -> ``(out, lse)``, the kernel on a chunk pair at its global positions
+    (``normalize: sigmoid`` patterns, which have no LSE: ``(out, None)``)."""
+    if kern.ir.normalize == "sigmoid":
+        def fn(qc, kc, vc, q_off, kv_off, **more):
+            return kern(qc, kc, vc, scale=scale, q_offset=q_off, kv_offset=kv_off, q_total=L, kv_total=L,
+                        **tensors, **more), None
+
+        return fn
 
     def fn(qc, kc, vc, q_off, kv_off, **more):
         return kern(qc, kc, vc, scale=scale, return_lse=True, q_offset=q_off, kv_offset=kv_off, q_total=L,
@@ -528,9 +535,13 @@ class RingStats:
 
 
 def _merge_into(acc, o, l):
-    """Merge a partial state into a float32 accumulator ``[out, lse]`` (None at the start)."""
+    """Merge a partial state into a float32 accumulator ``[out, lse]`` (None at the start);
+    ``l`` None (``normalize: sigmoid``, no row normalisation): the outputs add."""
     from .merge import merge_state
 
+    if l is None:
+        acc[0] = o.float() if acc[0] is None else acc[0] + o.float()
+        return
     o, l = o.float(), l.float()
     if acc[0] is None:
         acc[0], acc[1] = o, l
@@ -560,7 +571,8 @@ def _ring_backward_step(pair, q_parts, q_ids, kv_parts, kv_ids, c, classes, outs
     (``d o_i = w_i dO``, ``d lse_i = w_i (dLSE + <dO, o_i - O>)``, ``w_i = exp(lse_i - LSE)``;
     exact, and 0 where a row's merged LSE is ``-inf``); dQ into ``dq_parts``, dK / dV into
     ``dkv_parts`` (the travelling accumulators), the gradients of the spec tensors named in
-    ``want`` into ``tgrads``."""
+    ``want`` into ``tgrads``. A pair returning no LSE (sigmoid: the outputs add) is
+    differentiated with ``dO`` itself."""
     for a, (qi, qc) in enumerate(zip(q_ids, q_parts)):
         O, LSE, dO, dL = outs[a], lses[a], douts[a], dlses[a]
         empty_row = torch.isneginf(LSE)
@@ -571,12 +583,15 @@ def _ring_backward_step(pair, q_parts, q_ids, kv_parts, kv_ids, c, classes, outs
                 qg, kg, vg = (x.detach().requires_grad_() for x in (qc, kc, vc))
                 tens = {n: (t.detach().requires_grad_() if n in want else t) for n, t in tensors.items()}
                 o, l = pair(qg, kg, vg, qi * c, kj * c, **tens)
-            w = torch.where(empty_row, 0.0, torch.exp(l.detach() - torch.where(empty_row, 0.0, LSE)))
-            do = (w[..., None] * dO).to(o.dtype)
-            diff = torch.where(w[..., None] > 0, o.detach().float() - O, 0.0)
-            dl = w * (dL + (dO * diff).sum(-1))
             inputs = [qg, kg, vg] + [tens[n] for n in want]
-            grads = torch.autograd.grad([o, l], inputs, [do, dl], allow_unused=True)
+            if l is None:  # sigmoid: the pairs' outputs add, each gets dO as it is
+                grads = torch.autograd.grad([o], inputs, [dO.to(o.dtype)], allow_unused=True)
+            else:
+                w = torch.where(empty_row, 0.0, torch.exp(l.detach() - torch.where(empty_row, 0.0, LSE)))
+                do = (w[..., None] * dO).to(o.dtype)
+                diff = torch.where(w[..., None] > 0, o.detach().float() - O, 0.0)
+                dl = w * (dL + (dO * diff).sum(-1))
+                grads = torch.autograd.grad([o, l], inputs, [do, dl], allow_unused=True)
             dq_parts[a] += grads[0].float()
             dkv_parts[0][b_] += grads[1].float()
             dkv_parts[1][b_] += grads[2].float()
@@ -623,7 +638,7 @@ class _Ring(torch.autograd.Function):
         ctx.run = run
         out, lse = run.forward(q, k, v, dict(zip(run.tnames, tvals)))
         ctx.save_for_backward(q, k, v, out, lse, *tvals)
-        return out.to(q.dtype), lse
+        return out.to(run.out_dtype or q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -639,7 +654,7 @@ class _Ring(torch.autograd.Function):
 @dataclass
 class _RingRun:
     """One rank's ring: ``pair(q_chunk, k_chunk, v_chunk, q_offset, kv_offset, **tensors)`` runs
-    one chunk pair; ``p2p`` moves shards (:class:`_RingP2P`, or :class:`_SimP2P` in
+    one chunk pair (``(out, lse)``; ``(out, None)``: sigmoid, the pairs' outputs add); ``p2p`` moves shards (:class:`_RingP2P`, or :class:`_SimP2P` in
     :func:`simulate_ring`); ``stats`` is filled by the forward."""
 
     pair: Callable
@@ -650,6 +665,7 @@ class _RingRun:
     p2p: object = None
     tnames: tuple = ()
     stats: RingStats = field(default_factory=RingStats)
+    out_dtype: Optional[torch.dtype] = None   # of _Ring's output (None: q's; float32 before a sink merge)
 
     def forward(self, q, k, v, tensors):
         with torch.no_grad():
@@ -669,11 +685,11 @@ class _RingRun:
                     kv = self.p2p.wait(handle)
             outs, lses = [], []
             for acc, qc in zip(accs, q_parts):
-                if acc[0] is None:  # every key chunk empty for these queries: 0 and -inf
-                    acc = [qc.new_zeros((*qc.shape[:-1], v.shape[-1]), dtype=torch.float32),
-                           torch.full(qc.shape[:-1], _NEG_INF, dtype=torch.float32, device=qc.device)]
-                outs.append(acc[0])
-                lses.append(acc[1])
+                # every key chunk empty for these queries: 0 and -inf (sigmoid, no LSE: -inf throughout)
+                outs.append(acc[0] if acc[0] is not None else
+                            qc.new_zeros((*qc.shape[:-1], v.shape[-1]), dtype=torch.float32))
+                lses.append(acc[1] if acc[1] is not None else
+                            torch.full(qc.shape[:-1], _NEG_INF, dtype=torch.float32, device=qc.device))
             return torch.cat(outs, 2), torch.cat(lses, 2)
 
     def backward(self, q, k, v, out, lse, dout, dlse, tensors, want=()):
@@ -711,81 +727,167 @@ class _RingRun:
                             dkv_parts, tensors, want, tgrads)
 
 
-def _check_ring_pattern(kern, mode):
+def _check_ring_pattern(kern, mode, return_lse):
     ir = kern.ir
-    if ir.sink is not None:
-        raise ValueError(f"mode={mode!r}: pattern {ir.name!r} has a sink: clause, which joins each row's softmax "
-                         f"once; the ring's per-pair states would count it once per key shard; use mode='ulysses' "
-                         f"or 'allgather'")
-    if ir.normalize != "softmax":
-        raise ValueError(f"mode={mode!r}: pattern {ir.name!r} uses normalize: {ir.normalize}, which has no LSE to "
-                         f"merge partial states by; use mode='ulysses' or 'allgather'")
+    if ir.normalize == "sigmoid" and return_lse:
+        raise ValueError(f"mode={mode!r}: pattern {ir.name!r} uses normalize: sigmoid, which has no log-sum-exp: "
+                         f"call with return_lse=False")
+
+
+def _sink_free(kern):
+    """The sink-free twin of ``kern`` (``sink: None``, the same mask, score, gate, tensors and
+    config; built once, cached on ``kern``): the ring runs its pairs with it and adds the sink
+    once per row after the LSE merge (:func:`_add_sink`)."""
+    twin = kern.__dict__.get("_cp_sink_free")
+    if twin is None:
+        import dataclasses
+
+        from attncc.compiler import build, plan_ir
+
+        twin = kern.__dict__["_cp_sink_free"] = build(plan_ir(dataclasses.replace(kern.ir, sink=None)), kern.config,
+                                                      kern.deterministic, kern.backend)
+    return twin
+
+
+def _sink_rows(ir, tensors, B, H, Hkv, D, Dv, L, grid):
+    """float32 sink logits ``(B, H, L)`` (grid patterns: ``(B, H, prod(grid))``, flattened
+    row-major) of every query at its global position: :func:`attncc.dense.sink_values` over the
+    whole sequence, differentiable in the spec tensors; the tensors' shapes and the sink's
+    reads checked first (TypeError / ValueError naming the tensor)."""
+    from attncc import dense
+    from attncc.checks import check_tensors
+
+    sizes = {"B": B, "H": H, "Hkv": Hkv, "Lq": L, "Lk": L, "D": D, "Dv": Dv}
+    if grid:
+        from attncc.ir import grid_sizes
+
+        sizes.update(grid_sizes(grid))
+        sizes["Lq"] = sizes["Lk"] = math.prod(grid)
+    device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    named = check_tensors(ir, tensors, sizes, device)
+    dense.check_clause_reads(ir, sizes, named, device, clauses=("sink",))
+    return dense.sink_values(ir, named, sizes, device, float_dtype=torch.float32)
+
+
+def _add_sink(out, lse, sink):
+    """The sink merged once into a row's state: the partial state (output 0, LSE ``sink``)
+    merged by :func:`attncc.merge_state` (differentiable: ``d sink = (dLSE - <dO, out>) p_sink``
+    with ``p_sink = exp(sink - LSE)``, the single-process kernel's sink gradient)."""
+    from .merge import merge_state
+
+    return merge_state(out, lse, torch.zeros_like(out), sink.reshape(lse.shape).float())
 
 
 def _ring(kern, q, k, v, group, rank, world, layout, scale, return_lse, tensors):
     _require_offsets(kern, "ring")
-    _check_ring_pattern(kern, "ring")
+    _check_ring_pattern(kern, "ring", return_lse)
     n = n_chunks(world, layout)
     L = q.shape[2] // len(chunk_ids(rank, world, layout)) * n
+    grid = (L, *q.shape[3:-1]) if kern.ir.grid else None
     classes = pair_classes(kern, L, world, layout, B=q.shape[0], H=q.shape[1], Hkv=k.shape[1], D=q.shape[-1],
-                           Dv=v.shape[-1], grid=(L, *q.shape[3:-1]) if kern.ir.grid else None,
-                           rows=chunk_ids(rank, world, layout), **tensors)
+                           Dv=v.shape[-1], grid=grid, rows=chunk_ids(rank, world, layout), **tensors)
+    sink = None
+    if kern.ir.sink is not None:  # evaluated (and its reads checked) before any launch or collective
+        rows = _sink_rows(kern.ir, tensors, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], L, grid)
+        sink = _shard(rows.reshape(*rows.shape[:2], *grid) if grid else rows, rank, world, layout)
+        kern = _sink_free(kern)
     tnames = tuple(n_ for n_, t in tensors.items() if isinstance(t, torch.Tensor))
     rest = {n_: t for n_, t in tensors.items() if n_ not in tnames}
     run = _RingRun(_kernel_pair(kern, scale, L, rest), rank, world, layout, classes,
-                   _RingP2P(group, rank, world) if world > 1 else None, tnames)
+                   _RingP2P(group, rank, world) if world > 1 else None, tnames,
+                   out_dtype=torch.float32 if sink is not None else None)
     out, lse = _Ring.apply(run, q, k, v, *[tensors[n_] for n_ in tnames])
+    if sink is not None:
+        out, lse = _add_sink(out, lse, sink)
+        out = out.to(q.dtype)
     context_parallel.last_stats = run.stats
     return (out, lse) if return_lse else out
 
 
 def simulate_ring(pair: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int,
-                  layout: str = "contiguous", classes: Optional[PairClasses] = None, grads=None):
+                  layout: str = "contiguous", classes: Optional[PairClasses] = None, grads=None, *,
+                  normalize: str = "softmax", sink: Optional[torch.Tensor] = None):
     """The ring of :func:`context_parallel` for every rank in one process (no collectives):
     each rank's shard of the whole ``q``, ``k``, ``v``, its steps in :func:`ring_schedule`
-    order, pair skipping and the float32 LSE merge, exactly the per-rank code the real ring
-    runs; K / V "arrive" by indexing instead of P2P.
+    order, pair skipping and the float32 LSE merge (or the sum, for sigmoid pairs), then the
+    sink merged once per row, exactly the per-rank code the real ring runs; K / V "arrive" by
+    indexing instead of P2P.
 
     Args:
         pair: ``pair(q_chunk, k_chunk, v_chunk, q_offset, kv_offset) -> (out, lse)``: attention of
-            a chunk pair at its global positions (the kernel, or a reference).
+            a chunk pair at its global positions (the kernel, or a reference); ``(out, None)``
+            with ``normalize="sigmoid"``.
         q, k, v: the whole tensors ``(B, H, L, D)`` / ``(B, Hkv, L, D)`` / ``(B, Hkv, L, Dv)``.
         world, layout: the simulated group and layout.
         classes: pair classes (default: every pair ``"partial"``, nothing skipped).
-        grads: optional ``(dout, dlse)`` of the whole output: also run the ring's backward
-            (its dK / dV accumulators passed around as the real ring passes them).
+        grads: optional ``(dout, dlse)`` of the whole output (``dlse`` may be None): also run the
+            ring's backward (its dK / dV accumulators passed around as the real ring passes them).
+        normalize: ``"softmax"`` (pairs merged by their LSE) or ``"sigmoid"`` (no LSE: the
+            pairs' outputs add; the returned LSE is None and ``dlse`` is ignored).
+        sink: optional float32 ``(B, H, L)`` sink logits of every row (a ``sink:`` pattern's;
+            the pairs then run without it): merged once per row after the pairs, as a state of
+            output 0 and LSE ``sink`` (:func:`attncc.merge_state`).
 
     Returns:
         ``(out, lse, stats)`` with ``out`` / ``lse`` unsharded (sequence order) and ``stats`` a
-        list of :class:`RingStats` per rank; with ``grads`` also ``(dq, dk, dv)``.
+        list of :class:`RingStats` per rank; with ``grads`` also ``(dq, dk, dv)``, and with
+        ``sink`` ``(dq, dk, dv, dsink)`` (``dsink`` float32 ``(B, H, L)``).
+
+    Raises:
+        ValueError: ``L`` not divisible by the number of chunks, an unknown ``normalize``, a
+            sink with sigmoid, a sink not ``(B, H, L)``.
     """
     n = n_chunks(world, layout)
     L = q.shape[2]
     if L % n:
         raise ValueError(f"q.shape[2] = {L} must be divisible by {n} ({layout} layout over {world} ranks)")
+    if normalize not in ("softmax", "sigmoid"):
+        raise ValueError(f"normalize must be 'softmax' or 'sigmoid'; got {normalize!r}")
+    if sink is not None and normalize == "sigmoid":
+        raise ValueError("sink= needs normalize='softmax' (a sink joins the softmax denominator)")
+    if sink is not None and tuple(sink.shape) != (q.shape[0], q.shape[1], L):
+        raise ValueError(f"sink must be the sink logits (B, H, L) = {(q.shape[0], q.shape[1], L)}, got "
+                         f"{tuple(sink.shape)}")
     if classes is None:
         classes = PairClasses(L // n, [["partial"] * n for _ in range(n)], [[1] * n for _ in range(n)], "pairs",
                               "none")
     runs = [_RingRun(pair, r, world, layout, classes, None) for r in range(world)]
     qs, ks, vs = ([_shard(x, r, world, layout) for r in range(world)] for x in (q, k, v))
-    outs, lses = [], []
+    outs, lses, finals = [], [], []
     for r, run in enumerate(runs):
         run.p2p = _SimP2P(r, world, [ks, vs])
         o, l = run.forward(qs[r], ks[r], vs[r], {})
         outs.append(o)
         lses.append(l)
+        if sink is not None:  # the final merge under autograd, as the real ring's (its backward below)
+            with torch.enable_grad():
+                st = [x.detach().requires_grad_() for x in (o, l, _shard(sink, r, world, layout).float())]
+                finals.append((st, _add_sink(*st)))
     order = _inverse(_layout_order(world, layout))
 
     def whole(parts):
         return _reorder(torch.cat(parts, 2), 2, order)
 
-    out, lse, stats = whole(outs).to(q.dtype), whole(lses), [r.stats for r in runs]
+    additive = normalize == "sigmoid"
+    res = [f[1] for f in finals] if sink is not None else list(zip(outs, lses))
+    out = whole([o.detach() for o, _ in res]).to(q.dtype)
+    lse = None if additive else whole([l.detach() for _, l in res])
+    stats = [r.stats for r in runs]
     if grads is None:
         return out, lse, stats
-    douts, dlses = ([_shard(x, r, world, layout) for r in range(world)] for x in grads)
+    dout, dlse = grads
+    douts = [_shard(dout, r, world, layout).float() for r in range(world)]
+    dlses = [torch.zeros_like(l) if dlse is None or additive else _shard(dlse, r, world, layout).float()
+             for r, l in enumerate(lses)]
+    dsinks = []
+    if sink is not None:  # d out / d lse of the ring's own state, and d sink, from the final merge
+        for r, (st, fo) in enumerate(finals):
+            g = torch.autograd.grad(fo, st, [douts[r], dlses[r]], allow_unused=True)
+            douts[r], dlses[r] = g[0], g[1]
+            dsinks.append(g[2])
     per_rank = _simulate_backward(runs, qs, ks, vs, outs, lses, douts, dlses)
     dq, dk, dv = (whole([g[i] for g in per_rank]).to(x.dtype) for i, x in enumerate((q, k, v)))
-    return out, lse, stats, (dq, dk, dv)
+    return out, lse, stats, ((dq, dk, dv, whole(dsinks)) if sink is not None else (dq, dk, dv))
 
 
 class _SimP2P:

@@ -43,6 +43,8 @@ def _tensors(name, L, H, grid=None):
         return {"doc": doc}
     if name == "neighborhood_2d_rpb":
         return {"rpb": torch.randn(H, 5, 5, generator=g).requires_grad_()}
+    if name == "sink_window":
+        return {"sink": torch.randn(H, generator=g).requires_grad_()}
     return {}
 
 
@@ -58,6 +60,8 @@ CASES = {
     "document_causal": ("document_causal", {}, 2, 2, {2: [("ring", "zigzag"), ("allgather", "contiguous"),
                                                           ("ulysses", "contiguous")]}),
     "alibi": ("alibi", {}, 2, 1, {2: [("ring", "contiguous"), ("allgather", "zigzag"), ("ulysses", "contiguous")]}),
+    # a sink: clause on the ring (sink-free pairs merged by LSE, the sink merged once per row)
+    "sink_window": ("sink_window", {"window": 5}, 2, 1, {2: [("ring", "zigzag")]}),
     "alibi_h4": ("alibi", {}, 4, 2, {4: [("ulysses", "contiguous")]}),
     "neighborhood_2d_rpb": ("neighborhood_2d_rpb", {"kernel": 3}, 4, 4, {2: [("ulysses", "contiguous")],
                                                                         4: [("ulysses", "zigzag")]}),
@@ -116,14 +120,13 @@ def _errors(W):
 
     causal = _kern("causal")
     x = torch.randn(1, 3, 8, D)
-    sink = attncc.compile("pattern sw:\n    tensor sink: float32[H]\n    mask: kv <= q\n    sink: sink[h]\n",
-                          backend="interpret")
+    sigmoid = attncc.compile(attncc.pattern_path("sigmoid_attention"), backend="interpret")
     nb = _kern("neighborhood_2d_rpb")
     return [
         ("heads", lambda: context_parallel(causal, x, x, x, mode="ulysses")),
         ("mode", lambda: context_parallel(causal, x, x, x, mode="tree")),
         ("layout", lambda: context_parallel(causal, x, x, x, mode="ring", layout="striped")),
-        ("sink", lambda: context_parallel(sink, x, x, x, mode="ring", sink=torch.zeros(3))),
+        ("sigmoid_lse", lambda: context_parallel(sigmoid, x, x, x, mode="ring", return_lse=True)),
         ("grid", lambda: context_parallel(nb, x, x, x, mode="allgather", rpb=torch.zeros(3, 5, 5))),
         ("zigzag_odd", lambda: context_parallel(causal, x[:, :, :3], x[:, :, :3], x[:, :, :3], mode="ring",
                                                 layout="zigzag")),
@@ -132,7 +135,8 @@ def _errors(W):
 
 #: the group of 2 that runs each case's W = 2 runs: ranks {0, 1} or {2, 3} (both at once)
 _PAIR_OF = {"causal": 0, "sliding_window": 0, "causal_gqa": 0, "document_causal": 1, "alibi": 1, "alibi_h4": 1,
-            "neighborhood_2d_rpb": 1, "neighborhood_2d_rpb_cp": 0}
+            "neighborhood_2d_rpb": 1, "neighborhood_2d_rpb_cp": 0,
+            "sink_window": 1}
 
 
 def _run_cases(rank, W, group, which, res):
@@ -341,7 +345,7 @@ def test_shard_unshard(group):
 def test_bad_calls_refused_on_every_rank(group):
     W, res = group
     want = {"heads": ("ValueError", "not divisible"), "mode": ("ValueError", "mode must be"),
-            "layout": ("ValueError", "layout must be"), "sink": ("ValueError", "sink"),
+            "layout": ("ValueError", "layout must be"), "sigmoid_lse": ("ValueError", "return_lse=False"),
             "grid": ("ValueError", "2-D grid"), "zigzag_odd": ("ValueError", "even")}
     for r in res:
         for label, (typ, text) in want.items():
@@ -446,3 +450,56 @@ def test_simulated_ring_library_patterns(name, w, W, layout, seed):
 
     M = dense_mask(ir, {"B": 1, "H": 1, "Hkv": 1, "Lq": L, "Lk": L, "D": 8, "Dv": 8}, {}, "cpu")[0, 0]
     assert sum(s.skipped for s in stats) == pair_classes(None, L, W, layout, mask=M).count("empty")
+
+
+_SINK_STRICT = ("pattern sink_strict:\n    tensor sink: float32[H]\n    mask: kv < q\n    sink: sink[h] + 0.25 * h\n")
+
+
+@pytest.mark.parametrize("name,W,layout", [("sink_window", 2, "zigzag"), ("sink_window", 4, "contiguous"),
+                                           ("sink_strict", 2, "contiguous"), ("sigmoid_attention", 2, "zigzag"),
+                                           ("sigmoid_attention", 3, "contiguous")])
+def test_simulated_ring_sinks_and_sigmoid(name, W, layout):
+    """The ring with a sink: clause (pairs run by the sink-free twin, merged by LSE, the sink
+    merged once per row as a state of output 0 and LSE sink) and with normalize: sigmoid (the
+    pairs' outputs add): output, LSE and q / k / v / sink gradients equal a single-process
+    attncc run and attncc.reference; sink_strict's first row has no key (output 0, LSE = sink)."""
+    from attncc import dense
+    from attncc.distributed import _kernel_pair, _sink_free
+
+    spec = _SINK_STRICT if name == "sink_strict" else attncc.pattern_path(name)
+    params = {"window": 5} if name == "sink_window" else {}
+    kern = attncc.compile(spec, backend="torch", **params)
+    sigmoid = kern.ir.normalize == "sigmoid"
+    L, H = 8 * W, 2
+    g = torch.Generator().manual_seed(5 + W)
+    q, k, v, do = (torch.randn(1, H, L, 8, generator=g) for _ in range(4))
+    dl = None if sigmoid else torch.randn(1, H, L, generator=g)
+    tens = {} if sigmoid else {"sink": torch.randn(H, generator=g)}
+    sizes = {"B": 1, "H": H, "Hkv": H, "Lq": L, "Lk": L, "D": 8, "Dv": 8}
+    tp = {n: t.clone().requires_grad_() for n, t in tens.items()}
+    rows = dense.sink_values(kern.ir, tp, sizes, "cpu", torch.float32) if tens else None
+    pair = _kernel_pair(kern if sigmoid else _sink_free(kern), None, L, tens)
+    cl = pair_classes(kern, L, W, layout, H=H, D=8)
+    out, lse, stats, grads = simulate_ring(pair, q, k, v, W, layout, cl, grads=(do, dl),
+                                           normalize=kern.ir.normalize, sink=None if rows is None else rows.detach())
+    got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    if not sigmoid:
+        got["lse"] = lse
+        got["dsink"] = torch.autograd.grad(rows, tp["sink"], grads[3])[0]
+    assert sum(s.skipped for s in stats) == cl.count("empty") and (cl.count("empty") > 0) == (not sigmoid)
+    for label, fn in (("attncc", kern), ("reference", lambda *a, **kw: attncc.reference(spec, *a, **params, **kw))):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        tl = {n: t.clone().requires_grad_() for n, t in tens.items()}
+        if sigmoid:
+            o = fn(qq, kk, vv)
+            (o * do).sum().backward()
+        else:
+            o, l = fn(qq, kk, vv, return_lse=True, **tl)
+            ((o * do).sum() + (l * dl).sum()).backward()
+            _close(got["lse"], l.detach().float(), f"{name} lse vs {label}")
+            _close(got["dsink"], tl["sink"].grad, f"{name} dsink vs {label}")
+        for n_, want in (("out", o.detach()), ("dq", qq.grad), ("dk", kk.grad), ("dv", vv.grad)):
+            _close(got[n_], want, f"{name} W={W} {layout} {n_} vs {label}")
+    if name == "sink_strict":  # row 0 has no key: output 0 and LSE = its sink logit
+        assert torch.equal(got["out"][:, :, 0], torch.zeros_like(got["out"][:, :, 0]))
+        assert torch.allclose(got["lse"][:, :, 0], rows.detach()[:, :, 0])

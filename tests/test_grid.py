@@ -106,7 +106,7 @@ def _tuple(xs):
     return "(" + ", ".join(str(x) for x in xs) + ("," if len(xs) == 1 else "") + ")"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=na_configs(), seed=st.integers(0, 1000))
 def test_neighborhood_property(cfg, seed):
     grid, kern_, dil, stride, causal = cfg

@@ -1431,6 +1431,11 @@ class CompiledAttention:
             bq, bk = br.bq, br.bk
         elif route is not None:  # a routed call runs the block-mask kernel of the route's blocks
             bq, bk = (route.block if route.granularity == "block" else 1), route.block
+        elif any(t.name == BLOCK_TENSOR for t in self.ir.tensors):
+            # a block mask read per pair outside a block-read plan (the block-mask twin of a
+            # positions twin: its table is evaluated per tile): 32-key tiles (measured, paged
+            # causal + 64 x 64 block mask, bf16 D = 128: 128 x 64 spilled 504 B on sm_90a)
+            return tuple(c for c in cands if c.block_n <= 32) or cands
         else:
             return cands
         aligned = tuple(c for c in cands if bq % c.block_m == 0 and bk % c.block_n == 0)

@@ -249,16 +249,18 @@ def page_strides(c: torch.Tensor) -> tuple:
     return (s[0], s[2], s[1], s[3])
 
 
-def forward_config(head_dim: int, device, dtype):
-    """The paged forward's launch config: the CPU config under the interpreter, else the first
-    forward candidate without TMA / warp specialisation (the tile's rows are gathered through
-    the page table; not autotuned: the autotuner times contiguous inputs)."""
+def forward_config(pk, head_dim: int, device, dtype):
+    """The paged forward's launch config of the paged kernel ``pk``: the CPU config under the
+    interpreter, else the first of its launch candidates
+    (:meth:`~attncc.runtime.CompiledAttention.launch_candidates`: block-read plans, e.g. routed
+    pages, keep the tiles that do not spill) without TMA / warp specialisation (the tile's rows
+    are gathered through the page table; not autotuned: the autotuner times contiguous inputs)."""
     if cache.interpreting():
         return CPU_CONFIG
     from .kernel import _arch
 
     arch = _arch(device) if torch.device(device).type == "cuda" else 90
-    return next(c for c in forward_candidates(head_dim, arch, dtype) if not c.tma and not c.ws)
+    return next(c for c in pk.launch_candidates(forward_candidates, head_dim, arch, dtype) if not c.tma and not c.ws)
 
 
 def _launch_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, paged: tuple) -> tuple:
@@ -269,7 +271,7 @@ def _launch_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, 
     bt, kvl, page = paged
     sizes = _sizes(q, kf, vf)
     B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
-    cfg = pk.config or forward_config(max(sizes["D"], Dv), q.device, q.dtype)
+    cfg = pk.config or forward_config(pk, max(sizes["D"], Dv), q.device, q.dtype)
     cfg = dataclasses.replace(cfg, tma=False, ws=False)
     dev = q.device
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=dev)

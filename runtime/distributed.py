@@ -738,15 +738,9 @@ def _sink_free(kern):
     """The sink-free twin of ``kern`` (``sink: None``, the same mask, score, gate, tensors and
     config; built once, cached on ``kern``): the ring runs its pairs with it and adds the sink
     once per row after the LSE merge (:func:`_add_sink`)."""
-    twin = kern.__dict__.get("_cp_sink_free")
-    if twin is None:
-        import dataclasses
+    import dataclasses
 
-        from attncc.compiler import build, plan_ir
-
-        twin = kern.__dict__["_cp_sink_free"] = build(plan_ir(dataclasses.replace(kern.ir, sink=None)), kern.config,
-                                                      kern.deterministic, kern.backend)
-    return twin
+    return kern.twin(("sink_free",), lambda ir: dataclasses.replace(ir, sink=None))
 
 
 def _sink_rows(ir, tensors, B, H, Hkv, D, Dv, L, grid):

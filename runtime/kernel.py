@@ -844,15 +844,21 @@ class CompiledAttention:
         B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
         Lq, Lk = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
         blocks, per_batch, heads = bs.block_tensor(B, Hq, Hkv, Lq, Lk)
-        key = (bs.block_size, per_batch, heads)
+        kern = self.twin(("blocks", bs.block_size, per_batch, heads),
+                         lambda ir: with_block_mask(ir, *bs.block_size, per_batch, heads))
+        return kern, blocks
+
+    def twin(self, key, derive) -> "CompiledAttention":
+        """The kernel of a pattern derived from this one (``derive(self.ir)``: the block-mask,
+        positions or sink-free twin), compiled once per ``key`` with this kernel's config,
+        determinism and backend, and kept on this object."""
         twins = self.__dict__.setdefault("_twins", {})
         kern = twins.get(key)
         if kern is None:
             from attncc.compiler import build, plan_ir
 
-            ir = with_block_mask(self.ir, *bs.block_size, per_batch, heads)
-            kern = twins[key] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
-        return kern, blocks
+            kern = twins[key] = build(plan_ir(derive(self.ir)), self.config, self.deterministic, self.backend)
+        return kern
 
     def with_positions(self, q: torch.Tensor, k: torch.Tensor, q_offset=None, kv_offset=None, kv_lens=None,
                        q_total=None, kv_total=None, v: Optional[torch.Tensor] = None) -> tuple:
@@ -894,14 +900,8 @@ class CompiledAttention:
                     break  # checked by attncc.grid_positions.check_shards below
                 raise ValueError(f"{name} must be a tensor (B, H, L, D) with q_offset / kv_offset / kv_lens, got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        twins = self.__dict__.setdefault("_pos_twins", {})
         ragged = kv_lens is not None
-        kern = twins.get(ragged)
-        if kern is None:
-            from attncc.compiler import build, plan_ir
-
-            ir = with_positions(self.ir, ragged)
-            kern = twins[ragged] = build(plan_ir(ir), self.config, self.deterministic, self.backend)
+        kern = self.twin(("positions", ragged), lambda ir: with_positions(ir, ragged))
         if self.ir.grid:
             return kern, _gp.resolve_grid_positions(self.ir, q, k, q_offset, kv_offset, kv_lens, q_total, kv_total,
                                                     Dv=v.shape[-1] if isinstance(v, torch.Tensor) else None)

@@ -7,7 +7,7 @@ Run on a CUDA machine (torch 2.11-2.13, Triton 3.6-3.9; no internet needed)::
 
 It prints one progress line per check, and starts no check after ``--budget-s`` seconds
 (default 450, counted from the script's start) so that it ends within 8 minutes (a check
-or case already running when its section's time is up still finishes). Three sections:
+or case already running when its section's time is up still finishes). Four sections:
 
 (a) **correctness**: every library pattern (``attncc.library_patterns()``, 1-D and grid),
     compiled and run
@@ -35,8 +35,13 @@ or case already running when its section's time is up still finishes). Three sec
     neighborhood_2d (a 64 x 64 / 128 x 128 grid) and gated_causal at L = 4096 and 16384.
 (c) **forward + backward benchmark**: the same with ``--backward`` for causal and
     sliding_window.
+(d) **decode benchmark**: ``bench_decode.py``'s cases (one query per sequence against a
+    KV cache; attncc's split-KV decode kernel, split count autotuned, vs compiled
+    FlexAttention vs SDPA, outputs checked against SDPA first; GB/s of KV read against the
+    device's copy bandwidth) for causal, sliding window and ALiBi at B = 8, a 32k cache,
+    Hq / Hkv = 32 / 8, D = 128, bf16, contiguous and paged (page 16).
 
-Each section gets a share of the budget (a: until 50 %, b: until 80 %, c: until 100 %;
+Each section gets a share of the budget (a: until 45 %, b: until 70 %, c: until 85 %, d: until 100 %;
 time a section leaves unused carries over): a check or case that would start after its
 section's deadline is skipped and marked ``skipped (budget)`` in the report. The report,
 one Markdown file with the date (UTC), device, torch / CUDA / triton / attncc versions and
@@ -93,6 +98,7 @@ import sympy  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import bench_decode as bd  # noqa: E402
 import bench_forward as bf  # noqa: E402
 from attncc import ir as I  # noqa: E402
 from attncc.dense import dense_mask, eval_expr, gate_values, index_env, lowrank_factors, sink_values  # noqa: E402
@@ -105,7 +111,12 @@ BENCH_PATTERNS = ("causal", "sliding_window", "document_causal", "alibi", "neigh
 BACKWARD_PATTERNS = ("causal", "sliding_window")
 BENCH_LENGTHS = (4096, 16384)
 #: the end of each section's time, as a share of --budget-s (unused time carries over)
-SECTION_END = {"a": 0.5, "b": 0.8, "c": 1.0}
+SECTION_END = {"a": 0.45, "b": 0.7, "c": 0.85, "d": 1.0}
+#: section (d): bench_decode.py cases (patterns; batch, cache length, pages, heads Hq / Hkv, D)
+DECODE_PATTERNS = ("causal", "window", "alibi")
+DECODE_SHAPE = dict(batch=[8], cache=[32768], page=[0, 16], heads=[32, 8], dim=128, window=4096, max_gib=48.0)
+#: GPU: assumed duration (s) of one decode pattern (flex compiles per shape; the split autotuner)
+DECODE_CASE_S = 20.0
 #: seconds the workers of (a) may run past their deadline (a check that started before it)
 GRACE_S = 30.0
 #: GPU: assumed duration (s) of a benchmark case before one has run (flex compiles per case;
@@ -709,6 +720,61 @@ CHECK_COLUMNS = ("pattern", "check", "dtype", "D", "shape (B x H/Hkv x tokens)",
                  "s", "detail")
 
 
+@dataclass
+class DecodeSection:
+    """Section (d)'s outcome: bench_decode.py's table rows, the patterns whose check failed
+    (``(pattern, error)``) and those skipped for the budget."""
+
+    rows: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+
+def run_decode(dry_run: bool, deadline: float) -> DecodeSection:
+    """bench_decode.py's :func:`bench_decode.run` per pattern of :data:`DECODE_PATTERNS` at
+    :data:`DECODE_SHAPE` (its tiny CPU shapes on a dry run); a pattern that would start after
+    ``deadline`` (minus :data:`DECODE_CASE_S` on a GPU) is skipped; one whose outputs disagree
+    with SDPA's (or that raises) is a failure."""
+    sec = DecodeSection()
+    for pat in DECODE_PATTERNS:
+        if time.time() + (0.0 if dry_run else DECODE_CASE_S) > deadline:
+            sec.skipped.append(pat)
+            print(f"   [d] {pat}: {SKIPPED}", flush=True)
+            continue
+        args = argparse.Namespace(dry_run=dry_run, patterns=[pat], **DECODE_SHAPE)
+        try:
+            table = bd.run(args)
+        except Exception as ex:  # noqa: BLE001 - reported as a failed check, the others still run
+            sec.failures.append((pat, short(ex)))
+            print(f"   [d] {pat}: FAIL {short(ex)}", flush=True)
+            continue
+        lines = table.splitlines()
+        if not sec.rows:
+            sec.rows += lines[:2]
+        sec.rows += [ln for ln in lines[2:] if ln.startswith("|")]
+        sec.rows += [ln for ln in lines if ln.startswith("Device bandwidth") and ln not in sec.rows]
+    return sec
+
+
+def decode_block(sec: DecodeSection | None, dry_run: bool = False) -> list:
+    """Report lines of section (d)."""
+    lines = ["## (d) Decode benchmark (bench_decode.py)", ""]
+    if sec is None:
+        return lines + ["not run (--sections)", ""]
+    shape = DECODE_SHAPE
+    lines += ["Dry run: bench_decode.py's tiny CPU shapes (B 1, cache 64, Hq / Hkv 4 / 2, D 16, window 8, fp32), "
+              "one repetition; no timing is meaningful." if dry_run else
+              f"B {shape['batch']}, cache {shape['cache']}, pages {shape['page']} (0: contiguous), "
+              f"Hq / Hkv {shape['heads'][0]} / {shape['heads'][1]}, D {shape['dim']}, window {shape['window']}; "
+              "columns: see benchmarks/README.md (`bench_decode.py`).", ""]
+    table = [r for r in sec.rows if r.startswith("|")]
+    lines += table if len(table) > 2 else ["no case ran"]
+    lines += [""] + [r for r in sec.rows if not r.startswith("|")]
+    lines += [f"- FAILED {p}: {e}" for p, e in sec.failures]
+    lines += [f"- skipped (budget): {p}" for p in sec.skipped]
+    return lines + [""]
+
+
 def check_table(rows: list) -> str:
     """Section (a) rows as a Markdown table."""
     lines = ["| " + " | ".join(CHECK_COLUMNS) + " |", "|" + "|".join("---" for _ in CHECK_COLUMNS) + "|"]
@@ -754,14 +820,15 @@ def command_line(argv: list | None) -> str:
 
 
 def report(meta: dict, checks: list | None, plan: CorrectnessPlan | None, fwd: BenchSection | None,
-           fwdbwd: BenchSection | None) -> str:
-    """The body of the results file: summary, failures first, then the three sections."""
+           fwdbwd: BenchSection | None, dec: DecodeSection | None = None) -> str:
+    """The body of the results file: summary, failures first, then the four sections."""
     failed = [r for r in checks or [] if r.status in (FAIL, ERROR)]
     bad_bench = [("b", r) for r in bench_failures(fwd)] if fwd else []
     bad_bench += [("c", r) for r in bench_failures(fwdbwd)] if fwdbwd else []
+    bad_decode = dec.failures if dec else []
     skipped = [r for r in checks or [] if r.status == SKIPPED]
-    n_skip = len(skipped) + sum(len(s.skipped) for s in (fwd, fwdbwd) if s)
-    verdict = "FAIL" if failed or bad_bench else "PASS"
+    n_skip = len(skipped) + sum(len(s.skipped) for s in (fwd, fwdbwd, dec) if s)
+    verdict = "FAIL" if failed or bad_bench or bad_decode else "PASS"
     lines = [f"- date (UTC): {meta['started']}",
              f"- device: {meta['device']}",
              f"- torch {torch.__version__} (CUDA {torch.version.cuda or '-'}), triton {triton.__version__}, "
@@ -773,15 +840,17 @@ def report(meta: dict, checks: list | None, plan: CorrectnessPlan | None, fwd: B
              f"{meta['warmed']}",
              "",
              f"**Result: {verdict}**: {sum(r.status == PASS for r in checks or [])} correctness checks passed, "
-             f"{len(failed)} failed, {len(bad_bench)} benchmark check(s) failed, {n_skip} skipped (budget).",
+             f"{len(failed)} failed, {len(bad_bench) + len(bad_decode)} benchmark check(s) failed, "
+             f"{n_skip} skipped (budget).",
              "", "## Failures", ""]
-    if failed or bad_bench:
+    if failed or bad_bench or bad_decode:
         if failed:
             lines += [check_table(failed), ""]
         for tag, r in bad_bench:
             what = (f"attncc error {r.attncc_error}" if r.attncc_error else
                     f"mismatch (max err vs flex {bf.fmt(r.err_flex, '.2e')}, vs ref {bf.fmt(r.err_ref, '.2e')})")
             lines.append(f"- ({tag}) {r.pattern} L={r.L}: {what}")
+        lines += [f"- (d) decode {p}: {e}" for p, e in bad_decode]
         lines.append("")
     else:
         lines += ["none", ""]
@@ -814,7 +883,8 @@ def report(meta: dict, checks: list | None, plan: CorrectnessPlan | None, fwd: B
     lines += bench_block("(c) Forward + backward benchmark (bench_forward.py --backward)", fwdbwd,
                          "not run (--sections)")
     lines += ["Benchmark columns: see benchmarks/README.md (`bench_forward.py`). A flex cell holding an exception "
-              "name means flex failed or cannot express the pattern (gated_causal's gate)."]
+              "name means flex failed or cannot express the pattern (gated_causal's gate).", ""]
+    lines += decode_block(dec, meta["mode"].startswith("DRY"))
     return "\n".join(lines)
 
 
@@ -829,7 +899,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None,
                    help="worker processes for the correctness checks (default: GPU min(12, CPUs - 2, free GiB / 6); "
                         "--dry-run 2; 1: in this process)")
-    p.add_argument("--sections", default="a,b,c", help="comma-separated sections to run (a, b, c)")
+    p.add_argument("--sections", default="a,b,c,d", help="comma-separated sections to run (a, b, c, d)")
     p.add_argument("--output", default=None,
                    help="results file (default: benchmarks/results/gpu_check_<device>_<date>.md; --dry-run: a "
                         "temporary file)")
@@ -896,8 +966,8 @@ def main(argv=None) -> int:
     t0 = STARTED if argv is None else time.time()
     started = datetime.datetime.fromtimestamp(t0, datetime.timezone.utc)
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    if not sections <= {"a", "b", "c"}:
-        raise SystemExit(f"--sections: unknown section(s) {', '.join(sorted(sections - {'a', 'b', 'c'}))}")
+    if not sections <= set(SECTION_END):
+        raise SystemExit(f"--sections: unknown section(s) {', '.join(sorted(sections - set(SECTION_END)))}")
     plan, s_fwd, s_fwdbwd = make_plans(args, t0)
     jobs = args.jobs if args.jobs is not None else default_jobs(args.dry_run)
     if args.dry_run:
@@ -940,6 +1010,12 @@ def main(argv=None) -> int:
             fwd = sec
         else:
             fwdbwd = sec
+    dec = None
+    if "d" in sections:
+        print(f"== (d) decode benchmark: {', '.join(DECODE_PATTERNS)} (elapsed {elapsed():.0f} s)", flush=True)
+        td = time.time()
+        dec = run_decode(args.dry_run, t0 + SECTION_END["d"] * args.budget_s)
+        times["d"] = time.time() - td
     print(f"== done (elapsed {elapsed():.0f} s)", flush=True)
 
     meta = {"started": started.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "command": command_line(argv),
@@ -947,7 +1023,7 @@ def main(argv=None) -> int:
             "budget": args.budget_s, "elapsed": elapsed(), "jobs": jobs,
             "section_times": ", ".join(f"({k}) {v:.0f} s" for k, v in times.items()) or "-",
             "warmed": f"{sum(w == 'ok' for w in warmed)}/{len(warmed)}"}
-    body = report(meta, checks, plan, fwd, fwdbwd)
+    body = report(meta, checks, plan, fwd, fwdbwd, dec)
     date = started.date().isoformat()
     if args.output:
         out = Path(args.output)
@@ -966,8 +1042,11 @@ def main(argv=None) -> int:
         print(f"FAILED: (a) {r.part} {r.pattern} {r.check} {r.dtype} D={r.D}: {r.status} {r.detail}", file=sys.stderr)
     for r in failed_bench:
         print(f"FAILED: benchmark {r.pattern} L={r.L}", file=sys.stderr)
-    print(f"{'FAIL' if failed or failed_bench else 'PASS'} ({elapsed():.0f} s)", flush=True)
-    return 1 if failed or failed_bench else 0
+    for pat, err in dec.failures if dec else []:
+        print(f"FAILED: decode benchmark {pat}: {err}", file=sys.stderr)
+    bad = failed or failed_bench or (dec and dec.failures)
+    print(f"{'FAIL' if bad else 'PASS'} ({elapsed():.0f} s)", flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ class DecodePlan:
         table_m: block-table plans: the query tile of the table (``block_m`` when ``gp == 1``,
             else one tile holding every query), else 0.
         consts: ``attn_decode``'s constexprs and launch options.
+        n_tiles: the key tiles one program visits (the estimate :func:`choose_splits` read).
+        auto: the split count is the rule's (no ``num_splits`` given): on CUDA the first
+            launch autotunes it (:func:`split_candidates`, :func:`tuned_plan`).
+        tuned: holds the autotuned plan (key ``"plan"``) once the first launch has chosen it.
     """
 
     sizes: dict
@@ -133,6 +137,9 @@ class DecodePlan:
     grid: tuple
     table_m: int
     consts: dict
+    n_tiles: int = 1
+    auto: bool = False
+    tuned: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def decode_error(kern) -> str:
@@ -299,16 +306,103 @@ def _decode_plan(kern, q, k, v, sizes: dict, targs: list, lowrank: list, num_spl
     n_m = -(-rows // bm)
     n_n = -(-Lk // cfg.block_n)
     programs = n_m * B * (Hq // gp)
-    if num_splits is None:
-        num_splits = choose_splits(_visited_estimate(kern, sizes, cfg.block_n, q.device, n_n), programs,
-                                   _units(q.device))
+    n_tiles = _visited_estimate(kern, sizes, cfg.block_n, q.device, n_n)
+    auto = num_splits is None
+    if auto:
+        num_splits = choose_splits(n_tiles, programs, _units(q.device))
     consts = _constexprs(q.dtype, sizes, cfg, identity_layout(None), lowrank)
     for name in ("TM0", "TM1", "TM2", "TN0", "TN1", "TN2"):
         consts.pop(name)
     if not cache.interpreting():
         consts["maxnreg"] = register_cap(cfg.num_warps)
     table_m = (bm if gp == 1 else max(16, _next_pow2(Lq))) if plan.path == "table" else 0
-    return DecodePlan(sizes, cfg, gp, num_splits, (num_splits, n_m, B * (Hq // gp)), table_m, consts)
+    return DecodePlan(sizes, cfg, gp, num_splits, (num_splits, n_m, B * (Hq // gp)), table_m, consts, n_tiles, auto)
+
+
+def with_splits(dp: DecodePlan, splits: int) -> DecodePlan:
+    """``dp`` with ``splits`` programs per (row tile, head group) (grid updated; not auto)."""
+    return dataclasses.replace(dp, splits=splits, grid=(splits, *dp.grid[1:]), auto=False, tuned={})
+
+
+def split_candidates(splits: int, n_tiles: int) -> tuple:
+    """The split counts the decode autotuner times around the rule's ``splits``
+    (:func:`choose_splits`) for a program visiting ``n_tiles`` key tiles: half, the same and
+    twice as many (at least 1, at most one tile a split and :data:`MAX_SPLITS`), ascending."""
+    top = max(1, min(max(n_tiles, 1), MAX_SPLITS))
+    return tuple(sorted({max(1, splits // 2), min(splits, top), min(2 * splits, top)}))
+
+
+def _tunes(device: torch.device) -> bool:
+    """Whether a decode launch with the rule's split count takes the autotuned count:
+    compiled Triton on CUDA (tests substitute True to run the tuner under the interpreter)."""
+    return device.type == "cuda" and not cache.interpreting()
+
+
+def _recording() -> bool:
+    """Inside :func:`attncc.runtime.capture` (launches are recorded, not run: nothing to time)."""
+    from .kernel import _CAPTURE
+
+    return _CAPTURE.get() is not None
+
+
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured: no timing (it would break the capture)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of ``fn()`` (``triton.testing.do_bench``; tests substitute a clock)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def tuned_plan(kern, dp: DecodePlan, q: torch.Tensor, run, paged: int = 0) -> DecodePlan:
+    """The autotuned twin of an ``auto`` decode plan: the split count is the fastest of
+    :func:`split_candidates` for its shape bucket (device, pattern, dtype, ``B``, heads,
+    ``Lq``, ``Lk`` rounded up to a power of two, head dims, row tile, page size), timed by
+    launching ``run(plan)`` per candidate on the call's own inputs. The choice is kept as a
+    factor of the rule's count (``0.5`` / ``1`` / ``2``), so a cache growing inside one
+    bucket keeps the rule's dependence on its length; remembered in ``kern`` and on disk
+    (``autotune.json`` in the cache dir, as the forward's configs), and in ``dp.tuned`` so
+    later launches of the same call signature pay one dict lookup. Every candidate gives the
+    same result within fp32 rounding (split invariance). A bucket not yet timed while a CUDA
+    graph is being captured keeps the rule's count (timing synchronises the device), as does
+    one inside :func:`attncc.runtime.capture` (nothing runs there)."""
+    hit = dp.tuned.get("plan")
+    if hit is not None:
+        return hit
+    from .kernel import _LOCK, _next_pow2
+
+    z = dp.sizes
+    bucket = (f"{_device_name(q.device)}|decode|{kern.key}|{dtype_name(q.dtype)}|B{z['B']}|H{z['H']}"
+              f"|Hkv{z['Hkv']}|Lq{z['Lq']}|Lk{_next_pow2(z['Lk'])}|D{z['D']}|Dv{z['Dv']}|rows{dp.cfg.block_m}"
+              f"|page{paged}")
+    cands = split_candidates(dp.splits, dp.n_tiles)
+    factor = kern._tuned.get(bucket)
+    if factor is None:
+        with _LOCK:
+            saved = cache.read_json("autotune.json")
+            if bucket in saved:
+                factor = float(saved[bucket]["split_factor"])
+            elif _capturing(q.device) or _recording():  # untimed bucket inside a CUDA graph capture
+                return dp                                   # or attncc's capture(): the rule's count
+            else:
+                times = {s: _bench(lambda s=s: run(with_splits(dp, s))) for s in cands}
+                best = min(cands, key=lambda s: (times[s], s))
+                factor = best / dp.splits
+                saved = cache.read_json("autotune.json")
+                saved[bucket] = {"split_factor": factor}
+                cache.write_json("autotune.json", saved)
+        kern._tuned[bucket] = factor
+    splits = max(1, min(int(round(dp.splits * factor)), max(cands)))
+    plan = with_splits(dp, splits)
+    dp.tuned["plan"] = plan
+    return plan
 
 
 def _visited_estimate(kern, sizes: dict, block_n: int, device, n_n: int) -> int:
@@ -330,11 +424,22 @@ def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowr
     """Launch ``attn_decode`` (and ``decode_merge`` when ``dp.splits > 1``) for a checked call.
     ``paged``: ``(block_table, kv_lens, page_size)`` of a paged KV cache (``k`` / ``v`` the
     caches ``(num_pages, page_size, Hkv, D)``, ``kern`` rendered paged; see
-    :mod:`attncc.runtime.paged`).
+    :mod:`attncc.runtime.paged`). A plan whose split count is the rule's (``dp.auto``)
+    takes the autotuned count on CUDA (:func:`tuned_plan`; the first launch per shape bucket
+    times the candidates).
 
     Returns:
         ``(out, lse)``: ``(B, Hq, Lq, Dv)`` in ``q.dtype`` and ``(B, Hq, Lq)`` float32.
     """
+    if dp.auto and _tunes(q.device):
+        dp = dp.tuned.get("plan") or tuned_plan(
+            kern, dp, q, lambda d: _launch_decode(kern, d, q, k, v, targs, scale, lowrank, paged),
+            paged[2] if paged is not None else 0)
+    return _launch_decode(kern, dp, q, k, v, targs, scale, lowrank, paged)
+
+
+def _launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowrank: list,
+                   paged: Optional[tuple] = None) -> tuple:
     from .kernel import Launch, _kernel_sizes, _lowrank_args, _tensor_args
 
     sizes, cfg, S = dp.sizes, dp.cfg, dp.splits
@@ -385,4 +490,5 @@ def launch_decode(kern, dp: DecodePlan, q, k, v, targs: list, scale: float, lowr
     return out, lse
 
 
-__all__ = ["decode_attention", "decode_config", "decode_candidates", "max_rows", "choose_splits", "DecodePlan", "MAX_AUTO_LQ"]
+__all__ = ["decode_attention", "decode_config", "decode_candidates", "max_rows", "choose_splits", "split_candidates",
+           "tuned_plan", "DecodePlan", "MAX_AUTO_LQ"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import attncc
 from attncc.inputs import example_inputs
 from attncc.runtime import capture
-from attncc.runtime.decode import choose_splits, decode_attention
+from attncc.runtime.decode import choose_splits, decode_attention, split_candidates
 from conftest import TOL, max_err
 
 # bottom-right (KV-cache) variants of the library patterns: query row i is at position
@@ -297,6 +297,71 @@ def test_split_count_rule():
     assert choose_splits(6, 8, 132) == 3                # at least 2 tiles a split
     assert choose_splits(10 ** 6, 1, 132) == 64         # at most 64
     assert choose_splits(1000, 10 ** 4, 132) == 1       # enough programs already
+
+
+def test_split_candidates():
+    assert split_candidates(4, 100) == (2, 4, 8)
+    assert split_candidates(1, 100) == (1, 2)
+    assert split_candidates(3, 4) == (1, 3, 4)          # at most one tile a split
+    assert split_candidates(64, 10 ** 6) == (32, 64)    # at most MAX_SPLITS
+
+
+def test_split_count_is_autotuned(monkeypatch, tmp_path):
+    """The CUDA path's split autotuner, run under the interpreter with a substitute clock: the
+    first launch of a shape bucket times every candidate on the call's inputs and keeps the
+    fastest (its output is the forward's), a second compile of the same pattern reads the
+    choice from autotune.json without timing, an explicit num_splits is never tuned."""
+    from attncc.runtime import cache as acache
+    from attncc.runtime import decode as dmod
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dmod, "_tunes", lambda device: True)
+    seen = []
+    launch = dmod._launch_decode
+
+    def recording(kern, dp, *args, **kwargs):
+        seen.append(dp.splits)
+        return launch(kern, dp, *args, **kwargs)
+
+    monkeypatch.setattr(dmod, "_launch_decode", recording)
+    timed = {}
+
+    def clock(fn):  # more splits are faster on this pretend device
+        fn()
+        timed[seen[-1]] = 1.0 / seen[-1]
+        return timed[seen[-1]]
+
+    monkeypatch.setattr(dmod, "_bench", clock)
+    spec = SPECS["causal_br"]
+    kern = attncc.compile(spec, backend="interpret")
+    q, k, v, _ = _inputs(kern, 1, 4, 1, 1, 256)
+    want = kern(q, k, v, decode=False)
+    out = kern(q, k, v, decode=True)
+    # rule: 16 key tiles of 16 (interpreter config), 1 program, 2 "SMs" -> 4 splits; tried 2, 4, 8
+    assert sorted(timed) == [2, 4, 8]
+    assert seen[-1] == 8
+    assert max_err(out, want) < TOL[torch.float32]
+    saved = [v for key, v in acache.read_json("autotune.json").items() if "|decode|" in key]
+    assert saved == [{"split_factor": 2.0}]
+    seen.clear()
+    kern(q, k, v, decode=True)                          # the call's remembered plan: no timing
+    assert seen == [8]
+
+    def no_clock(fn):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(dmod, "_bench", no_clock)
+    fresh = attncc.compile(spec, backend="interpret")
+    seen.clear()
+    assert max_err(fresh(q, k, v, decode=True), want) < TOL[torch.float32]
+    assert seen == [8]                                  # the saved factor, not timed
+    seen.clear()
+    assert max_err(fresh(q, k, v, decode=True, num_splits=3), want) < TOL[torch.float32]
+    assert seen == [3]
+    q2, k2, v2, _ = _inputs(kern, 1, 4, 1, 1, 512)
+    with capture() as rec:                              # a new bucket inside capture(): nothing runs,
+        fresh(q2, k2, v2, decode=True)                  # so nothing is timed: the rule's count
+    assert rec[0][1].kernel == "attn_decode" and rec[0][1].grid[0] == choose_splits(32, 1, 2) == 4
 
 
 def test_bench_decode_dry_run():

@@ -46,7 +46,7 @@ def test_dry_run_end_to_end(tmp_path):
     for part in ("- date (UTC): ", "- device: ", "- command: `python ", "triton ", "attncc ", "**Result: PASS**",
                  "## Failures\n\nnone", "## (a) Correctness", "### Small shapes vs the float64 reference",
                  "### Realistic shape vs SDPA / FlexAttention", "## (b) Forward benchmark",
-                 "## (c) Forward + backward benchmark"):
+                 "## (c) Forward + backward benchmark", "## (d) Decode benchmark"):
         assert part in text, part
     # a forward and a backward row for every library pattern (1-D and grid), all passing
     small = _rows(text, "### Small shapes")
@@ -66,9 +66,16 @@ def test_dry_run_end_to_end(tmp_path):
     assert set(fwd) == {"causal", "sliding_window", "document_causal", "alibi", "neighborhood_2d", "gated_causal"}
     float(fwd["neighborhood_2d"][6]), float(fwd["neighborhood_2d"][10])  # flex ran on the grid pattern, and was checked
     assert {row[0] for row in _rows(text, "## (c)")} == {"causal", "sliding_window"}
+    # the decode benchmark (bench_decode.py): contiguous and paged (page 16) rows per pattern, the
+    # decode kernel ran for attncc (its split count recorded), flex and SDPA on the contiguous rows
+    dec = [row for row in _rows(text, "## (d)") if not row[0].startswith("---")]
+    assert [(row[0], row[3]) for row in dec] == [(p, pg) for p in ("causal", "window", "alibi") for pg in ("-", "16")]
+    assert all(int(row[12]) >= 1 for row in dec)
+    assert all(float(row[8]) > 0 and float(row[10]) > 0 for row in dec if row[3] == "-")
     assert "MISMATCH" not in text and "| skipped (budget) |" not in text and "skipped (budget):" not in text
     # progress lines
     assert "[a] small     causal" in r.stdout and "== (b)" in r.stdout and "[c] sliding_window" in r.stdout
+    assert "== (d) decode benchmark" in r.stdout
 
 
 def test_budget_skips_and_marks(gpu_check, tmp_path):
@@ -78,6 +85,19 @@ def test_budget_skips_and_marks(gpu_check, tmp_path):
     small = _rows(text, "### Small shapes")
     assert small and all(row[7] == "skipped (budget)" for row in small)
     assert "skipped (budget): causal L=64" in text and "skipped (budget)." in text
+    assert "- skipped (budget): window" in text.split("## (d)")[1]
+
+
+def test_decode_failure_fails_the_check(gpu_check, tmp_path, monkeypatch):
+    """A decode case whose outputs disagree (bench_decode.py's check raises) fails the run."""
+    def mismatch(args):
+        raise AssertionError(("window", 8, 32768, "attncc", 0.5))
+
+    monkeypatch.setattr(gpu_check.bd, "run", mismatch)
+    out = tmp_path / "decode.md"
+    assert gpu_check.main(["--dry-run", "--sections", "d", "--output", str(out)]) == 1
+    text = out.read_text()
+    assert "**Result: FAIL**" in text and "- (d) decode window: AssertionError" in text
 
 
 def test_small_check_fails_for_a_wrong_kernel(gpu_check):

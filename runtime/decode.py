@@ -149,11 +149,16 @@ def decode_error(kern) -> str:
     return ""
 
 
-def _needs_grad(q, k, v, tensors: dict) -> list:
+def requiring_grad(**inputs) -> list:
+    """The names of ``inputs`` that are tensors requiring a gradient while autograd records
+    (empty under ``torch.no_grad()``): what the forward-only paths (decode, paged caches) refuse."""
     if not torch.is_grad_enabled():
         return []
-    out = [n for n, x in (("q", q), ("k", k), ("v", v)) if isinstance(x, torch.Tensor) and x.requires_grad]
-    return out + [n for n, x in tensors.items() if isinstance(x, torch.Tensor) and x.requires_grad]
+    return [n for n, x in inputs.items() if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def _needs_grad(q, k, v, tensors: dict) -> list:
+    return requiring_grad(q=q, k=k, v=v, **tensors)
 
 
 def auto_decode(kern, q, k, v, tensors: dict) -> bool:
@@ -181,10 +186,9 @@ def op_decodes(kern, q, lowrank) -> bool:
 def op_plan(kern, q, k, v, targs: list) -> DecodePlan:
     """The :class:`DecodePlan` of an op call (checked by :meth:`CompiledAttention.__call__`),
     remembered per shapes, strides, dtype and device."""
-    from .kernel import _sizes
+    from .kernel import _sizes, launch_signature
 
-    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
-           tuple((t.shape, t.stride()) for t in targs))
+    key = launch_signature(q, k, v, targs)
     plans = kern.__dict__.setdefault("_op_decode_plans", {})
     dp = plans.get(key)
     if dp is None:

@@ -316,6 +316,15 @@ def _lowrank_args(lowrank, grads=()) -> list:
     return [u, w, du, dw, *u.stride(), *w.stride(), u.shape[-1]]
 
 
+def launch_signature(q, k, v, tensors, layout=None, cfg=None, lowrank=()) -> tuple:
+    """What fixes a launch's plan (config, grid, strides, constexprs): the shapes and strides of
+    ``q``, ``k``, ``v``, the spec tensors and the ``dot()`` factors, the dtype, the device, the
+    grid layout and a fixed config. The key of the remembered launch plans."""
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+            tuple(layout) if layout else None, cfg, tuple((t.shape, t.stride()) for t in tensors),
+            tuple((x.shape, x.stride()) for x in lowrank))
+
+
 def _constexprs(dtype, sizes: dict, cfg: "Config", layout: list, lowrank=(), cap: bool = False) -> dict:
     """The compile-time launch parameters of the attention kernels (``BLOCK_R``: the dot()
     terms' rank padded to a power of two >= 16, only for patterns with such terms; fp32, or
@@ -1140,9 +1149,7 @@ class CompiledAttention:
         if call_key is not None:  # from __call__'s cache: the call's signature fixes this launch's
             key = ("call", call_key)
         else:
-            key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
-                   tuple(layout) if layout else None, cfg, tuple((t.shape, t.stride()) for t in tensors),
-                   tuple((x.shape, x.stride()) for x in lowrank)) if self.cache_calls else None
+            key = launch_signature(q, k, v, tensors, layout, cfg, lowrank) if self.cache_calls else None
         lp = self._launches.get(key) if key is not None else None
         if lp is None:
             lp = self._launch_plan(q, k, v, tensors, scale, cfg, layout, lowrank)

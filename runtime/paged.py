@@ -147,13 +147,6 @@ def gather_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
     return one(k_cache), one(v_cache)
 
 
-def _grads(q, k_cache, v_cache, tensors: dict) -> list:
-    if not torch.is_grad_enabled():
-        return []
-    xs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **tensors}
-    return [n for n, x in xs.items() if isinstance(x, torch.Tensor) and x.requires_grad]
-
-
 def paged_twin(kern):
     """The paged kernel of ``kern`` (a ragged positions twin): the same plan rendered with the
     paged flag, compiled once and kept on ``kern``."""
@@ -199,7 +192,9 @@ def paged_attention(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         TypeError / ValueError: see :func:`check_paged` and the forward's checks, before any launch.
     """
     pc = check_paged(q, k_cache, v_cache, block_table, kv_lens)
-    grads = _grads(q, k_cache, v_cache, tensors)
+    from .decode import requiring_grad
+
+    grads = requiring_grad(q=q, k_cache=k_cache, v_cache=v_cache, **tensors)
     if grads:
         raise NotImplementedError(f"block_table (paged KV cache) is forward only, but {', '.join(grads)} require grad: "
                                   "call under torch.no_grad() / with detached inputs, or gather the cache "

@@ -39,9 +39,12 @@ for masks it does not build, of its FlashAttention-2 path):
 registered in ``AttentionInterface`` (``ALL_ATTENTION_FUNCTIONS``): tested at tiny
 random configs against eager on GPT-2, BERT, RoBERTa, T5, BART, Whisper, Phi-3, Qwen2,
 Gemma 2/3, Cohere, StarCoder2, ViT, Swin, DeiT, DINOv2, CLIP, Llama (dynamic and static
-cache), Mistral, ModernBERT, gpt-oss, Qwen3-Next (see ``tests/test_hf.py``). Models that
-compute attention in their own code (BLOOM, MPT, Falcon: ALiBi with ``baddbmm``) are
-refused with a ValueError at construction (Falcon) or at the first call (the mask
+cache), Mistral, ModernBERT, gpt-oss, Qwen3-Next, and Falcon from transformers 5.25 on
+(rotary, and ALiBi: added by the model to the float mask it asks for with
+``allow_is_causal_skip=False``, read as a ``(1, H, Lq, Lk)`` bias; see
+``tests/test_hf.py``). Models that compute attention in their own code (BLOOM, MPT,
+Falcon before transformers 5.25: ALiBi with ``baddbmm``) are refused with a ValueError
+at construction (Falcon's attention-class table) or at the first call (the mask
 function, BLOOM and MPT), pointing to ``torch.compile(model, backend="attncc")``, the
 graph pass that serves them. For a model whose modeling code cannot be inspected
 (remote code), the mask function always builds the mask, so such a model is never
@@ -273,8 +276,9 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     positions of the keys, no padding) and the model's attention goes through
     :func:`attention_forward`, which then compiles the pattern; a plain bidirectional
     mask without padding is None as well (transformers' SDPA convention: every key).
-    Otherwise transformers' boolean SDPA mask ``(B, 1, Lq, Lk)`` (True = attend), which
-    any model code can use.
+    Otherwise — and always when the caller passes ``allow_is_causal_skip=False``, as models
+    that edit the mask they get do (Falcon adds ALiBi to it) — transformers' boolean SDPA
+    mask ``(B, 1, Lq, Lk)`` (True = attend), which any model code can use.
 
     Raises:
         ValueError: ``config`` is a model whose attention does not go through
@@ -292,9 +296,10 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         aligned = False
     padded = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
     standard = fn is mu.causal_mask_function or (local_size is not None and _is_sliding_causal(fn, local_size))
-    if served and aligned and not padded and standard:
+    # a model that edits the mask it asks for (Falcon adds ALiBi to it) passes allow_is_causal_skip=False
+    may_skip = bool(kwargs.pop("allow_is_causal_skip", True))
+    if served and aligned and not padded and standard and may_skip:
         return None
-    kwargs.pop("allow_is_causal_skip", None)
     skip = bool(kwargs.pop("allow_is_bidirectional_skip", False)) and served and fn is mu.bidirectional_mask_function
     return mu.sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=fn,
                         attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,

@@ -79,6 +79,21 @@ _S2S = dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encod
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 
+_FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+
+
+def _falcon_served():
+    """Falcon's status under ``attn_implementation="attncc"``: transformers >= 5.25 runs its
+    attention through ``AttentionInterface`` (ALiBi added to the float mask it asks for,
+    ``allow_is_causal_skip=False``): served (True); before, a fixed attention-class table:
+    refused (None)."""
+    try:
+        from transformers.models.falcon import modeling_falcon
+    except ImportError:
+        return None
+    return None if hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES") else True
+
+
 #: architecture -> (config class, model class, config kwargs, inputs kind, what
 #: ``attn_implementation="attncc"`` does with it: True = served, greedy generate()
 #: compared (decoders); False = served (encoders, vision); None = refused (attention
@@ -96,8 +111,7 @@ ZOO = {
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration",
                 dict(_S2S, num_mel_bins=8, max_source_positions=8, max_target_positions=32, suppress_tokens=None,
                      begin_suppress_tokens=None), "audio", True),
-    "falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=4), "text", None),
+    "falcon": ("FalconConfig", "FalconForCausalLM", _FALCON, "text", _falcon_served()),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=64, hidden_size=32, n_layer=1, n_head=4), "text", None),
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64),
             "text", None),
@@ -123,6 +137,8 @@ ZOO = {
                                      num_hidden_layers=1, num_attention_heads=2), projection_dim=16), "clip", False),
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DEC, "text", True),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DEC, sliding_window=4), "text", True),
+    **({"falcon_alibi": ("FalconConfig", "FalconForCausalLM", dict(_FALCON, alibi=True), "text", True)}
+       if _falcon_served() else {}),
     "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",
                    dict(_TXT, num_hidden_layers=2, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
                         bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2), "text", False),

@@ -472,8 +472,11 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
             for dt in dtypes:
                 for fam in families:
                     if fam == "fwd":
-                        cands = configs or [str(c) for c in kern.launch_candidates(forward_candidates, hd, arch, dt)
-                                            if not (positions.startswith("paged") and (c.tma or c.ws))]
+                        if positions.startswith("paged"):  # every config the paged forward's tuner may try
+                            from attncc.runtime.paged import paged_candidates as rule
+                        else:
+                            rule = forward_candidates
+                        cands = configs or [str(c) for c in kern.launch_candidates(rule, hd, arch, dt)]
                     elif fam == "bwd":
                         cands = bwd_configs or configs or [
                             str(c) for c in kern.launch_candidates(backward_candidates, hd, arch, dt)]

@@ -244,29 +244,61 @@ def page_strides(c: torch.Tensor) -> tuple:
     return (s[0], s[2], s[1], s[3])
 
 
+def paged_candidates(head_dim: int, arch: int, dtype=None) -> tuple:
+    """The paged forward's candidate configs: :func:`~attncc.runtime.configs.forward_candidates`
+    without TMA / warp specialisation (the tile's key rows are gathered through the page
+    table, which a tensor descriptor over the cache cannot follow)."""
+    return tuple(c for c in forward_candidates(head_dim, arch, dtype) if not c.tma and not c.ws)
+
+
 def forward_config(pk, head_dim: int, device, dtype):
-    """The paged forward's launch config of the paged kernel ``pk``: the CPU config under the
-    interpreter, else the first of its launch candidates
-    (:meth:`~attncc.runtime.CompiledAttention.launch_candidates`: block-read plans, e.g. routed
-    pages, keep the tiles that do not spill) without TMA / warp specialisation (the tile's rows
-    are gathered through the page table; not autotuned: the autotuner times contiguous inputs)."""
+    """The paged forward's untimed launch config of the paged kernel ``pk``: the CPU config
+    under the interpreter, else the first of its launch candidates
+    (:meth:`~attncc.runtime.CompiledAttention.launch_candidates` of :func:`paged_candidates`:
+    block-read plans, e.g. routed pages, keep the tiles that do not spill). On CUDA the
+    launch takes the autotuned one instead (:func:`_launch_forward`)."""
     if cache.interpreting():
         return CPU_CONFIG
     from .kernel import _arch
 
     arch = _arch(device) if torch.device(device).type == "cuda" else 90
-    return next(c for c in pk.launch_candidates(forward_candidates, head_dim, arch, dtype) if not c.tma and not c.ws)
+    return pk.launch_candidates(paged_candidates, head_dim, arch, dtype)[0]
+
+
+def _tunes(device) -> bool:
+    """Whether the paged forward is autotuned for a call on ``device``: compiled Triton on
+    CUDA, outside a CUDA-graph capture and :func:`attncc.runtime.capture` (tests substitute
+    True to run the tuner under the interpreter)."""
+    from .decode import _capturing, _recording, _tunes as decode_tunes
+
+    return decode_tunes(device) and not _capturing(device) and not _recording()
 
 
 def _launch_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, paged: tuple) -> tuple:
     """Launch the paged ``attn_fwd`` (one program per (query tile, batch * head), as the
-    forward). Returns ``(out, lse)``."""
+    forward) at ``pk.config``, else on CUDA at the fastest of its spill-free
+    :func:`paged_candidates` for the shape bucket (timed on the call's own inputs and page
+    table, remembered as the forward's choices: ``autotune.json``, family ``fwd:paged<page
+    size>``), else at :func:`forward_config`. Returns ``(out, lse)``."""
+    from .kernel import _sizes
+
+    sizes = _sizes(q, kf, vf)
+    head_dim = max(sizes["D"], sizes["Dv"])
+    cfg = pk.config
+    if cfg is None and _tunes(q.device):
+        cfg = pk._tune(f"fwd:paged{paged[2]}", q, sizes, identity_layout(None), [], paged_candidates,
+                       lambda c: _run_forward(pk, q, k_cache, v_cache, kf, vf, targs, scale, paged, c))
+    return _run_forward(pk, q, k_cache, v_cache, kf, vf, targs, scale, paged,
+                        cfg or forward_config(pk, head_dim, q.device, q.dtype))
+
+
+def _run_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, paged: tuple, cfg) -> tuple:
+    """One paged ``attn_fwd`` launch at ``cfg``. Returns ``(out, lse)``."""
     from .kernel import Launch, _constexprs, _forward_args, _kernel_sizes, _LaunchPlan, _sizes
 
     bt, kvl, page = paged
     sizes = _sizes(q, kf, vf)
     B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
-    cfg = pk.config or forward_config(pk, max(sizes["D"], Dv), q.device, q.dtype)
     cfg = dataclasses.replace(cfg, tma=False, ws=False)
     dev = q.device
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=dev)
@@ -289,4 +321,4 @@ def _launch_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, 
     return out, lse
 
 
-__all__ = ["paged_attention", "check_paged", "gather_cache", "page_strides", "PagedCache"]
+__all__ = ["paged_attention", "check_paged", "gather_cache", "page_strides", "paged_candidates", "PagedCache"]

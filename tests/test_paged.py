@@ -114,6 +114,51 @@ def test_decode_and_forward_kernels_both_page():
         torch.testing.assert_close(fwd, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_paged_forward_is_autotuned(monkeypatch, tmp_path):
+    """The CUDA path's paged-forward tuner (the forward's own ``_tune``), run under the
+    interpreter with a substitute device name, arch and clock: every candidate (no TMA / warp
+    specialisation: rows come through the page table) is launched on the call's paged inputs
+    and gives the reference's numbers, the fastest is kept in autotune.json under its page
+    size's family, and the next call launches it untimed."""
+    import triton.testing
+
+    from attncc.runtime import cache as acache
+    from attncc.runtime import kernel as kmod
+    from attncc.runtime import paged as pmod
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(pmod, "_tunes", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "pretend-gpu")
+    monkeypatch.setattr(kmod, "_arch", lambda device: 90)
+    runs = []
+    launch = pmod._run_forward
+
+    def recording(*args):
+        out = launch(*args)
+        runs.append((args[-1], out[0].clone()))
+        return out
+
+    monkeypatch.setattr(pmod, "_run_forward", recording)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0 / runs[-1][0].block_m)[1])
+    kern = attncc.compile(_spec("causal"), backend="interpret")
+    q, kc, vc, bt, kl = _cache(8, [70, 33, 1], Lq=20, seed=3)
+    ref = attncc.reference(_spec("causal"), q, kc, vc, block_table=bt, kv_lens=kl)
+    out = kern(q, kc, vc, block_table=bt, kv_lens=kl, decode=False)
+    tried = {cfg for cfg, _ in runs}
+    assert tried == set(pmod.paged_candidates(D, 90, torch.float32)) and len(tried) > 1
+    for cfg, o in runs:
+        torch.testing.assert_close(o, ref, atol=2e-5, rtol=2e-5, msg=lambda m, cfg=cfg: f"{cfg}: {m}")
+    best = max(tried, key=lambda c: c.block_m)                  # the pretend clock favours tall tiles
+    assert runs[-1][0] == best
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    saved = {k: v for k, v in acache.read_json("autotune.json").items() if "|fwd:paged8|" in k}
+    assert list(saved.values()) == [best.__dict__]
+    runs.clear()
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: pytest.fail("timed again"))
+    kern(q, kc, vc, block_table=bt, kv_lens=kl, decode=False)
+    assert [cfg for cfg, _ in runs] == [best]
+
+
 def test_routed_pages_block_mask():
     """Paged cache + run-time block sparsity over the logical cache (routed pages, issue 16 s2):
     key block j of 16 covers cache keys [16 j, 16 j + 16) of each row; decode (Lq = 1, several

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attncc
 from attncc.runtime.paged import gather_cache
@@ -14,28 +16,35 @@ from attncc.runtime.paged import gather_cache
 B, HQ, HKV, D = 3, 4, 2, 32
 
 
-def _cache(page_size, lens, num_pages=None, seed=0, Lq=1, dtype=torch.float32):
-    """q, a shuffled paged cache holding each row's lens[b] keys (unused page-table entries -1,
-    unused slots NaN: never read), the page table and kv_lens."""
+def _page(k, v, lens, page_size, seed=0, num_pages=None):
+    """Page the contiguous caches ``k`` / ``v`` ``(B, Hkv, Lk, D)``: row ``b``'s first
+    ``lens[b]`` keys on shuffled pages (unused page-table entries -1, unused slots NaN: never
+    read). Returns ``(k_cache, v_cache, block_table, kv_lens)``."""
     g = torch.Generator().manual_seed(seed)
-    max_pages = max(1, max(-(-n // page_size) for n in lens))
-    need = sum(-(-n // page_size) for n in lens)
-    P = num_pages or need + 2
-    kc = torch.full((P, page_size, HKV, D), float("nan"), dtype=dtype)
-    vc = torch.full((P, page_size, HKV, D), float("nan"), dtype=dtype)
-    perm = torch.randperm(P, generator=g)
-    bt = torch.full((len(lens), max_pages), -1, dtype=torch.int32)
-    used = 0
+    n_pages = [-(-n // page_size) for n in lens]
+    P = num_pages or sum(n_pages) + 2
+    kc = torch.full((P, page_size, k.shape[1], k.shape[3]), float("nan"), dtype=k.dtype)
+    vc = torch.full((P, page_size, v.shape[1], v.shape[3]), float("nan"), dtype=v.dtype)
+    perm, used = torch.randperm(P, generator=g), 0
+    bt = torch.full((len(lens), max(1, max(n_pages))), -1, dtype=torch.int32)
     for b, n in enumerate(lens):
-        for j in range(-(-n // page_size)):
-            bt[b, j] = perm[used]
-            used += 1
+        bt[b, : n_pages[b]] = perm[used: used + n_pages[b]]
+        used += n_pages[b]
         for j in range(n):
-            p, s = int(bt[b, j // page_size]), j % page_size
-            kc[p, s] = torch.randn(HKV, D, generator=g).to(dtype)
-            vc[p, s] = torch.randn(HKV, D, generator=g).to(dtype)
+            kc[bt[b, j // page_size], j % page_size] = k[b, :, j]
+            vc[bt[b, j // page_size], j % page_size] = v[b, :, j]
+    return kc, vc, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def _cache(page_size, lens, num_pages=None, seed=0, Lq=1, dtype=torch.float32):
+    """q and a shuffled paged cache holding each row's lens[b] random keys (see :func:`_page`),
+    the page table and kv_lens."""
+    g = torch.Generator().manual_seed(seed)
+    Lk = max(1, max(lens))
+    k = torch.randn(len(lens), HKV, Lk, D, generator=g).to(dtype)
+    v = torch.randn(len(lens), HKV, Lk, D, generator=g).to(dtype)
     q = torch.randn(len(lens), HQ, Lq, D, generator=g).to(dtype)
-    return q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32)
+    return (q, *_page(k, v, lens, page_size, seed, num_pages))
 
 
 def _spec(name):
@@ -284,3 +293,33 @@ def test_errors_before_launch():
         bad[0, 1] = 99
         attncc.reference(_spec("causal"), q.detach(), kc, vc, block_table=bad, kv_lens=kl)
     assert math.isfinite(float(kern(q.detach(), kc, vc, block_table=bt, kv_lens=kl).sum()))
+
+
+_PROPERTY_PATTERNS = ["causal", "sliding_window", "alibi", "sink_window", "softcap", "prefix_lm", "relative_position_bias",
+                      "per_head_window", "duo_attention", "global_sliding_window"]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(_PROPERTY_PATTERNS), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3]),
+       Lq=st.sampled_from([1, 3, 16, 17, 33]), page=st.sampled_from([1, 3, 8, 16, 24, 64]),
+       lens=st.lists(st.integers(0, 96), min_size=1, max_size=3), mode=st.sampled_from(["auto", "decode", "forward"]),
+       splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 10 ** 6))
+def test_paged_property(name, Hkv, G, Lq, page, lens, mode, splits, seed):
+    """Random page sizes (1 .. 64, multiples of the key tile or not), ragged lengths (0, 1, ...,
+    several pages), GQA ratios, query counts on both sides of the decode threshold, the decode
+    kernel at any split count and the forward kernel: output and LSE equal the dense reference
+    on the gathered cache, finite everywhere (rows without keys: 0 / -inf)."""
+    from attncc.inputs import example_inputs
+    from attncc.runtime.paged import paged_attention
+
+    kern = attncc.compile(_spec(name), backend="interpret")
+    H, Lk = Hkv * G, max(1, max(lens))
+    q, k, v, tens, _ = example_inputs(kern.ir, len(lens), H, Hkv, Lq, Lk, 16, seed=seed)
+    kc, vc, bt, kl = _page(k, v, lens, page, seed)
+    ref, ref_lse = attncc.reference(_spec(name), q, kc, vc, block_table=bt, kv_lens=kl, return_lse=True, **tens)
+    decode = {"auto": None, "decode": True, "forward": False}[mode]
+    out, lse = paged_attention(kern, q, kc, vc, bt, kl, return_lse=True, decode=decode,
+                               num_splits=splits if mode == "decode" else None, **tens)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=5e-5, rtol=5e-5)

@@ -1415,7 +1415,8 @@ class CompiledAttention:
         tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
         else those with key tiles of at most 32 (measured: the per-pair block read spills
-        at 64-key tiles, D = 128, sm_90a and sm_80)."""
+        at 64-key tiles, D = 128, sm_90a and sm_80; block-mask twins of positions twins on
+        sm_80 at D > 64 keep the 8-warp ones)."""
         cands = tuple(rule(head_dim, arch, dtype))
         if self.plan.score_tensors and _gp.is_grid_twin(self.ir):
             # a grid twin reading a tensor at global coordinates (neighborhood_2d_rpb): the per-pair
@@ -1441,8 +1442,10 @@ class CompiledAttention:
         elif any(t.name == BLOCK_TENSOR for t in self.ir.tensors):
             # a block mask read per pair outside a block-read plan (the block-mask twin of a
             # positions twin: its table is evaluated per tile): 32-key tiles (measured, paged
-            # causal + 64 x 64 block mask, bf16 D = 128: 128 x 64 spilled 504 B on sm_90a)
-            return tuple(c for c in cands if c.block_n <= 32) or cands
+            # causal + 64 x 64 block mask, bf16 D = 128: 128 x 64 spilled 504 B on sm_90a); on sm_80
+            # at D > 64 with 8 warps (64 x 32 at 4 warps spilled 8 B there, 128 x 32 at 8: 0)
+            return tuple(c for c in cands if c.block_n <= 32
+                         and (arch >= 90 or head_dim <= 64 or c.num_warps >= 8)) or cands
         else:
             return cands
         aligned = tuple(c for c in cands if bq % c.block_m == 0 and bk % c.block_n == 0)

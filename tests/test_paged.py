@@ -301,11 +301,11 @@ _PROPERTY_PATTERNS = ["causal", "sliding_window", "alibi", "sink_window", "softc
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(_PROPERTY_PATTERNS), Hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3]),
-       Lq=st.sampled_from([1, 3, 16, 17, 33]), page=st.sampled_from([1, 3, 8, 16, 24, 64]),
+       Lq=st.sampled_from([1, 3, 16, 17, 33]), page=st.sampled_from([1, 3, 8, 16, 24, 64, 128, 256]),
        lens=st.lists(st.integers(0, 96), min_size=1, max_size=3), mode=st.sampled_from(["auto", "decode", "forward"]),
        splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 10 ** 6))
 def test_paged_property(name, Hkv, G, Lq, page, lens, mode, splits, seed):
-    """Random page sizes (1 .. 64, multiples of the key tile or not), ragged lengths (0, 1, ...,
+    """Random page sizes (1 .. 256, multiples of the key tile or not), ragged lengths (0, 1, ...,
     several pages), GQA ratios, query counts on both sides of the decode threshold, the decode
     kernel at any split count and the forward kernel: output and LSE equal the dense reference
     on the gathered cache, finite everywhere (rows without keys: 0 / -inf)."""

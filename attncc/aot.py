@@ -458,6 +458,7 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
 
     import attncc
     from attncc.runtime import backward_candidates, forward_candidates
+    from attncc.runtime.paged import paged_candidates
 
     kern = attncc.compile(spec, pattern, **(params or {}))
     if positions:
@@ -472,10 +473,8 @@ def plan_jobs(spec: str, pattern: str | None = None, *, targets=("sm_90a",), dty
             for dt in dtypes:
                 for fam in families:
                     if fam == "fwd":
-                        if positions.startswith("paged"):  # every config the paged forward's tuner may try
-                            from attncc.runtime.paged import paged_candidates as rule
-                        else:
-                            rule = forward_candidates
+                        # paged: every config the paged forward's tuner may try
+                        rule = paged_candidates if positions.startswith("paged") else forward_candidates
                         cands = configs or [str(c) for c in kern.launch_candidates(rule, hd, arch, dt)]
                     elif fam == "bwd":
                         cands = bwd_configs or configs or [

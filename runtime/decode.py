@@ -337,21 +337,10 @@ def split_candidates(splits: int, n_tiles: int) -> tuple:
 
 
 def _tunes(device: torch.device) -> bool:
-    """Whether a decode launch with the rule's split count takes the autotuned count:
-    compiled Triton on CUDA (tests substitute True to run the tuner under the interpreter)."""
+    """Whether launches on ``device`` are autotuned at run time (the decode split count, the
+    paged forward's config): compiled Triton on CUDA (tests substitute True to run the tuners
+    under the interpreter)."""
     return device.type == "cuda" and not cache.interpreting()
-
-
-def _recording() -> bool:
-    """Inside :func:`attncc.runtime.capture` (launches are recorded, not run: nothing to time)."""
-    from .kernel import _CAPTURE
-
-    return _CAPTURE.get() is not None
-
-
-def _capturing(device: torch.device) -> bool:
-    """A CUDA graph is being captured: no timing (it would break the capture)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _bench(fn) -> float:
@@ -380,7 +369,7 @@ def tuned_plan(kern, dp: DecodePlan, q: torch.Tensor, run, paged: int = 0) -> De
     hit = dp.tuned.get("plan")
     if hit is not None:
         return hit
-    from .kernel import _LOCK, _next_pow2
+    from .kernel import _LOCK, _next_pow2, untimed
 
     z = dp.sizes
     bucket = (f"{_device_name(q.device)}|decode|{kern.key}|{dtype_name(q.dtype)}|B{z['B']}|H{z['H']}"
@@ -393,8 +382,8 @@ def tuned_plan(kern, dp: DecodePlan, q: torch.Tensor, run, paged: int = 0) -> De
             saved = cache.read_json("autotune.json")
             if bucket in saved:
                 factor = float(saved[bucket]["split_factor"])
-            elif _capturing(q.device) or _recording():  # untimed bucket inside a CUDA graph capture
-                return dp                                   # or attncc's capture(): the rule's count
+            elif untimed(q.device):  # inside a CUDA graph capture or attncc's capture(): the rule's count
+                return dp
             else:
                 times = {s: _bench(lambda s=s: run(with_splits(dp, s))) for s in cands}
                 best = min(cands, key=lambda s: (times[s], s))

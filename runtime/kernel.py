@@ -99,6 +99,13 @@ def _arch(device) -> int:
     return 10 * major + minor
 
 
+def untimed(device: torch.device) -> bool:
+    """Whether a launch on ``device`` must not be timed: inside :class:`capture` (launches are
+    recorded, not run) or while a CUDA graph is captured (timing synchronises the device and
+    would break the capture). Autotuners then take an already saved choice, else the rule's."""
+    return _CAPTURE.get() is not None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 class capture(_Collect):
     """Context manager: record the launches of every kernel call inside it instead of
     running them (outputs are left unwritten). ``with capture() as launches: kern(q, k, v)``
@@ -1453,7 +1460,8 @@ class CompiledAttention:
 
     def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:
         """Time ``run(cfg)`` for every candidate of ``candidates(head_dim, arch)`` that fits
-        and does not spill (``n_spills`` of the kernels it compiled), keep the fastest."""
+        and does not spill (``n_spills`` of the kernels it compiled), keep the fastest. A bucket
+        not yet timed where nothing may be timed (:func:`untimed`) takes the first candidate."""
         dev = torch.cuda.get_device_name(q.device)
         arch = _arch(q.device)
         head_dim = max(sizes["D"], sizes["Dv"])
@@ -1467,6 +1475,8 @@ class CompiledAttention:
             saved = cache.read_json("autotune.json")
             if bucket in saved:
                 cfg = Config(**saved[bucket])
+            elif untimed(q.device):  # nothing may be timed here: the first candidate, not remembered
+                return cands[0]
             else:
                 import triton.testing
 

@@ -265,39 +265,30 @@ def forward_config(pk, head_dim: int, device, dtype):
     return pk.launch_candidates(paged_candidates, head_dim, arch, dtype)[0]
 
 
-def _tunes(device) -> bool:
-    """Whether the paged forward is autotuned for a call on ``device``: compiled Triton on
-    CUDA, outside a CUDA-graph capture and :func:`attncc.runtime.capture` (tests substitute
-    True to run the tuner under the interpreter)."""
-    from .decode import _capturing, _recording, _tunes as decode_tunes
-
-    return decode_tunes(device) and not _capturing(device) and not _recording()
-
-
 def _launch_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, paged: tuple) -> tuple:
     """Launch the paged ``attn_fwd`` (one program per (query tile, batch * head), as the
     forward) at ``pk.config``, else on CUDA at the fastest of its spill-free
     :func:`paged_candidates` for the shape bucket (timed on the call's own inputs and page
     table, remembered as the forward's choices: ``autotune.json``, family ``fwd:paged<page
     size>``), else at :func:`forward_config`. Returns ``(out, lse)``."""
+    from . import decode
     from .kernel import _sizes
 
     sizes = _sizes(q, kf, vf)
-    head_dim = max(sizes["D"], sizes["Dv"])
     cfg = pk.config
-    if cfg is None and _tunes(q.device):
+    if cfg is None and decode._tunes(q.device):
         cfg = pk._tune(f"fwd:paged{paged[2]}", q, sizes, identity_layout(None), [], paged_candidates,
-                       lambda c: _run_forward(pk, q, k_cache, v_cache, kf, vf, targs, scale, paged, c))
-    return _run_forward(pk, q, k_cache, v_cache, kf, vf, targs, scale, paged,
-                        cfg or forward_config(pk, head_dim, q.device, q.dtype))
+                       lambda c: _run_forward(pk, q, k_cache, v_cache, sizes, targs, scale, paged, c))
+    return _run_forward(pk, q, k_cache, v_cache, sizes, targs, scale, paged,
+                        cfg or forward_config(pk, max(sizes["D"], sizes["Dv"]), q.device, q.dtype))
 
 
-def _run_forward(pk, q, k_cache, v_cache, kf, vf, targs: list, scale: float, paged: tuple, cfg) -> tuple:
-    """One paged ``attn_fwd`` launch at ``cfg``. Returns ``(out, lse)``."""
-    from .kernel import Launch, _constexprs, _forward_args, _kernel_sizes, _LaunchPlan, _sizes
+def _run_forward(pk, q, k_cache, v_cache, sizes: dict, targs: list, scale: float, paged: tuple, cfg) -> tuple:
+    """One paged ``attn_fwd`` launch at ``cfg`` (``sizes``: the logical contiguous call's). Returns
+    ``(out, lse)``."""
+    from .kernel import Launch, _constexprs, _forward_args, _kernel_sizes, _LaunchPlan
 
     bt, kvl, page = paged
-    sizes = _sizes(q, kf, vf)
     B, Hq, Lq, Dv = sizes["B"], sizes["H"], sizes["Lq"], sizes["Dv"]
     cfg = dataclasses.replace(cfg, tma=False, ws=False)
     dev = q.device

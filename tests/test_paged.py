@@ -132,11 +132,13 @@ def test_paged_forward_is_autotuned(monkeypatch, tmp_path):
     import triton.testing
 
     from attncc.runtime import cache as acache
+    from attncc.runtime import capture
+    from attncc.runtime import decode as dmod
     from attncc.runtime import kernel as kmod
     from attncc.runtime import paged as pmod
 
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(pmod, "_tunes", lambda device: True)
+    monkeypatch.setattr(dmod, "_tunes", lambda device: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "pretend-gpu")
     monkeypatch.setattr(kmod, "_arch", lambda device: 90)
     runs = []
@@ -166,6 +168,13 @@ def test_paged_forward_is_autotuned(monkeypatch, tmp_path):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: pytest.fail("timed again"))
     kern(q, kc, vc, block_table=bt, kv_lens=kl, decode=False)
     assert [cfg for cfg, _ in runs] == [best]
+    runs.clear()
+    q2, kc2, vc2, bt2, kl2 = _cache(16, [70, 33, 1], Lq=20, seed=4)
+    with capture() as rec:  # a new bucket (page 16) where nothing may be timed: the first candidate, not saved
+        kern(q2, kc2, vc2, block_table=bt2, kv_lens=kl2, decode=False)
+    assert [cfg for cfg, _ in runs] == [pmod.paged_candidates(D, 90, torch.float32)[0]]
+    assert [ln.kernel for _, ln in rec] == ["attn_fwd"]
+    assert not any("|fwd:paged16|" in k for k in acache.read_json("autotune.json"))
 
 
 def test_routed_pages_block_mask():

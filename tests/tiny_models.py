@@ -85,13 +85,18 @@ _FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention
 def _falcon_served():
     """Falcon's status under ``attn_implementation="attncc"``: transformers >= 5.25 runs its
     attention through ``AttentionInterface`` (ALiBi added to the float mask it asks for,
-    ``allow_is_causal_skip=False``): served (True); before, a fixed attention-class table:
-    refused (None)."""
+    ``allow_is_causal_skip=False``): served (True); before, the fixed attention-class table
+    that ``attncc.hf.register`` makes refuse it (``attncc.hf._CLASS_TABLES``): refused (None)."""
     try:
         from transformers.models.falcon import modeling_falcon
     except ImportError:
         return None
-    return None if hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES") else True
+    from attncc.hf import _CLASS_TABLES
+
+    return None if hasattr(modeling_falcon, _CLASS_TABLES["falcon"]) else True
+
+
+_FALCON_SERVED = _falcon_served()
 
 
 #: architecture -> (config class, model class, config kwargs, inputs kind, what
@@ -111,7 +116,7 @@ ZOO = {
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration",
                 dict(_S2S, num_mel_bins=8, max_source_positions=8, max_target_positions=32, suppress_tokens=None,
                      begin_suppress_tokens=None), "audio", True),
-    "falcon": ("FalconConfig", "FalconForCausalLM", _FALCON, "text", _falcon_served()),
+    "falcon": ("FalconConfig", "FalconForCausalLM", _FALCON, "text", _FALCON_SERVED),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=64, hidden_size=32, n_layer=1, n_head=4), "text", None),
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64),
             "text", None),
@@ -138,7 +143,7 @@ ZOO = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DEC, "text", True),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DEC, sliding_window=4), "text", True),
     **({"falcon_alibi": ("FalconConfig", "FalconForCausalLM", dict(_FALCON, alibi=True), "text", True)}
-       if _falcon_served() else {}),
+       if _FALCON_SERVED else {}),
     "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",
                    dict(_TXT, num_hidden_layers=2, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
                         bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2), "text", False),

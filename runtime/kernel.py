@@ -1417,7 +1417,8 @@ class CompiledAttention:
         DuoAttention) drop the 128 x 64 backward tiles (their dQ spilled); on sm_80 at head dims
         up to 64, block-table plans whose score tensors get gradients drop the 64 x 32 ones.
         Grid twins (:mod:`attncc.grid_positions`) whose score reads a tensor keep the
-        configs with key tiles of at most 32.
+        configs with key tiles of at most 32, as do positions twins gathering a score tensor
+        per (q, kv) pair on sm_80 at head dims above 64.
         Block-read plans (and routed patterns, whose calls run one) keep the configs whose
         tiles lie inside one block (``block_m``
         divides BQ, ``block_n`` divides BK: the kernel then skips the per-pair block test),
@@ -1429,6 +1430,12 @@ class CompiledAttention:
             # a grid twin reading a tensor at global coordinates (neighborhood_2d_rpb): the per-pair
             # index arithmetic spills at 64-key tiles (measured, bf16 D = 128: forward 112-240 B on
             # sm_90a and sm_80, dQ at 128 x 64 56 B on sm_90a); 32-key tiles do not
+            return tuple(c for c in cands if c.block_n <= 32) or cands
+        if arch < 90 and head_dim > 64 and self._pair_read_positions_twin():
+            # a positions twin (kv_lens / offsets / paged) gathering a score tensor per (q, kv) pair
+            # (relative_position_bias' table[h, kv - q + Lq - 1]): measured bf16 D = 128 on sm_80,
+            # forward: ragged 128x64:8:2 spilled 56 B, paged (page 16) 64x64:4:2 120 B and 128x64:8:2
+            # 40 B, page 64: 40 / 80 B; every 32-key tile 0 (sm_90a and D = 64: none spilled)
             return tuple(c for c in cands if c.block_n <= 32) or cands
         if rule is backward_candidates and self.plan.scalars and len(self.plan.intervals) > 1:
             # several key intervals bounded by run-time scalars (duo_attention): the dQ kernel at
@@ -1457,6 +1464,18 @@ class CompiledAttention:
             return cands
         aligned = tuple(c for c in cands if bq % c.block_m == 0 and bk % c.block_n == 0)
         return aligned or tuple(c for c in cands if c.block_n <= 32) or cands
+
+    def _pair_read_positions_twin(self) -> bool:
+        """A positions twin (:func:`attncc.ir.with_positions`) whose score reads a tensor at an
+        index depending on both ``q`` and ``kv`` (a per-pair gather, e.g. a relative-position
+        table)."""
+        if not any(t.name == POS_TENSOR for t in self.ir.tensors):
+            return False
+        import sympy as sp
+
+        pair = {I_INDEX["q"], I_INDEX["kv"]}
+        return any(pair <= set().union(*(i.free_symbols for i in e.indices))
+                   for e in self.ir.score.atoms(sp.Indexed))
 
     def _tune(self, family: str, q, sizes: dict, layout, lowrank, candidates, run) -> Config:
         """Time ``run(cfg)`` for every candidate of ``candidates(head_dim, arch)`` that fits
